@@ -1,0 +1,222 @@
+//! The TestRun resource: one CI test run, split into shards, each shard on a
+//! VM of its own.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Condition, EnvVar, TrackedOperation, VmSpec};
+use super::duration::DurationString;
+
+/// What to run and on which VMs: the test command, how many shards, the VM
+/// shape or the preset to claim warm VMs from, and the time limits.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "testrun.dev",
+    version = "v1alpha1",
+    kind = "TestRun",
+    plural = "testruns",
+    shortname = "tr",
+    namespaced,
+    status = "TestRunStatus",
+    doc = "A CI test run on ephemeral Compute Engine VMs. The command runs once per shard, each shard on its own VM; the run succeeds only when every shard's current attempt reported exit code 0.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Where the run stands"),
+    printcolumn(name = "Shards", type_ = "integer", json_path = ".spec.shards", description = "Number of shards"),
+    printcolumn(name = "Attempts", type_ = "integer", json_path = ".status.attempts", description = "Attempts started over all shards"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TestRunSpec {
+    /// The VM each shard runs on. Required unless `presetRef` is set; with
+    /// `presetRef` the preset's VM shape is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmSpec>,
+
+    /// A PrebuildPreset in the same namespace to claim warm VMs from. A shard
+    /// claims a ready VM of the preset's active template version, or gets a
+    /// fresh VM of the preset's shape when none is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset_ref: Option<PresetRef>,
+
+    /// The test command as an argument vector, e.g. `["cargo", "nextest",
+    /// "run"]`. It runs once per shard with `TESTRUN_SHARD` and
+    /// `TESTRUN_SHARDS` in its environment.
+    #[schemars(length(min = 1, max = 256))]
+    pub command: Vec<String>,
+
+    /// Environment variables for the command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub env: Vec<EnvVar>,
+
+    /// Working directory of the command on the VM; the agent's own when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub working_dir: Option<String>,
+
+    /// Number of shards, each on its own VM.
+    #[serde(default = "default_shards")]
+    #[schemars(range(min = 1, max = 256))]
+    pub shards: i32,
+
+    /// Longest wall time of one attempt of a shard, e.g. `"30m"`. When it is
+    /// over, heartbeats are refused and the shard ends as TimedOut.
+    #[serde(default = "default_timeout")]
+    pub timeout: DurationString,
+
+    /// How long a shard's VM may go without a heartbeat before its lease is
+    /// lost: the VM is deleted and, while attempts remain, the shard starts
+    /// over on a new VM.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout: DurationString,
+
+    /// Attempts per shard. Infrastructure failures and lost leases use up
+    /// attempts; a failing test does not.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: i32,
+
+    /// Delete the TestRun this many seconds after it finished; kept forever
+    /// when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+
+    /// Set to true to cancel the run: running shards are stopped, their VMs
+    /// deleted, and the run ends as Cancelled.
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+fn default_shards() -> i32 {
+    1
+}
+fn default_timeout() -> DurationString {
+    DurationString::new("1h")
+}
+fn default_heartbeat_timeout() -> DurationString {
+    DurationString::new("60s")
+}
+fn default_max_attempts() -> i32 {
+    3
+}
+
+/// A reference to a PrebuildPreset in the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PresetRef {
+    /// Name of the PrebuildPreset.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Where a TestRun stands: `Pending`, `Provisioning`, `Running`, `Succeeded`,
+/// `Failed`, `TimedOut`, `Cancelled` or `Error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum TestRunPhase {
+    /// Accepted, no VM requested yet.
+    Pending,
+    /// VMs are being created or are booting.
+    Provisioning,
+    /// At least one shard's test is running.
+    Running,
+    /// Every shard reported exit code 0 from its current attempt.
+    Succeeded,
+    /// A shard's test failed (non-zero exit code).
+    Failed,
+    /// A shard ran longer than `timeout`.
+    TimedOut,
+    /// `spec.cancel` was set.
+    Cancelled,
+    /// A shard used up its attempts on infrastructure failures.
+    Error,
+}
+
+impl TestRunPhase {
+    /// Whether the run is over; a finished run makes no cloud calls except
+    /// deleting what is left.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::TimedOut | Self::Cancelled | Self::Error)
+    }
+}
+
+/// Where one shard stands; the same words as the run's phase.
+pub type ShardPhase = TestRunPhase;
+
+/// What the controller observed of a TestRun. Written only by the controller,
+/// through the status subresource.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TestRunStatus {
+    /// Where the run stands, derived from its shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TestRunPhase>,
+    /// When the first VM was requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the run reached a finished phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Attempts started over all shards.
+    #[serde(default)]
+    pub attempts: i32,
+    /// One entry per shard.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStatus>,
+    /// Cloud operations the controller started and still follows, or
+    /// recently finished.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operations: Vec<TrackedOperation>,
+    /// Conditions: `Ready`, `Progressing`, `Degraded`, `InvalidSpec`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Where one shard stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// Shard number, from 0.
+    pub index: i32,
+    /// Current attempt, from 1.
+    pub attempt: i32,
+    /// The current lease; it grows with every new attempt, and reports from
+    /// any other lease are refused.
+    #[serde(default)]
+    pub lease_id: i64,
+    /// The VM of the current attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// The zone of that VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Where the shard stands.
+    pub phase: ShardPhase,
+    /// When the agent last sent a heartbeat for the current lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<Time>,
+    /// The acknowledged result of the current lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ShardResult>,
+    /// A plain sentence about the shard's state, e.g. why an attempt ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The result of a shard's test, as the agent reported it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardResult {
+    /// Exit code of the command; 0 is success. A command killed by a signal
+    /// reports 128 + the signal number.
+    pub exit_code: i32,
+    /// Wall time of the command in milliseconds.
+    pub duration_ms: i64,
+    /// The last lines of the command's output, at most 4 KiB.
+    #[serde(default)]
+    #[schemars(length(max = 4096))]
+    pub output_tail: String,
+}

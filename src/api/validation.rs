@@ -1,0 +1,343 @@
+//! Checks the OpenAPI schema cannot express (the local API server predates
+//! CEL rules). The controller runs them on every reconcile and reports what
+//! they find in an `InvalidSpec` condition instead of acting on the spec.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use super::common::VmSpec;
+use super::duration::DurationString;
+use super::prebuild::PrebuildPresetSpec;
+use super::testrun::TestRunSpec;
+
+/// Label keys the controller sets on every VM; a spec may not set them.
+pub const RESERVED_LABEL_KEYS: &[&str] =
+    &["managed-by", "installation", "owner-kind", "owner-uid", "shard", "attempt", "template-version"];
+/// Metadata keys the controller sets on every VM; a spec may not set them.
+pub const RESERVED_METADATA_KEYS: &[&str] = &["startup-script"];
+/// Metadata key prefix reserved for the controller (agent settings and token).
+pub const RESERVED_METADATA_PREFIX: &str = "testrun-";
+
+/// Compute Engine allows at most this many labels on a VM; the controller
+/// sets up to seven of its own.
+const MAX_USER_LABELS: usize = 64 - RESERVED_LABEL_KEYS.len();
+
+/// One problem with a spec: which field, and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `spec.vm.labels`.
+    pub field: String,
+    /// What is wrong, in plain words.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// All the problems found in one spec, in field order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidSpec(pub Vec<FieldError>);
+
+impl fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError { field: field.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, field: &str, value: &DurationString) -> Option<std::time::Duration> {
+        match value.parse() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.add(field, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn finish(self) -> Result<(), InvalidSpec> {
+        if self.0.is_empty() { Ok(()) } else { Err(InvalidSpec(self.0)) }
+    }
+}
+
+/// Checks a TestRun spec beyond its schema.
+pub fn validate_testrun(spec: &TestRunSpec) -> Result<(), InvalidSpec> {
+    let mut p = Problems::default();
+    match (&spec.vm, &spec.preset_ref) {
+        (None, None) => p.add("spec.vm", "is required unless spec.presetRef is set"),
+        (Some(vm), _) => check_vm(&mut p, "spec.vm", vm),
+        (None, Some(_)) => {}
+    }
+    if spec.command.first().is_none_or(|c| c.is_empty()) {
+        p.add("spec.command", "the first element (the program) must not be empty");
+    }
+    let mut seen = BTreeSet::new();
+    for (i, var) in spec.env.iter().enumerate() {
+        if !seen.insert(var.name.as_str()) {
+            p.add(format!("spec.env[{i}].name"), format!("{:?} is set more than once", var.name));
+        }
+    }
+    let timeout = p.duration("spec.timeout", &spec.timeout);
+    let heartbeat = p.duration("spec.heartbeatTimeout", &spec.heartbeat_timeout);
+    if let (Some(timeout), Some(heartbeat)) = (timeout, heartbeat)
+        && heartbeat > timeout
+    {
+        p.add(
+            "spec.heartbeatTimeout",
+            format!("{} is longer than spec.timeout ({})", spec.heartbeat_timeout, spec.timeout),
+        );
+    }
+    p.finish()
+}
+
+/// Checks a PrebuildPreset spec beyond its schema.
+pub fn validate_prebuild_preset(spec: &PrebuildPresetSpec) -> Result<(), InvalidSpec> {
+    let mut p = Problems::default();
+    check_vm(&mut p, "spec.vm", &spec.vm);
+    let base = p.duration("spec.failureBackoff.base", &spec.failure_backoff.base);
+    let max = p.duration("spec.failureBackoff.max", &spec.failure_backoff.max);
+    if let (Some(base), Some(max)) = (base, max)
+        && base > max
+    {
+        p.add(
+            "spec.failureBackoff.base",
+            format!(
+                "{} is longer than spec.failureBackoff.max ({})",
+                spec.failure_backoff.base, spec.failure_backoff.max
+            ),
+        );
+    }
+    p.finish()
+}
+
+fn check_vm(p: &mut Problems, at: &str, vm: &VmSpec) {
+    let mut zones = BTreeSet::new();
+    for (i, zone) in vm.zones.iter().enumerate() {
+        if !zones.insert(zone.as_str()) {
+            p.add(format!("{at}.zones[{i}]"), format!("zone {zone:?} is listed more than once"));
+        }
+    }
+    if vm.labels.len() > MAX_USER_LABELS {
+        p.add(format!("{at}.labels"), format!("at most {MAX_USER_LABELS} labels are allowed, got {}", vm.labels.len()));
+    }
+    for (key, value) in &vm.labels {
+        if RESERVED_LABEL_KEYS.contains(&key.as_str()) {
+            p.add(format!("{at}.labels"), format!("key {key:?} is set by the controller"));
+        } else if !is_label_key(key) {
+            p.add(
+                format!("{at}.labels"),
+                format!(
+                    "key {key:?} must start with a lowercase letter and hold only lowercase letters, digits, '_' and '-' (at most 63)"
+                ),
+            );
+        }
+        if !is_label_value(value) {
+            p.add(
+                format!("{at}.labels"),
+                format!("value {value:?} of {key:?} may hold only lowercase letters, digits, '_' and '-' (at most 63)"),
+            );
+        }
+    }
+    for key in vm.metadata.keys() {
+        if RESERVED_METADATA_KEYS.contains(&key.as_str()) || key.starts_with(RESERVED_METADATA_PREFIX) {
+            p.add(format!("{at}.metadata"), format!("key {key:?} is set by the controller"));
+        } else if key.is_empty()
+            || key.len() > 128
+            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            p.add(
+                format!("{at}.metadata"),
+                format!("key {key:?} may hold only letters, digits, '_' and '-' (1 to 128)"),
+            );
+        }
+    }
+}
+
+/// Compute Engine label keys: 1–63 characters, a lowercase letter first,
+/// then lowercase letters, digits, `_` and `-`.
+pub fn is_label_key(key: &str) -> bool {
+    key.len() <= 63
+        && key.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Compute Engine label values: 0–63 lowercase letters, digits, `_` and `-`.
+pub fn is_label_value(value: &str) -> bool {
+    value.len() <= 63 && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::EnvVar;
+    use crate::api::prebuild::FailureBackoff;
+    use crate::api::testrun::PresetRef;
+    use proptest::prelude::*;
+
+    fn vm() -> VmSpec {
+        serde_json::from_value(serde_json::json!({
+            "zones": ["us-central1-a", "us-central1-b"],
+            "machineType": "e2-standard-4",
+            "image": "projects/debian-cloud/global/images/family/debian-12",
+        }))
+        .expect("valid vm")
+    }
+
+    fn testrun() -> TestRunSpec {
+        serde_json::from_value(serde_json::json!({
+            "vm": vm(),
+            "command": ["cargo", "test"],
+        }))
+        .expect("valid testrun")
+    }
+
+    fn preset() -> PrebuildPresetSpec {
+        serde_json::from_value(serde_json::json!({
+            "templateVersion": "v1",
+            "instances": 3,
+            "vm": vm(),
+        }))
+        .expect("valid preset")
+    }
+
+    fn fields(result: Result<(), InvalidSpec>) -> Vec<String> {
+        result.err().map(|e| e.0.into_iter().map(|f| f.field).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_plain_testrun_is_valid() {
+        assert_eq!(validate_testrun(&testrun()), Ok(()));
+    }
+
+    #[test]
+    fn vm_is_required_without_preset_ref() {
+        let mut spec = testrun();
+        spec.vm = None;
+        let err = validate_testrun(&spec).expect_err("vm missing");
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].field, "spec.vm");
+        assert!(err.to_string().contains("presetRef"), "{err}");
+
+        spec.preset_ref = Some(PresetRef { name: "pool".into() });
+        assert_eq!(validate_testrun(&spec), Ok(()));
+    }
+
+    #[test]
+    fn empty_program_is_rejected() {
+        let mut spec = testrun();
+        spec.command = vec![String::new(), "x".into()];
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.command"]);
+    }
+
+    #[test]
+    fn duplicate_env_names_are_rejected() {
+        let mut spec = testrun();
+        spec.env = ["A", "B", "A"].iter().map(|n| EnvVar { name: (*n).into(), value: String::new() }).collect();
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.env[2].name"]);
+    }
+
+    #[test]
+    fn heartbeat_timeout_longer_than_timeout_is_rejected() {
+        let mut spec = testrun();
+        spec.timeout = "1m".into();
+        spec.heartbeat_timeout = "2m".into();
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.heartbeatTimeout"]);
+        spec.heartbeat_timeout = "1m".into();
+        assert_eq!(validate_testrun(&spec), Ok(()));
+    }
+
+    #[test]
+    fn malformed_and_zero_durations_are_reported_per_field() {
+        let mut spec = testrun();
+        spec.timeout = "0s".into();
+        spec.heartbeat_timeout = "soon".into();
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.timeout", "spec.heartbeatTimeout"]);
+    }
+
+    #[test]
+    fn reserved_and_malformed_labels_are_rejected() {
+        let mut spec = testrun();
+        let vm = spec.vm.as_mut().expect("vm");
+        vm.labels.insert("managed-by".into(), "me".into());
+        vm.labels.insert("Team".into(), "ci".into());
+        vm.labels.insert("team".into(), "CI".into());
+        vm.labels.insert("ok".into(), "fine_1".into());
+        let err = validate_testrun(&spec).expect_err("bad labels");
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 3, "{text}");
+        assert!(text.contains("\"managed-by\" is set by the controller"), "{text}");
+        assert!(text.contains("key \"Team\""), "{text}");
+        assert!(text.contains("value \"CI\""), "{text}");
+    }
+
+    #[test]
+    fn reserved_metadata_keys_are_rejected() {
+        let mut spec = testrun();
+        let vm = spec.vm.as_mut().expect("vm");
+        vm.metadata.insert("startup-script".into(), "rm -rf /".into());
+        vm.metadata.insert("testrun-token".into(), "x".into());
+        vm.metadata.insert("enable-oslogin".into(), "TRUE".into());
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.vm.metadata", "spec.vm.metadata"]);
+    }
+
+    #[test]
+    fn duplicate_zones_are_rejected() {
+        let mut spec = testrun();
+        spec.vm.as_mut().expect("vm").zones.push("us-central1-a".into());
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.vm.zones[2]"]);
+    }
+
+    #[test]
+    fn a_plain_preset_is_valid_and_backoff_must_be_ordered() {
+        let mut spec = preset();
+        assert_eq!(validate_prebuild_preset(&spec), Ok(()));
+        spec.failure_backoff = FailureBackoff { base: "10m".into(), max: "1m".into() };
+        assert_eq!(fields(validate_prebuild_preset(&spec)), ["spec.failureBackoff.base"]);
+    }
+
+    #[test]
+    fn preset_vm_is_checked_too() {
+        let mut spec = preset();
+        spec.vm.labels.insert("owner-uid".into(), "x".into());
+        assert_eq!(fields(validate_prebuild_preset(&spec)), ["spec.vm.labels"]);
+    }
+
+    proptest! {
+        #[test]
+        fn label_key_rules_match_gce(key in "[a-zA-Z0-9_.-]{0,70}") {
+            let expected = !key.is_empty()
+                && key.len() <= 63
+                && key.starts_with(|c: char| c.is_ascii_lowercase())
+                && key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            prop_assert_eq!(is_label_key(&key), expected);
+        }
+
+        /// Validation never panics and every problem names a spec field.
+        #[test]
+        fn validation_reports_fields_never_panics(
+            labels in proptest::collection::btree_map("[a-zA-Z-]{0,8}", "[a-zA-Z0-9]{0,8}", 0..6),
+            timeout in "[0-9a-z]{0,5}",
+            heartbeat in "[0-9a-z]{0,5}",
+        ) {
+            let mut spec = testrun();
+            spec.vm.as_mut().expect("vm").labels = labels;
+            spec.timeout = timeout.as_str().into();
+            spec.heartbeat_timeout = heartbeat.as_str().into();
+            if let Err(e) = validate_testrun(&spec) {
+                prop_assert!(!e.0.is_empty());
+                for f in &e.0 { prop_assert!(f.field.starts_with("spec.")); }
+            }
+        }
+    }
+}

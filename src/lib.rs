@@ -1,0 +1,10 @@
+//! testrun-controller: runs CI test jobs on ephemeral Compute Engine VMs and
+//! keeps warm pools of prebuilt VMs, driven by the `TestRun` and
+//! `PrebuildPreset` custom resources.
+//!
+//! Modules, one concern each:
+//! - [`api`]: the custom resources and their cross-field checks.
+//! - [`crd`]: the CustomResourceDefinitions generated from [`api`].
+
+pub mod api;
+pub mod crd;
