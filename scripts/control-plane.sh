@@ -74,6 +74,7 @@ private_apt() {
     -o Dir::Cache="$dir/cache" \
     -o Dir::State::status=/var/lib/dpkg/status \
     -o APT::Get::AllowUnauthenticated=false \
+    -o APT::Sandbox::User=root \
     "$@"
 }
 
@@ -143,7 +144,7 @@ start_etcd() {
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster "testrun-controller=http://127.0.0.1:$ETCD_PEER_PORT" \
     --quota-backend-bytes 2147483648 --auto-compaction-retention 1h \
-    >"$log" 2>&1 </dev/null &
+    >"$log" 2>&1 </dev/null 9>&- &
   echo $! >"$RUN/etcd.pid"
   for _ in $(seq 1 100); do
     curl -fsS "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | grep -q '"health":"true"' && return 0
@@ -189,7 +190,7 @@ start_apiserver() {
       --service-account-issuer https://kubernetes.default.svc \
       --service-cluster-ip-range 10.0.0.0/24 \
       --disable-admission-plugins ServiceAccount \
-      >"$log" 2>&1 </dev/null &
+      >"$log" 2>&1 </dev/null 9>&- &
     echo $! >"$RUN/kube-apiserver.pid"
   fi
   for _ in $(seq 1 600); do
@@ -234,6 +235,10 @@ KCFG
 
 up() {
   local t0=$SECONDS
+  mkdir -p "$STATE"
+  # Parallel test processes call `up` at once; one does the work, the others wait.
+  exec 9>"$STATE/up.lock"
+  flock 9
   ensure_packages
   ensure_apiserver
   ensure_pki

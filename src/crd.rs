@@ -38,10 +38,8 @@ pub fn all() -> Vec<GeneratedCrd> {
 
 /// One CRD as a YAML document (starting with `---`).
 pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, CrdError> {
-    let body = serde_norway::to_string(crd).map_err(|source| CrdError::Render {
-        name: crd.metadata.name.clone().unwrap_or_default(),
-        source,
-    })?;
+    let body = serde_norway::to_string(crd)
+        .map_err(|source| CrdError::Render { name: crd.metadata.name.clone().unwrap_or_default(), source })?;
     Ok(format!("---\n{body}"))
 }
 

@@ -74,10 +74,7 @@ impl DurationString {
                 return Err(malformed());
             };
             rest = &rest[unit_len..];
-            let part = u32::try_from(number)
-                .ok()
-                .and_then(|n| unit.checked_mul(n))
-                .ok_or_else(malformed)?;
+            let part = u32::try_from(number).ok().and_then(|n| unit.checked_mul(n)).ok_or_else(malformed)?;
             total = total.checked_add(part).ok_or_else(malformed)?;
         }
         if total.is_zero() {
@@ -139,10 +136,7 @@ mod tests {
                 "{bad:?} should be malformed"
             );
         }
-        assert_eq!(
-            DurationString::from("0s").parse(),
-            Err(DurationError::Zero { value: "0s".into() })
-        );
+        assert_eq!(DurationString::from("0s").parse(), Err(DurationError::Zero { value: "0s".into() }));
     }
 
     proptest! {

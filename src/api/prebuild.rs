@@ -16,6 +16,7 @@ pub const TEMPLATE_VERSION_PATTERN: &str = r"^[a-z0-9][a-z0-9_-]{0,62}$";
 
 /// The pool wanted: its template version, its size, the VM shape, how many
 /// VMs may be created at once, and how failures back off.
+#[allow(clippy::duplicated_attributes)] // several printcolumn(...) share keys such as type_
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "testrun.dev",
@@ -26,10 +27,25 @@ pub const TEMPLATE_VERSION_PATTERN: &str = r"^[a-z0-9][a-z0-9_-]{0,62}$";
     namespaced,
     status = "PrebuildPresetStatus",
     doc = "A warm pool of prebuilt VMs of one template version. TestRuns that name the preset in presetRef claim ready VMs from it, and the pool backfills. Changing templateVersion rolls the pool: pending jobs of other versions are cancelled and outdated VMs are replaced as new ones become ready.",
-    printcolumn(name = "Version", type_ = "string", json_path = ".spec.templateVersion", description = "Active template version"),
+    printcolumn(
+        name = "Version",
+        type_ = "string",
+        json_path = ".spec.templateVersion",
+        description = "Active template version"
+    ),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.instances", description = "Ready VMs wanted"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.ready", description = "Ready, unclaimed VMs of the active version"),
-    printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pending", description = "Create jobs waiting for a provisioner slot"),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.ready",
+        description = "Ready, unclaimed VMs of the active version"
+    ),
+    printcolumn(
+        name = "Pending",
+        type_ = "integer",
+        json_path = ".status.pending",
+        description = "Create jobs waiting for a provisioner slot"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

@@ -11,6 +11,7 @@ use super::duration::DurationString;
 
 /// What to run and on which VMs: the test command, how many shards, the VM
 /// shape or the preset to claim warm VMs from, and the time limits.
+#[allow(clippy::duplicated_attributes)] // several printcolumn(...) share keys such as type_
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "testrun.dev",
@@ -23,7 +24,12 @@ use super::duration::DurationString;
     doc = "A CI test run on ephemeral Compute Engine VMs. The command runs once per shard, each shard on its own VM; the run succeeds only when every shard's current attempt reported exit code 0.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Where the run stands"),
     printcolumn(name = "Shards", type_ = "integer", json_path = ".spec.shards", description = "Number of shards"),
-    printcolumn(name = "Attempts", type_ = "integer", json_path = ".status.attempts", description = "Attempts started over all shards"),
+    printcolumn(
+        name = "Attempts",
+        type_ = "integer",
+        json_path = ".status.attempts",
+        description = "Attempts started over all shards"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
