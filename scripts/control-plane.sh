@@ -190,6 +190,7 @@ start_apiserver() {
       --service-account-issuer https://kubernetes.default.svc \
       --service-cluster-ip-range 10.0.0.0/24 \
       --disable-admission-plugins ServiceAccount \
+      --endpoint-reconciler-type none \
       >"$log" 2>&1 </dev/null 9>&- &
     echo $! >"$RUN/kube-apiserver.pid"
   fi
