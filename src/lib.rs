@@ -7,4 +7,5 @@
 //! - [`crd`]: the CustomResourceDefinitions generated from [`api`].
 
 pub mod api;
+pub mod compute;
 pub mod crd;
