@@ -9,3 +9,5 @@
 pub mod api;
 pub mod compute;
 pub mod crd;
+pub mod emulator;
+pub mod telemetry;

@@ -1,9 +1,16 @@
 //! The `testrun-controller` binary: flags in, one subcommand out.
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use testrun_controller::api::duration::parse_flag as duration;
+use testrun_controller::emulator::faults::FaultRule;
+use testrun_controller::emulator::{Emulator, EmulatorConfig};
+use testrun_controller::telemetry::{self, LogFormat};
 
 /// Runs CI test jobs on ephemeral Compute Engine VMs and keeps warm pools of
 /// prebuilt VMs, driven by TestRun and PrebuildPreset custom resources.
@@ -22,8 +29,48 @@ enum Command {
         /// Write one file per CRD into this folder (e.g. `crds/`) instead of
         /// printing them.
         #[arg(long, value_name = "DIR")]
-        out_dir: Option<std::path::PathBuf>,
+        out_dir: Option<PathBuf>,
     },
+    /// Run the local Compute Engine emulator: the Compute Engine v1 REST API
+    /// subset the controller uses, VMs that run their startup script as
+    /// local processes, per-VM metadata servers, and fault injection.
+    Emulator(EmulatorArgs),
+}
+
+#[derive(Args)]
+struct EmulatorArgs {
+    /// Address to serve the Compute Engine API and the admin API
+    /// (`/emulator/v1/...`) on. Any project id is accepted; point clients at
+    /// `http://ADDR`. Port 0 picks a free port; the address is printed on
+    /// stdout as `listening on http://ADDR`.
+    #[arg(long, env = "TESTRUN_EMULATOR_LISTEN", default_value = "127.0.0.1:8089")]
+    listen: SocketAddr,
+    /// Time an operation takes from PENDING to DONE (`0` for instant).
+    #[arg(long, env = "TESTRUN_EMULATOR_OPERATION_DELAY", default_value = "500ms", value_parser = duration)]
+    operation_delay: Duration,
+    /// Time a VM takes from RUNNING to starting its startup script.
+    #[arg(long, env = "TESTRUN_EMULATOR_BOOT_DELAY", default_value = "200ms", value_parser = duration)]
+    boot_delay: Duration,
+    /// Longest time `zoneOperations.wait` blocks (Compute Engine: 2 minutes).
+    #[arg(long, default_value = "2m", value_parser = duration)]
+    wait_timeout: Duration,
+    /// Folder for VM files (startup script, console.log per VM).
+    #[arg(long, env = "TESTRUN_EMULATOR_WORK_DIR", default_value_os_t = std::env::temp_dir().join("testrun-emulator"))]
+    work_dir: PathBuf,
+    /// A fault rule, repeatable: comma-separated `key=value` pairs with
+    /// `kind` (capacity, quota, rateLimit, unavailable, slow, fail, hang,
+    /// vanish) and optional `call` (insert, delete, get, list,
+    /// aggregatedList, setLabels, operationGet, operationWait), `zone`,
+    /// `count`, `probability` (0..1) and `delayMs` (for slow). Example:
+    /// `--fault call=insert,zone=us-central1-a,kind=capacity,count=2`.
+    #[arg(long = "fault", value_name = "RULE")]
+    faults: Vec<FaultRule>,
+    /// Seed for fault probabilities, so a run is repeatable.
+    #[arg(long, default_value_t = 0)]
+    fault_seed: u64,
+    /// Log format.
+    #[arg(long, value_enum, env = "TESTRUN_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn main() -> ExitCode {
@@ -31,7 +78,63 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Crdgen { out_dir: None } => crdgen(),
         Command::Crdgen { out_dir: Some(dir) } => crdgen_to(&dir),
+        Command::Emulator(args) => run_async(emulator(args)),
     }
+}
+
+fn run_async(task: impl Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("testrun-controller: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("testrun-controller: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn emulator(args: EmulatorArgs) -> Result<(), String> {
+    telemetry::init(args.log_format);
+    std::fs::create_dir_all(&args.work_dir).map_err(|e| format!("creating {}: {e}", args.work_dir.display()))?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    let config = EmulatorConfig {
+        operation_delay: args.operation_delay,
+        boot_delay: args.boot_delay,
+        wait_timeout: args.wait_timeout,
+        work_dir: args.work_dir,
+        fault_seed: args.fault_seed,
+        faults: args.faults,
+    };
+    let local = listener.local_addr().map_err(|e| format!("reading the listening address: {e}"))?;
+    tracing::info!(listen = %local, faults = config.faults.len(), "compute emulator serving");
+    // One line on stdout with the address, for scripts that start it on port 0.
+    println!("listening on http://{local}");
+    Emulator::new(config).serve(listener, shutdown_signal()).await.map_err(|e| format!("serving: {e}"))
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
 }
 
 fn crdgen() -> ExitCode {

@@ -84,6 +84,19 @@ impl DurationString {
     }
 }
 
+/// Reads a duration given on the command line: the same syntax as in specs,
+/// and zero (`0` or `0s`) is allowed.
+pub fn parse_flag(text: &str) -> Result<std::time::Duration, String> {
+    if text == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    match DurationString::from(text).parse() {
+        Ok(d) => Ok(d),
+        Err(DurationError::Zero { .. }) => Ok(std::time::Duration::ZERO),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 impl fmt::Display for DurationString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -126,6 +139,14 @@ mod tests {
         assert_eq!(DurationString::from("1h30m").parse(), Ok(Duration::from_secs(5400)));
         assert_eq!(DurationString::from("250ms").parse(), Ok(Duration::from_millis(250)));
         assert_eq!(DurationString::from("1m1s1ms").parse(), Ok(Duration::from_millis(61_001)));
+    }
+
+    #[test]
+    fn flags_allow_zero() {
+        assert_eq!(parse_flag("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_flag("0ms"), Ok(Duration::ZERO));
+        assert_eq!(parse_flag("150ms"), Ok(Duration::from_millis(150)));
+        assert!(parse_flag("fast").is_err());
     }
 
     #[test]
