@@ -37,7 +37,9 @@ pub fn router(emulator: Arc<Emulator>) -> Router {
         .route("/compute/v1/projects/{project}/aggregated/instances", get(aggregated_list))
         .route(&format!("{zone}/operations/{{operation}}"), get(get_operation))
         .route(&format!("{zone}/operations/{{operation}}/wait"), post(wait_operation))
-        .fallback(|| async { GceError { status: StatusCode::NOT_FOUND, reason: "notFound", message: "Not Found".into() } })
+        .fallback(|| async {
+            GceError { status: StatusCode::NOT_FOUND, reason: "notFound", message: "Not Found".into() }
+        })
         .with_state(emulator)
 }
 
@@ -55,7 +57,11 @@ pub fn is_valid_zone(zone: &str) -> bool {
 }
 
 fn check_zone(zone: &str) -> Result<(), GceError> {
-    if is_valid_zone(zone) { Ok(()) } else { Err(GceError::invalid(format!("Invalid value for field 'zone': '{zone}'. Unknown zone."))) }
+    if is_valid_zone(zone) {
+        Ok(())
+    } else {
+        Err(GceError::invalid(format!("Invalid value for field 'zone': '{zone}'. Unknown zone.")))
+    }
 }
 
 /// Applies HTTP faults and read delays; returns the verdict for the rest.
@@ -112,7 +118,11 @@ fn validate_instance(resource: &model::Instance) -> Result<(), GceError> {
     }
     for (key, value) in &resource.labels {
         if !is_label_key(key) || !is_label_value(value) {
-            return field(&format!("labels.{key}"), value, "Label keys and values must conform to RFC 1035 lowercase rules.");
+            return field(
+                &format!("labels.{key}"),
+                value,
+                "Label keys and values must conform to RFC 1035 lowercase rules.",
+            );
         }
     }
     if resource.labels.len() > 64 {
@@ -130,7 +140,11 @@ fn validate_instance(resource: &model::Instance) -> Result<(), GceError> {
         if let Some(seconds) = scheduling.max_run_duration.as_ref().and_then(|d| d.seconds)
             && !(30..=120 * 24 * 3600).contains(&seconds)
         {
-            return field("scheduling.maxRunDuration.seconds", &seconds.to_string(), "Must be between 30 seconds and 120 days.");
+            return field(
+                "scheduling.maxRunDuration.seconds",
+                &seconds.to_string(),
+                "Must be between 30 seconds and 120 days.",
+            );
         }
     }
     Ok(())
@@ -209,7 +223,9 @@ async fn get_operation(
     let state = emulator.lock();
     match state.operations.get(&key) {
         Some(op) => ok(operation_json(&key, op)),
-        None => Err(GceError::not_found(&format!("projects/{}/zones/{}/operations/{}", key.project, key.zone, key.name))),
+        None => {
+            Err(GceError::not_found(&format!("projects/{}/zones/{}/operations/{}", key.project, key.zone, key.name)))
+        }
     }
 }
 
@@ -222,7 +238,9 @@ async fn wait_operation(
     let key = OperationKey { project, zone, name };
     match emulator.wait_operation(&key).await {
         Some(json) => ok(json),
-        None => Err(GceError::not_found(&format!("projects/{}/zones/{}/operations/{}", key.project, key.zone, key.name))),
+        None => {
+            Err(GceError::not_found(&format!("projects/{}/zones/{}/operations/{}", key.project, key.zone, key.name)))
+        }
     }
 }
 
@@ -241,12 +259,19 @@ fn listing(params: &Params) -> Result<Listing, GceError> {
         Some(m) => match m.parse::<usize>() {
             Ok(0) => 500,
             Ok(n) if n <= 500 => n,
-            _ => return Err(GceError::invalid(format!("Invalid value for field 'maxResults': '{m}'. Must be less than or equal to 500"))),
+            _ => {
+                return Err(GceError::invalid(format!(
+                    "Invalid value for field 'maxResults': '{m}'. Must be less than or equal to 500"
+                )));
+            }
         },
     };
     let after = match params.get("pageToken").filter(|t| !t.is_empty()) {
         None => None,
-        Some(token) => Some(decode_token(token).ok_or_else(|| GceError::invalid(format!("Invalid value for field 'pageToken': '{token}'.")))?),
+        Some(token) => Some(
+            decode_token(token)
+                .ok_or_else(|| GceError::invalid(format!("Invalid value for field 'pageToken': '{token}'.")))?,
+        ),
     };
     Ok(Listing { filter, max_results, after })
 }
@@ -264,11 +289,20 @@ fn decode_token(token: &str) -> Option<(String, String)> {
 
 /// One page of matching instances of a project (optionally one zone), in
 /// (zone, name) order, and the token of the next page.
-fn page(emulator: &Emulator, project: &str, zone: Option<&str>, listing: &Listing) -> (Vec<(String, Value)>, Option<String>) {
+fn page(
+    emulator: &Emulator,
+    project: &str,
+    zone: Option<&str>,
+    listing: &Listing,
+) -> (Vec<(String, Value)>, Option<String>) {
     let state = emulator.lock();
     let low = match &listing.after {
         Some((z, n)) => Bound::Excluded(InstanceKey { project: project.into(), zone: z.clone(), name: n.clone() }),
-        None => Bound::Included(InstanceKey { project: project.into(), zone: zone.unwrap_or_default().into(), name: String::new() }),
+        None => Bound::Included(InstanceKey {
+            project: project.into(),
+            zone: zone.unwrap_or_default().into(),
+            name: String::new(),
+        }),
     };
     let mut items = Vec::new();
     let mut next = None;
@@ -276,12 +310,16 @@ fn page(emulator: &Emulator, project: &str, zone: Option<&str>, listing: &Listin
         if key.project != project || zone.is_some_and(|z| z != key.zone) {
             break;
         }
-        let subject = Subject { name: &key.name, status: record.status.as_str(), zone: &key.zone, labels: &record.labels };
+        let subject =
+            Subject { name: &key.name, status: record.status.as_str(), zone: &key.zone, labels: &record.labels };
         if !listing.filter.matches(&subject) {
             continue;
         }
         if items.len() == listing.max_results {
-            if let Some((last_zone, last)) = items.last().map(|(z, v): &(String, Value)| (z.clone(), v["name"].as_str().unwrap_or_default().to_string())) {
+            if let Some((last_zone, last)) = items
+                .last()
+                .map(|(z, v): &(String, Value)| (z.clone(), v["name"].as_str().unwrap_or_default().to_string()))
+            {
                 next = Some(encode_token(&last_zone, &last));
             }
             break;

@@ -19,12 +19,20 @@ pub struct GceError {
 impl GceError {
     /// 404 `notFound` for a resource path.
     pub fn not_found(resource: &str) -> Self {
-        Self { status: StatusCode::NOT_FOUND, reason: "notFound", message: format!("The resource '{resource}' was not found") }
+        Self {
+            status: StatusCode::NOT_FOUND,
+            reason: "notFound",
+            message: format!("The resource '{resource}' was not found"),
+        }
     }
 
     /// 409 `alreadyExists` for a resource path.
     pub fn already_exists(resource: &str) -> Self {
-        Self { status: StatusCode::CONFLICT, reason: "alreadyExists", message: format!("The resource '{resource}' already exists") }
+        Self {
+            status: StatusCode::CONFLICT,
+            reason: "alreadyExists",
+            message: format!("The resource '{resource}' already exists"),
+        }
     }
 
     /// 400 `invalid` with a message.

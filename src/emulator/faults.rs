@@ -43,7 +43,9 @@ impl FromStr for Call {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
-            format!("unknown call {s:?} (insert, delete, get, list, aggregatedList, setLabels, operationGet, operationWait)")
+            format!(
+                "unknown call {s:?} (insert, delete, get, list, aggregatedList, setLabels, operationGet, operationWait)"
+            )
         })
     }
 }
@@ -122,7 +124,8 @@ impl FaultRule {
         if self.kind == FaultKind::Slow && self.delay_ms == 0 {
             return Err("a slow fault needs delayMs".into());
         }
-        let operation_kinds = [FaultKind::Capacity, FaultKind::Quota, FaultKind::Fail, FaultKind::Hang, FaultKind::Vanish];
+        let operation_kinds =
+            [FaultKind::Capacity, FaultKind::Quota, FaultKind::Fail, FaultKind::Hang, FaultKind::Vanish];
         if let Some(call) = self.call
             && operation_kinds.contains(&self.kind)
             && !call.is_mutation()
@@ -137,8 +140,16 @@ impl FaultRule {
 impl FromStr for FaultRule {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let mut rule =
-            FaultRule { id: 0, call: None, zone: None, kind: FaultKind::Fail, count: None, probability: 1.0, delay_ms: 0, hits: 0 };
+        let mut rule = FaultRule {
+            id: 0,
+            call: None,
+            zone: None,
+            kind: FaultKind::Fail,
+            count: None,
+            probability: 1.0,
+            delay_ms: 0,
+            hits: 0,
+        };
         let mut kind = None;
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').ok_or_else(|| format!("{part:?} is not key=value"))?;

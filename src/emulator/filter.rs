@@ -297,7 +297,16 @@ mod tests {
 
     #[test]
     fn malformed_filters_are_errors() {
-        for bad in ["labels.x", "labels.x =", "(labels.x = y", "labels.x = y)", "foo = bar", "labels. = x", "a ! b", "name = \"x"] {
+        for bad in [
+            "labels.x",
+            "labels.x =",
+            "(labels.x = y",
+            "labels.x = y)",
+            "foo = bar",
+            "labels. = x",
+            "a ! b",
+            "name = \"x",
+        ] {
             let err = Filter::parse(bad).expect_err(bad);
             assert!(err.to_string().starts_with("Invalid list filter expression"), "{err}");
         }

@@ -13,7 +13,10 @@ use serde_json::Value;
 use super::Emulator;
 use super::error::GceError;
 use super::faults::{FaultKind, Verdict};
-use super::state::{InstanceKey, InstanceRecord, OpStatus, OperationKey, OperationRecord, Status, fingerprint, now_rfc3339, operation_json};
+use super::state::{
+    InstanceKey, InstanceRecord, OpStatus, OperationKey, OperationRecord, Status, fingerprint, now_rfc3339,
+    operation_json,
+};
 use super::vm::{self, BootInfo};
 
 /// A mutation to start.
@@ -256,7 +259,8 @@ impl Emulator {
         match vm::boot(self, info).await {
             Ok(process) => {
                 let mut state = self.lock();
-                match state.instances.get_mut(&key).filter(|r| r.id == id && !r.deleting && r.status == Status::Running) {
+                match state.instances.get_mut(&key).filter(|r| r.id == id && !r.deleting && r.status == Status::Running)
+                {
                     Some(record) => record.process = Some(process),
                     None => process.kill_now(),
                 }

@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use serde_json::json;
 
 use super::Emulator;
@@ -44,13 +44,18 @@ fn not_found() -> Response {
 async fn serve(State(vm): State<Vm>, Query(params): Query<HashMap<String, String>>, request: Request) -> Response {
     let flavor = request.headers().get("Metadata-Flavor").and_then(|v| v.to_str().ok());
     if flavor != Some("Google") {
-        return answer(StatusCode::FORBIDDEN, "text/html; charset=UTF-8", "Missing required header: Metadata-Flavor".into());
+        return answer(
+            StatusCode::FORBIDDEN,
+            "text/html; charset=UTF-8",
+            "Missing required header: Metadata-Flavor".into(),
+        );
     }
     let path = request.uri().path().trim_start_matches("/computeMetadata/v1/").to_string();
     if !request.uri().path().starts_with("/computeMetadata/v1/") {
         return not_found();
     }
-    let json_wanted = params.get("alt").is_some_and(|a| a == "json") || params.get("recursive").is_some_and(|r| r == "true");
+    let json_wanted =
+        params.get("alt").is_some_and(|a| a == "json") || params.get("recursive").is_some_and(|r| r == "true");
 
     let (machine_type, attributes, service_account) = {
         let state = vm.emulator.lock();
@@ -61,10 +66,13 @@ async fn serve(State(vm): State<Vm>, Query(params): Query<HashMap<String, String
             .resource
             .metadata
             .as_ref()
-            .map(|m| m.items.iter().filter_map(|i| Some((i.key.clone()?, i.value.clone().unwrap_or_default()))).collect())
+            .map(|m| {
+                m.items.iter().filter_map(|i| Some((i.key.clone()?, i.value.clone().unwrap_or_default()))).collect()
+            })
             .unwrap_or_default();
         let machine = record.resource.machine_type.as_deref().map(machine_type_name).unwrap_or_default().to_string();
-        let account = record.resource.service_accounts.first().and_then(|s| s.email.clone()).unwrap_or_else(|| "default".into());
+        let account =
+            record.resource.service_accounts.first().and_then(|s| s.email.clone()).unwrap_or_else(|| "default".into());
         (machine, attributes, account)
     };
     let number = project_number(&vm.key.project);
@@ -79,7 +87,8 @@ async fn serve(State(vm): State<Vm>, Query(params): Query<HashMap<String, String
         "project/numeric-project-id" => text(number.to_string()),
         "instance/attributes/" | "instance/attributes" => {
             if json_wanted {
-                let map: serde_json::Map<String, serde_json::Value> = attributes.into_iter().map(|(k, v)| (k, json!(v))).collect();
+                let map: serde_json::Map<String, serde_json::Value> =
+                    attributes.into_iter().map(|(k, v)| (k, json!(v))).collect();
                 answer(StatusCode::OK, "application/json", serde_json::Value::Object(map).to_string())
             } else {
                 text(attributes.into_iter().map(|(k, _)| format!("{k}\n")).collect::<String>())

@@ -3,8 +3,8 @@
 //! client cannot tell it apart, plus a metadata server per VM and fault
 //! injection.
 //!
-//! - [`api`]: `instances.insert/get/list/delete/setLabels/aggregatedList`,
-//!   `zoneOperations.get/wait`.
+//! - [`api`]: the routes `instances.insert/get/list/delete/setLabels/aggregatedList`
+//!   and `zoneOperations.get/wait`.
 //! - [`lifecycle`]: operations moving PENDING → RUNNING → DONE and instances
 //!   PROVISIONING → STAGING → RUNNING → STOPPING → gone, `maxRunDuration`.
 //! - [`vm`] and [`metadata`]: a VM boots by running its `startup-script` as

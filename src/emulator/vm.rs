@@ -109,7 +109,8 @@ fn start_script(dir: &Path, info: &BootInfo, metadata_host: &str, _work_dir: &Pa
         .env("GCE_INSTANCE_ZONE", &info.key.zone)
         .env("GCE_PROJECT", &info.key.project);
     for (key, value) in &info.metadata {
-        let var: String = key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+        let var: String =
+            key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
         command.env(format!("GCE_METADATA_ATTR_{var}"), value);
     }
     // SAFETY: the closure runs between fork and exec and only makes the
@@ -125,7 +126,9 @@ fn start_script(dir: &Path, info: &BootInfo, metadata_host: &str, _work_dir: &Pa
     let name = info.key.name.clone();
     tokio::spawn(async move {
         match child.wait().await {
-            Ok(status) => tracing::debug!(instance = %name, code = ?status.code(), signal = ?status.signal(), "startup script exited"),
+            Ok(status) => {
+                tracing::debug!(instance = %name, code = ?status.code(), signal = ?status.signal(), "startup script exited")
+            }
             Err(e) => tracing::warn!(instance = %name, error = %e, "waiting for the startup script"),
         }
     });
