@@ -6,6 +6,7 @@
 //! - [`api`]: the custom resources and their cross-field checks.
 //! - [`crd`]: the CustomResourceDefinitions generated from [`api`].
 
+pub mod agent;
 pub mod api;
 pub mod compute;
 pub mod crd;

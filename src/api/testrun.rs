@@ -201,6 +201,10 @@ pub struct ShardStatus {
     pub zone: Option<String>,
     /// Where the shard stands.
     pub phase: ShardPhase,
+    /// When the current attempt's agent registered and its lease began;
+    /// `timeout` counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
     /// When the agent last sent a heartbeat for the current lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<Time>,

@@ -1,0 +1,242 @@
+//! The agent API, served by the controller: VMs register, heartbeat and
+//! report results here. Every handler answers at once from the controller's
+//! cache and the in-memory [`LeaseBook`]; none waits for Compute Engine or
+//! a Kubernetes write. A report from any lease but the shard's current one
+//! gets 409 and is counted; it never changes the current attempt's state.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use jiff::Timestamp;
+use kube::runtime::reflector::{ObjectRef, Store};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::book::LeaseBook;
+use super::protocol::{
+    ApiError, Assignment, EnvVar, HEARTBEAT_PATH, LeaseClaim, MAX_BODY_BYTES, OUTPUT_TAIL_BYTES, REGISTER_PATH,
+    RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
+};
+use super::tokens::{LeaseKey, LeaseScope};
+use crate::api::duration::DurationString;
+use crate::api::testrun::{ShardResult, ShardStatus, TestRun, TestRunPhase};
+use crate::compute::naming::testrun_instance_name;
+
+/// Seconds between heartbeats the agent is told to keep.
+pub fn heartbeat_interval(heartbeat_timeout: &DurationString) -> u64 {
+    heartbeat_timeout.parse().map(|d| (d.as_secs() / 4).clamp(1, 15)).unwrap_or(5)
+}
+
+/// Counts of refused calls, for metrics and tests.
+#[derive(Default, Debug)]
+pub struct AgentApiCounters {
+    /// Reports from a lease that is not the shard's current one.
+    pub stale_reports: AtomicU64,
+    /// Calls with a token that does not verify.
+    pub forged: AtomicU64,
+    /// Calls with a body that could not be read.
+    pub malformed: AtomicU64,
+}
+
+/// The agent API's shared state.
+pub struct AgentApi {
+    /// Makes and checks tokens.
+    pub key: LeaseKey,
+    /// The controller's cache of TestRuns.
+    pub runs: Store<TestRun>,
+    /// What was heard from agents.
+    pub book: Arc<LeaseBook>,
+    /// Asks the controller to reconcile a run now.
+    pub wake: UnboundedSender<ObjectRef<TestRun>>,
+    /// Refusal counts.
+    pub counters: AgentApiCounters,
+}
+
+/// An error answer: a status and an [`ApiError`] body.
+struct Refusal(StatusCode, &'static str, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { reason: self.1.to_string(), message: self.2 })).into_response()
+    }
+}
+
+type Answer<T> = Result<Json<T>, Refusal>;
+
+/// The agent API's routes.
+pub fn router(api: Arc<AgentApi>) -> Router {
+    Router::new()
+        .route(REGISTER_PATH, post(register))
+        .route(HEARTBEAT_PATH, post(heartbeat))
+        .route(RESULT_PATH, post(result))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(api)
+}
+
+fn parse<T: DeserializeOwned>(api: &AgentApi, body: &Bytes) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| {
+        api.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        Refusal(StatusCode::BAD_REQUEST, "Malformed", format!("the request body is not valid: {e}"))
+    })
+}
+
+fn lookup(api: &AgentApi, namespace: &str, name: &str) -> Result<Arc<TestRun>, Refusal> {
+    api.runs.get(&ObjectRef::new(name).within(namespace)).ok_or_else(|| {
+        Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NotReady",
+            format!("TestRun {namespace}/{name} is not known (yet); retry"),
+        )
+    })
+}
+
+fn shard_of(run: &TestRun, shard: i32) -> Option<&ShardStatus> {
+    run.status.as_ref()?.shards.iter().find(|s| s.index == shard)
+}
+
+fn forged(api: &AgentApi, what: &str) -> Refusal {
+    api.counters.forged.fetch_add(1, Ordering::Relaxed);
+    Refusal(StatusCode::FORBIDDEN, "Forbidden", format!("the {what} token does not verify"))
+}
+
+fn stale(api: &AgentApi, message: String) -> Refusal {
+    api.counters.stale_reports.fetch_add(1, Ordering::Relaxed);
+    Refusal(StatusCode::CONFLICT, "StaleLease", message)
+}
+
+async fn register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<Assignment> {
+    let request: RegisterRequest = parse(&api, &body)?;
+    if !api.key.verify_vm(&request.instance, &request.owner_uid, &request.vm_token)
+        || request.instance
+            != testrun_instance_name(&request.owner_uid, request.shard.max(0) as u32, request.attempt.max(0) as u32)
+    {
+        return Err(forged(&api, "VM"));
+    }
+    let run = lookup(&api, &request.namespace, &request.testrun)?;
+    if run.metadata.uid.as_deref() != Some(request.owner_uid.as_str()) {
+        return Err(Refusal(StatusCode::GONE, "Finished", "this VM belongs to a TestRun that no longer exists".into()));
+    }
+    let Some(shard) = shard_of(&run, request.shard) else {
+        return Err(Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NotReady",
+            "the shard is not recorded yet; retry".into(),
+        ));
+    };
+    if shard.attempt != request.attempt || shard.instance.as_deref() != Some(request.instance.as_str()) {
+        return Err(stale(&api, format!("attempt {} is not the shard's current attempt", request.attempt)));
+    }
+    if shard.phase.is_finished() || run.spec.cancel {
+        return Err(Refusal(StatusCode::CONFLICT, "Finished", "the shard has finished".into()));
+    }
+    let uid = request.owner_uid.as_str();
+    let scope = LeaseScope { uid, shard: shard.index, attempt: shard.attempt, lease_id: shard.lease_id };
+    api.book.register(uid, shard.index, shard.lease_id, Timestamp::now());
+    let _ = api.wake.send(ObjectRef::from_obj(run.as_ref()));
+    tracing::info!(testrun = %request.testrun, namespace = %request.namespace, shard = shard.index, attempt = shard.attempt, lease = shard.lease_id, "agent registered");
+    Ok(Json(Assignment {
+        shard: shard.index,
+        shards: run.spec.shards,
+        attempt: shard.attempt,
+        lease_id: shard.lease_id,
+        lease_token: api.key.lease_token(&scope),
+        command: run.spec.command.clone(),
+        env: run.spec.env.iter().map(|e| EnvVar { name: e.name.clone(), value: e.value.clone() }).collect(),
+        working_dir: run.spec.working_dir.clone(),
+        timeout_seconds: run.spec.timeout.parse().map(|d| d.as_secs()).unwrap_or(3600),
+        heartbeat_interval_seconds: heartbeat_interval(&run.spec.heartbeat_timeout),
+    }))
+}
+
+/// Checks a lease claim against the cache; returns the run and its shard.
+fn check_lease(api: &AgentApi, claim: &LeaseClaim) -> Result<(Arc<TestRun>, ShardStatus), Refusal> {
+    let run = lookup(api, &claim.namespace, &claim.testrun)?;
+    let uid = run.metadata.uid.clone().unwrap_or_default();
+    let scope = LeaseScope { uid: &uid, shard: claim.shard, attempt: claim.attempt, lease_id: claim.lease_id };
+    if !api.key.verify_lease(&scope, &claim.lease_token) {
+        return Err(forged(api, "lease"));
+    }
+    let Some(shard) = shard_of(&run, claim.shard).cloned() else {
+        return Err(stale(api, "the shard has no current lease".into()));
+    };
+    if shard.lease_id != claim.lease_id || shard.attempt != claim.attempt {
+        return Err(stale(api, format!("lease {} is not the shard's current lease", claim.lease_id)));
+    }
+    Ok((run, shard))
+}
+
+async fn heartbeat(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<StatusCode, Refusal> {
+    let claim: LeaseClaim = parse(&api, &body)?;
+    let (run, shard) = check_lease(&api, &claim)?;
+    if shard.phase.is_finished() || run.spec.cancel {
+        return Err(Refusal(StatusCode::CONFLICT, "Finished", format!("the shard is {:?}; stop", shard.phase)));
+    }
+    let now = Timestamp::now();
+    if let (Some(start), Ok(timeout)) = (shard.start_time.as_ref(), run.spec.timeout.parse()) {
+        let limit = jiff::SignedDuration::try_from(timeout).unwrap_or(jiff::SignedDuration::MAX);
+        if now.duration_since(start.0) > limit {
+            let _ = api.wake.send(ObjectRef::from_obj(run.as_ref()));
+            return Err(Refusal(
+                StatusCode::CONFLICT,
+                "TimedOut",
+                format!("the attempt ran longer than {}", run.spec.timeout),
+            ));
+        }
+    }
+    let uid = run.metadata.uid.clone().unwrap_or_default();
+    api.book.heartbeat(&uid, shard.index, shard.lease_id, now);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn result(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<ResultAck> {
+    let report: ResultReport = parse(&api, &body)?;
+    if report.output_tail.len() > OUTPUT_TAIL_BYTES {
+        api.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        return Err(Refusal(
+            StatusCode::BAD_REQUEST,
+            "Malformed",
+            format!("outputTail is longer than {OUTPUT_TAIL_BYTES} bytes"),
+        ));
+    }
+    let (run, shard) = check_lease(&api, &report.lease)?;
+    let offered =
+        ShardResult { exit_code: report.exit_code, duration_ms: report.duration_ms, output_tail: report.output_tail };
+    if let Some(stored) = &shard.result {
+        return if *stored == offered {
+            Ok(Json(ResultAck { acknowledged: true }))
+        } else {
+            Err(Refusal(StatusCode::CONFLICT, "Conflict", "a different result is already stored for this lease".into()))
+        };
+    }
+    if shard.phase.is_finished() {
+        return Err(Refusal(
+            StatusCode::CONFLICT,
+            "Finished",
+            format!("the shard ended as {:?} before the result came", shard.phase),
+        ));
+    }
+    let uid = run.metadata.uid.clone().unwrap_or_default();
+    match api.book.result(&uid, shard.index, shard.lease_id, offered.clone(), Timestamp::now()) {
+        Err(_) => Err(stale(&api, "a newer lease holds the shard".into())),
+        Ok(Some(held)) if held != offered => Err(Refusal(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "a different result was already reported for this lease".into(),
+        )),
+        Ok(_) => {
+            let _ = api.wake.send(ObjectRef::from_obj(run.as_ref()));
+            Ok(Json(ResultAck { acknowledged: false }))
+        }
+    }
+}
+
+/// The phase a run's shard takes from an accepted result.
+pub fn phase_of(result: &ShardResult) -> TestRunPhase {
+    if result.exit_code == 0 { TestRunPhase::Succeeded } else { TestRunPhase::Failed }
+}

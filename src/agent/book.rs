@@ -1,0 +1,145 @@
+//! What the agent API has heard and the controller has not yet written:
+//! registrations, heartbeats (coalesced here, written at most every few
+//! seconds) and results waiting to be persisted. Keyed by TestRun uid and
+//! shard; only the reporting lease's entry is ever touched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use jiff::Timestamp;
+
+use crate::api::testrun::ShardResult;
+
+/// What was heard from one shard's current lease.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Heard {
+    /// The lease it was heard under.
+    pub lease_id: i64,
+    /// When its agent registered.
+    pub registered_at: Option<Timestamp>,
+    /// Its last heartbeat.
+    pub last_heartbeat: Option<Timestamp>,
+    /// Its result, accepted but not yet in status.
+    pub result: Option<ShardResult>,
+}
+
+/// A newer lease holds the shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Superseded;
+
+/// The in-memory lease book, shared by the agent API and the controller.
+#[derive(Default)]
+pub struct LeaseBook {
+    entries: Mutex<HashMap<String, BTreeMap<i32, Heard>>>,
+}
+
+impl LeaseBook {
+    fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, BTreeMap<i32, Heard>>) -> R) -> R {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut entries)
+    }
+
+    /// The entry of a shard's lease, created (or replaced when an older
+    /// lease held it) as needed; `None` when a newer lease holds it, so a
+    /// stale report can never disturb the current lease.
+    fn entry<'a>(
+        map: &'a mut HashMap<String, BTreeMap<i32, Heard>>,
+        uid: &str,
+        shard: i32,
+        lease_id: i64,
+    ) -> Option<&'a mut Heard> {
+        let shards = map.entry(uid.to_string()).or_default();
+        let heard =
+            shards.entry(shard).or_insert(Heard { lease_id, registered_at: None, last_heartbeat: None, result: None });
+        if heard.lease_id > lease_id {
+            return None;
+        }
+        if heard.lease_id < lease_id {
+            *heard = Heard { lease_id, registered_at: None, last_heartbeat: None, result: None };
+        }
+        Some(heard)
+    }
+
+    /// Records a registration (which is also a first heartbeat).
+    pub fn register(&self, uid: &str, shard: i32, lease_id: i64, now: Timestamp) {
+        self.with(|m| {
+            if let Some(heard) = Self::entry(m, uid, shard, lease_id) {
+                heard.registered_at.get_or_insert(now);
+                heard.last_heartbeat = Some(now);
+            }
+        });
+    }
+
+    /// Records a heartbeat.
+    pub fn heartbeat(&self, uid: &str, shard: i32, lease_id: i64, now: Timestamp) {
+        self.with(|m| {
+            if let Some(heard) = Self::entry(m, uid, shard, lease_id) {
+                heard.last_heartbeat = Some(now);
+            }
+        });
+    }
+
+    /// Records a result. Returns the result already held for this lease if
+    /// there is one (the first result of a lease wins), and `Err` when a
+    /// newer lease holds the shard.
+    pub fn result(
+        &self,
+        uid: &str,
+        shard: i32,
+        lease_id: i64,
+        result: ShardResult,
+        now: Timestamp,
+    ) -> Result<Option<ShardResult>, Superseded> {
+        self.with(|m| {
+            let heard = Self::entry(m, uid, shard, lease_id).ok_or(Superseded)?;
+            heard.last_heartbeat = Some(now);
+            Ok(match &heard.result {
+                Some(existing) => Some(existing.clone()),
+                None => {
+                    heard.result = Some(result);
+                    None
+                }
+            })
+        })
+    }
+
+    /// What was heard for a run, by shard.
+    pub fn snapshot(&self, uid: &str) -> BTreeMap<i32, Heard> {
+        self.with(|m| m.get(uid).cloned().unwrap_or_default())
+    }
+
+    /// Drops everything about a run (once it is finished and written).
+    pub fn forget(&self, uid: &str) {
+        self.with(|m| {
+            m.remove(uid);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(code: i32) -> ShardResult {
+        ShardResult { exit_code: code, duration_ms: 5, output_tail: String::new() }
+    }
+
+    #[test]
+    fn first_result_of_a_lease_wins_and_a_new_lease_starts_clean() {
+        let book = LeaseBook::default();
+        let t = Timestamp::UNIX_EPOCH;
+        book.register("u", 0, 1, t);
+        assert_eq!(book.result("u", 0, 1, result(0), t), Ok(None));
+        assert_eq!(book.result("u", 0, 1, result(3), t), Ok(Some(result(0))));
+        assert_eq!(book.snapshot("u")[&0].result, Some(result(0)));
+        book.register("u", 0, 2, t);
+        let heard = &book.snapshot("u")[&0];
+        assert_eq!((heard.lease_id, heard.result.clone()), (2, None));
+        // The old lease can no longer touch the shard.
+        assert_eq!(book.result("u", 0, 1, result(9), t), Err(Superseded));
+        book.heartbeat("u", 0, 1, Timestamp::MAX);
+        assert_eq!(book.snapshot("u")[&0].last_heartbeat, Some(t));
+        book.forget("u");
+        assert!(book.snapshot("u").is_empty());
+    }
+}

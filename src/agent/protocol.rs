@@ -1,0 +1,169 @@
+//! What the agent and the agent API say to each other: JSON bodies over
+//! HTTP, and the metadata keys a VM finds its settings under.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST`: a VM asks for its assignment.
+pub const REGISTER_PATH: &str = "/agent/v1/register";
+/// `POST`: the agent says its lease is alive.
+pub const HEARTBEAT_PATH: &str = "/agent/v1/heartbeat";
+/// `POST`: the agent reports its command's result.
+pub const RESULT_PATH: &str = "/agent/v1/result";
+/// Largest request body the agent API reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest output tail kept from a command.
+pub const OUTPUT_TAIL_BYTES: usize = 4096;
+
+/// Metadata key: the agent API's URL.
+pub const META_AGENT_URL: &str = "testrun-agent-url";
+/// Metadata key: the VM's token.
+pub const META_VM_TOKEN: &str = "testrun-vm-token";
+/// Metadata key: the TestRun's namespace.
+pub const META_NAMESPACE: &str = "testrun-namespace";
+/// Metadata key: the TestRun's name.
+pub const META_NAME: &str = "testrun-name";
+/// Metadata key: the TestRun's uid.
+pub const META_OWNER_UID: &str = "testrun-owner-uid";
+/// Metadata key: the shard index.
+pub const META_SHARD: &str = "testrun-shard";
+/// Metadata key: the attempt number.
+pub const META_ATTEMPT: &str = "testrun-attempt";
+
+/// A VM asking for its assignment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// TestRun namespace.
+    pub namespace: String,
+    /// TestRun name.
+    pub testrun: String,
+    /// TestRun uid.
+    pub owner_uid: String,
+    /// Shard index.
+    pub shard: i32,
+    /// Attempt number.
+    pub attempt: i32,
+    /// The VM's instance name.
+    pub instance: String,
+    /// The VM's token from its metadata.
+    pub vm_token: String,
+}
+
+/// One environment variable of the command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvVar {
+    /// Name.
+    pub name: String,
+    /// Value.
+    pub value: String,
+}
+
+/// What a VM is to run, with the lease it reports under.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    /// Shard index.
+    pub shard: i32,
+    /// Number of shards.
+    pub shards: i32,
+    /// Attempt number.
+    pub attempt: i32,
+    /// The lease id.
+    pub lease_id: i64,
+    /// The lease token.
+    pub lease_token: String,
+    /// argv of the command.
+    pub command: Vec<String>,
+    /// Its environment.
+    pub env: Vec<EnvVar>,
+    /// Its working directory, if any.
+    pub working_dir: Option<String>,
+    /// Seconds the attempt may run in all (counted from registration).
+    pub timeout_seconds: u64,
+    /// Seconds between heartbeats.
+    pub heartbeat_interval_seconds: u64,
+}
+
+/// Which lease a heartbeat or result is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaseClaim {
+    /// TestRun namespace.
+    pub namespace: String,
+    /// TestRun name.
+    pub testrun: String,
+    /// Shard index.
+    pub shard: i32,
+    /// Attempt number.
+    pub attempt: i32,
+    /// Lease id.
+    pub lease_id: i64,
+    /// Lease token.
+    pub lease_token: String,
+}
+
+/// The result of a command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResultReport {
+    /// The lease reporting.
+    pub lease: LeaseClaim,
+    /// Exit code (128 + signal when killed by a signal).
+    pub exit_code: i32,
+    /// Wall time in milliseconds.
+    pub duration_ms: i64,
+    /// The last lines of output, at most [`OUTPUT_TAIL_BYTES`].
+    pub output_tail: String,
+}
+
+/// The answer to a result report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultAck {
+    /// True once the result is stored in the TestRun's status; until then
+    /// the agent sends the same report again.
+    pub acknowledged: bool,
+}
+
+/// An error answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// A CamelCase word: `Malformed`, `Forbidden`, `StaleLease`, `TimedOut`,
+    /// `NotFound`, `NotReady`, `Finished`, `Conflict`.
+    pub reason: String,
+    /// A sentence.
+    pub message: String,
+}
+
+/// Keeps the last `limit` bytes of text, cut at a character boundary.
+pub fn tail(text: &str, limit: usize) -> &str {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut start = text.len() - limit;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_end_on_a_char_boundary() {
+        assert_eq!(tail("hello", 10), "hello");
+        assert_eq!(tail("hello", 3), "llo");
+        let s = "aé€"; // 1 + 2 + 3 bytes
+        assert_eq!(tail(s, 4), "€");
+        assert_eq!(tail(s, 5), "é€");
+        assert!(tail(&"x".repeat(10_000), OUTPUT_TAIL_BYTES).len() == OUTPUT_TAIL_BYTES);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let body = r#"{"namespace":"a","testrun":"b","shard":0,"attempt":1,"leaseId":1,"leaseToken":"t","extra":1}"#;
+        assert!(serde_json::from_str::<LeaseClaim>(body).is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! The agent on a VM (`testrun-controller agent`): reads its settings from
+//! the metadata server, registers, runs the command while heartbeating, and
+//! reports the result until the controller acknowledges it. A heartbeat
+//! refused with 409 (the lease is lost or timed out) kills the command.
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use reqwest::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::protocol::{
+    Assignment, HEARTBEAT_PATH, LeaseClaim, META_AGENT_URL, META_ATTEMPT, META_NAME, META_NAMESPACE, META_OWNER_UID,
+    META_SHARD, META_VM_TOKEN, OUTPUT_TAIL_BYTES, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
+};
+
+/// Why the agent stopped without a reported result.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The metadata server did not give a setting.
+    #[error("reading metadata {key}: {message}")]
+    Metadata {
+        /// The key.
+        key: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The agent API refused the VM for good.
+    #[error("the agent API refused registration ({status}): {body}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Its body.
+        body: String,
+    },
+    /// The command could not be started.
+    #[error("starting the command {command:?}: {source}")]
+    Spawn {
+        /// argv.
+        command: Vec<String>,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The lease was lost or timed out while the command ran; it was killed.
+    #[error("the lease was lost ({0}); the command was stopped")]
+    LeaseLost(String),
+    /// The result could not be delivered in time.
+    #[error("the result was not acknowledged: {0}")]
+    Undelivered(String),
+}
+
+/// Where the agent finds its metadata server.
+pub fn metadata_host() -> String {
+    std::env::var("GCE_METADATA_HOST").unwrap_or_else(|_| "metadata.google.internal".to_string())
+}
+
+struct Metadata {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Metadata {
+    async fn get(&self, path: &str) -> Result<String, AgentError> {
+        let fail = |message: String| AgentError::Metadata { key: path.to_string(), message };
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..20 {
+            let response =
+                self.http.get(format!("{}/{path}", self.base)).header("Metadata-Flavor", "Google").send().await;
+            match response {
+                Ok(r) if r.status().is_success() => return r.text().await.map_err(|e| fail(e.to_string())),
+                Ok(r) if r.status() == StatusCode::NOT_FOUND => return Err(fail("not set".into())),
+                Ok(r) => tracing::warn!(status = %r.status(), key = path, "metadata server answered with an error"),
+                Err(e) => tracing::warn!(error = %e, key = path, "metadata server unreachable"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        Err(fail("the metadata server did not answer".into()))
+    }
+
+    async fn attribute(&self, key: &str) -> Result<String, AgentError> {
+        self.get(&format!("instance/attributes/{key}")).await
+    }
+}
+
+/// Runs the agent to the end. Returns the command's exit code once the
+/// controller acknowledged it.
+pub async fn run() -> Result<i32, AgentError> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .map_err(|e| AgentError::Metadata { key: "-".into(), message: format!("building the HTTP client: {e}") })?;
+    let metadata = Metadata { http: http.clone(), base: format!("http://{}/computeMetadata/v1", metadata_host()) };
+    let number = |key: &'static str, text: String| {
+        text.trim()
+            .parse::<i32>()
+            .map_err(|_| AgentError::Metadata { key: key.into(), message: format!("{text:?} is not a number") })
+    };
+    let url = metadata.attribute(META_AGENT_URL).await?.trim_end_matches('/').to_string();
+    let request = RegisterRequest {
+        namespace: metadata.attribute(META_NAMESPACE).await?,
+        testrun: metadata.attribute(META_NAME).await?,
+        owner_uid: metadata.attribute(META_OWNER_UID).await?,
+        shard: number(META_SHARD, metadata.attribute(META_SHARD).await?)?,
+        attempt: number(META_ATTEMPT, metadata.attribute(META_ATTEMPT).await?)?,
+        instance: metadata.get("instance/name").await?,
+        vm_token: metadata.attribute(META_VM_TOKEN).await?,
+    };
+    let assignment = register(&http, &url, &request).await?;
+    tracing::info!(
+        shard = assignment.shard,
+        attempt = assignment.attempt,
+        lease = assignment.lease_id,
+        "assignment received"
+    );
+    let claim = LeaseClaim {
+        namespace: request.namespace.clone(),
+        testrun: request.testrun.clone(),
+        shard: assignment.shard,
+        attempt: assignment.attempt,
+        lease_id: assignment.lease_id,
+        lease_token: assignment.lease_token.clone(),
+    };
+    let outcome = execute(&http, &url, &assignment, &claim).await?;
+    report(
+        &http,
+        &url,
+        ResultReport { lease: claim, exit_code: outcome.0, duration_ms: outcome.1, output_tail: outcome.2 },
+    )
+    .await?;
+    Ok(outcome.0)
+}
+
+async fn register(http: &reqwest::Client, url: &str, request: &RegisterRequest) -> Result<Assignment, AgentError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match http.post(format!("{url}{REGISTER_PATH}")).json(request).send().await {
+            Ok(r) if r.status().is_success() => match r.json::<Assignment>().await {
+                Ok(assignment) => return Ok(assignment),
+                Err(e) => tracing::warn!(error = %e, "unreadable assignment; retrying"),
+            },
+            Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE || r.status().is_server_error() => {
+                tracing::info!(status = %r.status(), "agent API not ready; retrying");
+            }
+            Ok(r) => {
+                let status = r.status().as_u16();
+                return Err(AgentError::Refused { status, body: r.text().await.unwrap_or_default() });
+            }
+            Err(e) => tracing::warn!(error = %e, "agent API unreachable; retrying"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Output kept from the command: its last bytes.
+#[derive(Default)]
+struct Tail(VecDeque<u8>);
+
+impl Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        self.0.extend(bytes);
+        let excess = self.0.len().saturating_sub(OUTPUT_TAIL_BYTES);
+        self.0.drain(..excess);
+    }
+
+    fn text(&self) -> String {
+        let bytes: Vec<u8> = self.0.iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        super::protocol::tail(&text, OUTPUT_TAIL_BYTES).to_string()
+    }
+}
+
+async fn pump(mut from: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
+    let mut buf = [0u8; 8192];
+    let mut stdout = tokio::io::stdout();
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        let _ = stdout.write_all(&buf[..n]).await;
+        tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(&buf[..n]);
+    }
+}
+
+/// Runs the command with heartbeats; returns (exit code, duration ms, output tail).
+async fn execute(
+    http: &reqwest::Client,
+    url: &str,
+    assignment: &Assignment,
+    claim: &LeaseClaim,
+) -> Result<(i32, i64, String), AgentError> {
+    let Some((program, args)) = assignment.command.split_first() else {
+        return Err(AgentError::Spawn { command: Vec::new(), source: std::io::Error::other("empty command") });
+    };
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .env("TESTRUN_SHARD", assignment.shard.to_string())
+        .env("TESTRUN_SHARDS", assignment.shards.to_string())
+        .env("TESTRUN_ATTEMPT", assignment.attempt.to_string());
+    for var in &assignment.env {
+        command.env(&var.name, &var.value);
+    }
+    if let Some(dir) = &assignment.working_dir {
+        command.current_dir(dir);
+    }
+    let started = Instant::now();
+    let mut child =
+        command.spawn().map_err(|source| AgentError::Spawn { command: assignment.command.clone(), source })?;
+    let group = child.id().and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
+    let tail = Arc::new(Mutex::new(Tail::default()));
+    let pumps = [
+        child.stdout.take().map(|o| tokio::spawn(pump(o, tail.clone()))),
+        child.stderr.take().map(|e| tokio::spawn(pump(e, tail.clone()))),
+    ];
+
+    let interval = Duration::from_secs(assignment.heartbeat_interval_seconds.max(1));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            _ = ticker.tick() => {
+                if let Some(reason) = heartbeat(http, url, claim).await {
+                    if let Some(group) = group {
+                        let _ = killpg(group, Signal::SIGKILL);
+                    }
+                    let _ = child.wait().await;
+                    return Err(AgentError::LeaseLost(reason));
+                }
+            }
+        }
+    };
+    for pump in pumps.into_iter().flatten() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
+    }
+    let code = match status {
+        Ok(s) => s.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt as _;
+            128 + s.signal().unwrap_or(0)
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "waiting for the command");
+            255
+        }
+    };
+    let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+    let text = tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).text();
+    Ok((code, duration_ms, text))
+}
+
+/// Sends one heartbeat; returns why the lease is over, if it is.
+async fn heartbeat(http: &reqwest::Client, url: &str, claim: &LeaseClaim) -> Option<String> {
+    match http.post(format!("{url}{HEARTBEAT_PATH}")).json(claim).send().await {
+        Ok(r)
+            if r.status() == StatusCode::CONFLICT
+                || r.status() == StatusCode::FORBIDDEN
+                || r.status() == StatusCode::GONE =>
+        {
+            Some(r.text().await.unwrap_or_else(|_| "refused".into()))
+        }
+        Ok(r) if !r.status().is_success() => {
+            tracing::warn!(status = %r.status(), "heartbeat refused; will retry");
+            None
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "heartbeat not delivered; will retry");
+            None
+        }
+    }
+}
+
+/// Sends the result until the controller acknowledges that it is stored.
+/// The same report is sent each time, so it can be counted only once.
+async fn report(http: &reqwest::Client, url: &str, report: ResultReport) -> Result<(), AgentError> {
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut delay = Duration::from_millis(200);
+    while Instant::now() < deadline {
+        match http.post(format!("{url}{RESULT_PATH}")).json(&report).send().await {
+            Ok(r) if r.status().is_success() => match r.json::<ResultAck>().await {
+                Ok(ResultAck { acknowledged: true }) => return Ok(()),
+                Ok(_) => delay = Duration::from_millis(300),
+                Err(e) => tracing::warn!(error = %e, "unreadable acknowledgement"),
+            },
+            Ok(r) if r.status().is_client_error() && r.status() != StatusCode::TOO_MANY_REQUESTS => {
+                let status = r.status();
+                return Err(AgentError::Undelivered(format!("{status}: {}", r.text().await.unwrap_or_default())));
+            }
+            Ok(r) => tracing::warn!(status = %r.status(), "result not taken; retrying"),
+            Err(e) => tracing::warn!(error = %e, "agent API unreachable; retrying"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+    Err(AgentError::Undelivered("no acknowledgement within an hour".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_bytes() {
+        let mut tail = Tail::default();
+        tail.push(&vec![b'a'; 5000]);
+        tail.push(b"end");
+        let text = tail.text();
+        assert_eq!(text.len(), OUTPUT_TAIL_BYTES);
+        assert!(text.ends_with("aend"));
+    }
+}
