@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod api;
 pub mod compute;
+pub mod controller;
 pub mod crd;
 pub mod emulator;
 pub mod telemetry;

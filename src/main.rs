@@ -35,6 +35,66 @@ enum Command {
     /// subset the controller uses, VMs that run their startup script as
     /// local processes, per-VM metadata servers, and fault injection.
     Emulator(EmulatorArgs),
+    /// Run the controller: reconcile TestRuns, create and delete their VMs,
+    /// and serve the agent API that VMs report to.
+    Run(RunArgs),
+    /// Run the agent on a VM: read settings from the metadata server,
+    /// register, run the assigned command with heartbeats, report the result.
+    /// Started by the startup script the controller gives every VM.
+    Agent {
+        /// Log format.
+        #[arg(long, value_enum, env = "TESTRUN_LOG_FORMAT", default_value = "text")]
+        log_format: LogFormat,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Compute API endpoint, e.g. `http://127.0.0.1:8089` for the emulator
+    /// (reached with anonymous credentials). Unset: Compute Engine with
+    /// application default credentials.
+    #[arg(long, env = "TESTRUN_COMPUTE_ENDPOINT")]
+    compute_endpoint: Option<String>,
+    /// Google Cloud project that holds the VMs. Required without
+    /// `--compute-endpoint`; any id works with the emulator.
+    #[arg(long, env = "TESTRUN_PROJECT")]
+    project: Option<String>,
+    /// Id of this installation, put on every VM as label `installation`; two
+    /// installations sharing a project never touch each other's VMs.
+    #[arg(long, env = "TESTRUN_INSTALLATION_ID", default_value = "default")]
+    installation_id: String,
+    /// Address the agent API listens on.
+    #[arg(long, env = "TESTRUN_AGENT_LISTEN", default_value = "0.0.0.0:8090")]
+    agent_listen: SocketAddr,
+    /// URL VMs use to reach the agent API. Default: `http://127.0.0.1:PORT`
+    /// with the port of `--agent-listen` (right for the emulator only).
+    #[arg(long, env = "TESTRUN_AGENT_URL")]
+    agent_url: Option<String>,
+    /// Command the VM startup script runs (followed by `agent`). Default:
+    /// `testrun-controller` on the VM's PATH, or this executable's path when
+    /// `--compute-endpoint` is set, so local runs need no install step.
+    #[arg(long, env = "TESTRUN_AGENT_COMMAND")]
+    agent_command: Option<String>,
+    /// Watch TestRuns in this namespace only (default: all namespaces).
+    #[arg(long, env = "TESTRUN_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Namespace of the Secret holding the lease token key (created when
+    /// missing).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Name of that Secret.
+    #[arg(long, env = "TESTRUN_LEASE_SECRET", default_value = "testrun-controller-lease-key")]
+    lease_secret: String,
+    /// Longest time from requesting a VM to its agent registering before
+    /// the attempt counts as failed.
+    #[arg(long, default_value = "10m", value_parser = duration)]
+    registration_timeout: Duration,
+    /// TestRuns reconciled at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
+    /// Log format.
+    #[arg(long, value_enum, env = "TESTRUN_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Args)]
@@ -79,6 +139,19 @@ fn main() -> ExitCode {
         Command::Crdgen { out_dir: None } => crdgen(),
         Command::Crdgen { out_dir: Some(dir) } => crdgen_to(&dir),
         Command::Emulator(args) => run_async(emulator(args)),
+        Command::Run(args) => run_async(controller(args)),
+        Command::Agent { log_format } => {
+            telemetry::init(log_format);
+            run_async(async {
+                match testrun_controller::agent::runner::run().await {
+                    Ok(code) => {
+                        tracing::info!(exit_code = code, "result acknowledged");
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("agent: {e}")),
+                }
+            })
+        }
     }
 }
 
@@ -117,6 +190,49 @@ async fn emulator(args: EmulatorArgs) -> Result<(), String> {
     // One line on stdout with the address, for scripts that start it on port 0.
     println!("listening on http://{local}");
     Emulator::new(config).serve(listener, shutdown_signal()).await.map_err(|e| format!("serving: {e}"))
+}
+
+async fn controller(args: RunArgs) -> Result<(), String> {
+    use testrun_controller::compute::gce::{GceCompute, GceConfig};
+    use testrun_controller::controller::testrun::plan::Settings;
+    use testrun_controller::controller::{RunConfig, run};
+
+    telemetry::init(args.log_format);
+    let project = match (&args.project, &args.compute_endpoint) {
+        (Some(project), _) => project.clone(),
+        (None, Some(_)) => "local".to_string(),
+        (None, None) => {
+            return Err("--project is required when talking to Compute Engine (no --compute-endpoint)".into());
+        }
+    };
+    let mut gce = GceConfig::new(project);
+    gce.endpoint = args.compute_endpoint.clone();
+    let compute = GceCompute::connect(gce).await.map_err(|e| e.to_string())?;
+    let client = kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {e}"))?;
+    let agent_url = args.agent_url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", args.agent_listen.port()));
+    let agent_command = match (&args.agent_command, &args.compute_endpoint) {
+        (Some(command), _) => command.clone(),
+        (None, Some(_)) => {
+            let exe = std::env::current_exe().map_err(|e| format!("finding this executable: {e}"))?;
+            format!("'{}'", exe.display().to_string().replace('\'', "'\\''"))
+        }
+        (None, None) => "testrun-controller".to_string(),
+    };
+    let settings = Settings {
+        installation: args.installation_id,
+        agent_url,
+        agent_command,
+        registration_timeout: args.registration_timeout,
+        started_at: jiff::Timestamp::now(),
+    };
+    let config = RunConfig {
+        agent_listen: args.agent_listen,
+        concurrency: args.concurrency.max(1),
+        namespace: args.namespace,
+        secret_name: args.lease_secret,
+        watch_namespace: args.watch_namespace,
+    };
+    run(client, compute, settings, config).await.map_err(|e| e.to_string())
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -201,6 +201,9 @@ pub struct ShardStatus {
     pub zone: Option<String>,
     /// Where the shard stands.
     pub phase: ShardPhase,
+    /// When the current attempt's VM was requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_time: Option<Time>,
     /// When the current attempt's agent registered and its lease began;
     /// `timeout` counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]

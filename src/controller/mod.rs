@@ -1,0 +1,283 @@
+//! Wiring: the shared [`Context`], the error policy, the lease key Secret,
+//! and [`run`], which starts the TestRun controller and the agent API.
+//! What happens to a TestRun is in [`testrun::plan`].
+
+pub mod conditions;
+pub mod testrun;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+
+use crate::agent::api::{AgentApi, AgentApiCounters};
+use crate::agent::book::LeaseBook;
+use crate::agent::tokens::LeaseKey;
+use crate::api::testrun::TestRun;
+use crate::compute::{Compute, ComputeError};
+use testrun::plan::Settings;
+
+/// The field manager of every status write.
+pub const FIELD_MANAGER: &str = "testrun-controller";
+/// The key inside the lease key Secret.
+const SECRET_KEY: &str = "lease-key";
+
+/// Why a reconcile failed; it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Listing the run's VMs failed.
+    #[error("listing the run's VMs: {0}")]
+    ListVms(#[source] ComputeError),
+    /// Writing status failed.
+    #[error("writing the status of {name}: {source}")]
+    WriteStatus {
+        /// The object.
+        name: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// Adding or removing the finalizer failed.
+    #[error("updating the finalizer of {name}: {source}")]
+    Finalizer {
+        /// The object.
+        name: String,
+        /// Why.
+        source: kube::Error,
+    },
+}
+
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The CRDs are not installed or not readable.
+    #[error("TestRuns cannot be listed ({0}); install the CRDs with `kubectl apply -f crds/` and check RBAC")]
+    Crd(#[source] kube::Error),
+    /// The lease key Secret could not be read or created.
+    #[error("reading or creating Secret {namespace}/{name}: {source}")]
+    Secret {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// The Secret exists but holds no usable key.
+    #[error("Secret {namespace}/{name} has no 32-byte `{SECRET_KEY}`; delete it to have a new key made")]
+    BadSecret {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// The agent API could not listen.
+    #[error("the agent API cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Per-object exponential backoff after failed reconciles.
+#[derive(Default)]
+pub struct Backoff {
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Backoff {
+    /// Records the outcome of a reconcile.
+    pub fn record(&self, name: &str, ok: bool) {
+        let mut failures = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ok {
+            failures.remove(name);
+        } else {
+            *failures.entry(name.to_string()).or_default() += 1;
+        }
+    }
+
+    /// The wait before the next try: 1 s, 2 s, 4 s, … up to 5 minutes.
+    pub fn delay(&self, name: &str) -> Duration {
+        let failures = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = failures.get(name).copied().unwrap_or(1).clamp(1, 10);
+        Duration::from_secs(1u64 << (n - 1)).min(Duration::from_secs(300))
+    }
+}
+
+/// Zones recently out of capacity, per machine family, remembered for a
+/// few minutes so other runs do not retry them blindly.
+pub struct ExhaustedZones {
+    until: Mutex<HashMap<(String, String), Instant>>,
+    memory: Duration,
+}
+
+impl ExhaustedZones {
+    /// Remembers for `memory`.
+    pub fn new(memory: Duration) -> Self {
+        Self { until: Mutex::new(HashMap::new()), memory }
+    }
+
+    fn family(machine_type: &str) -> String {
+        machine_type.split('-').next().unwrap_or(machine_type).to_string()
+    }
+
+    /// Marks a zone out of capacity for a machine type's family.
+    pub fn mark(&self, zone: &str, machine_type: &str) {
+        let mut until = self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        until.insert((zone.to_string(), Self::family(machine_type)), Instant::now() + self.memory);
+    }
+
+    /// The zones out of capacity for a machine type's family now.
+    pub fn current(&self, machine_type: &str) -> BTreeSet<String> {
+        let family = Self::family(machine_type);
+        let now = Instant::now();
+        let mut until = self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        until.retain(|_, t| *t > now);
+        until.keys().filter(|(_, f)| *f == family).map(|(z, _)| z.clone()).collect()
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context<C: Compute> {
+    /// Kubernetes.
+    pub client: Client,
+    /// The cloud.
+    pub compute: C,
+    /// Installation settings.
+    pub settings: Settings,
+    /// Token key.
+    pub key: LeaseKey,
+    /// What agents said.
+    pub book: Arc<LeaseBook>,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Zones out of capacity.
+    pub exhausted_zones: ExhaustedZones,
+    /// Backoff after errors.
+    pub backoff: Backoff,
+}
+
+/// Retries a failed reconcile with per-object exponential backoff.
+pub fn error_policy<C: Compute>(run: Arc<TestRun>, error: &Error, ctx: Arc<Context<C>>) -> Action {
+    let delay = ctx.backoff.delay(&run.name_any());
+    tracing::warn!(testrun = %run.name_any(), namespace = %run.namespace().unwrap_or_default(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Reads the lease key from its Secret, creating the Secret with a fresh
+/// random key when it does not exist.
+pub async fn lease_key(client: &Client, namespace: &str, name: &str) -> Result<LeaseKey, StartError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let err = |source| StartError::Secret { namespace: namespace.into(), name: name.into(), source };
+    let read = |secret: Secret| {
+        secret
+            .data
+            .and_then(|d| d.get(SECRET_KEY).and_then(|b| LeaseKey::from_bytes(&b.0)))
+            .ok_or_else(|| StartError::BadSecret { namespace: namespace.into(), name: name.into() })
+    };
+    if let Some(secret) = secrets.get_opt(name).await.map_err(err)? {
+        return read(secret);
+    }
+    let key = LeaseKey::generate();
+    let secret = Secret {
+        metadata: ObjectMeta { name: Some(name.to_string()), ..Default::default() },
+        data: Some([(SECRET_KEY.to_string(), ByteString(key.as_bytes().to_vec()))].into()),
+        ..Default::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(namespace, name, "created the lease key Secret");
+            Ok(key)
+        }
+        // Another replica made it first: use theirs.
+        Err(kube::Error::Api(e)) if e.code == 409 => read(secrets.get(name).await.map_err(err)?),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// How to run the controller.
+pub struct RunConfig {
+    /// Where the agent API listens.
+    pub agent_listen: SocketAddr,
+    /// Reconciles at once.
+    pub concurrency: u16,
+    /// Namespace of the lease key Secret.
+    pub namespace: String,
+    /// Name of the lease key Secret.
+    pub secret_name: String,
+    /// Watch only this namespace.
+    pub watch_namespace: Option<String>,
+}
+
+/// Runs the TestRun controller and the agent API until SIGTERM or SIGINT.
+pub async fn run<C: Compute>(
+    client: Client,
+    compute: C,
+    settings: Settings,
+    config: RunConfig,
+) -> Result<(), StartError> {
+    let runs: Api<TestRun> = match &config.watch_namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    runs.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
+    let key = lease_key(&client, &config.namespace, &config.secret_name).await?;
+    let listener = tokio::net::TcpListener::bind(config.agent_listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.agent_listen, source })?;
+
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+    let wake = futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let controller = Controller::new(runs, watcher::Config::default())
+        .with_config(ControllerConfig::default().concurrency(config.concurrency))
+        .reconcile_on(wake)
+        .shutdown_on_signal();
+
+    let book = Arc::new(LeaseBook::default());
+    let agent_api = Arc::new(AgentApi {
+        key: key.clone(),
+        runs: controller.store(),
+        book: book.clone(),
+        wake: wake_tx,
+        counters: AgentApiCounters::default(),
+    });
+    let agent_addr = listener.local_addr().unwrap_or(config.agent_listen);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, crate::agent::api::router(agent_api)).await {
+            tracing::error!(error = %e, "agent API stopped");
+        }
+    });
+    tracing::info!(agent_api = %agent_addr, agent_url = %settings.agent_url, installation = %settings.installation, "controller starting");
+
+    let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        compute,
+        settings,
+        key,
+        book,
+        exhausted_zones: ExhaustedZones::new(Duration::from_secs(300)),
+        backoff: Backoff::default(),
+    });
+    controller
+        .run(testrun::apply::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile did not complete");
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+    Ok(())
+}

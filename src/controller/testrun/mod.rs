@@ -1,0 +1,4 @@
+//! The TestRun controller: [`plan`] decides, [`apply`] carries it out.
+
+pub mod apply;
+pub mod plan;

@@ -1,0 +1,956 @@
+//! What happens to a TestRun, as a pure function: the run, the VMs seen in
+//! the cloud, the tracked operations' states and what the agent API heard go
+//! in; the new status, the cloud calls to make and the Events to emit come
+//! out. Nothing here talks to Kubernetes or Compute Engine.
+//!
+//! The story of a shard:
+//! 1. Pending → a VM is requested for attempt 1 (its insert is recorded as
+//!    *intended* in `status.operations` before the call is made, with a
+//!    deterministic name and request id) → Provisioning.
+//! 2. The VM boots, its agent registers: the lease begins → Running.
+//! 3. The agent reports its result: it is written to status (only then is it
+//!    acknowledged to the agent) → Succeeded or Failed, and the VM is deleted.
+//! 4. No heartbeat for `heartbeatTimeout`, a VM that vanished or never
+//!    registered, or no zone with capacity → the attempt is lost: its VM is
+//!    deleted and, while attempts remain, attempt n+1 starts with a new lease;
+//!    otherwise the shard ends in Error.
+//! 5. Longer than `timeout` → TimedOut, the VM is deleted.
+//!
+//! Every VM of the run that is not the current attempt's VM of an unfinished
+//! shard is deleted (tracked), whatever the reason it exists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::agent::book::Heard;
+use crate::agent::protocol::{
+    META_AGENT_URL, META_ATTEMPT, META_NAME, META_NAMESPACE, META_OWNER_UID, META_SHARD, META_VM_TOKEN,
+};
+use crate::agent::tokens::LeaseKey;
+use crate::api::testrun::{ShardResult, ShardStatus, TestRun, TestRunPhase, TestRunStatus};
+use crate::api::validation::validate_testrun;
+use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation, VmSpec};
+use crate::compute::messages::{Action, ErrorContext, explain};
+use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
+use crate::compute::{ComputeError, ErrorCode, Instance, InstanceSpec, Operation, OperationStatus, RetryClass};
+use crate::controller::conditions;
+
+/// Settings of the installation that shape every plan.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Installation id (a VM label).
+    pub installation: String,
+    /// The agent API's URL as VMs reach it.
+    pub agent_url: String,
+    /// The command the startup script runs before `agent`.
+    pub agent_command: String,
+    /// How long a VM may take from request to agent registration.
+    pub registration_timeout: Duration,
+    /// When this controller process started: no lease is judged lost on
+    /// heartbeats it could not have heard.
+    pub started_at: Timestamp,
+}
+
+/// What a tracked operation looks like now.
+#[derive(Clone, Debug)]
+pub enum Seen {
+    /// Compute Engine's view of it.
+    Operation(Operation),
+    /// It could not be read.
+    Error(ComputeError),
+}
+
+/// Everything the planner looks at.
+pub struct Observed<'a> {
+    /// The TestRun.
+    pub run: &'a TestRun,
+    /// The current time.
+    pub now: Timestamp,
+    /// The VMs labelled with the run's uid.
+    pub vms: &'a [Instance],
+    /// The state of tracked operations that have a name, by request id.
+    pub operations: &'a BTreeMap<String, Seen>,
+    /// What the agent API heard, by shard.
+    pub heard: &'a BTreeMap<i32, Heard>,
+    /// Zones currently known to be out of capacity for this machine family.
+    pub exhausted_zones: &'a BTreeSet<String>,
+    /// The installation's settings.
+    pub settings: &'a Settings,
+    /// The key VM tokens are made with.
+    pub key: &'a LeaseKey,
+}
+
+/// A call to make after the status (with its intent) is written.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CloudCall {
+    /// Create a VM.
+    Insert(Box<InstanceSpec>),
+    /// Delete a VM.
+    Delete {
+        /// Zone.
+        zone: String,
+        /// Instance name.
+        name: String,
+        /// Request id.
+        request_id: String,
+    },
+}
+
+impl CloudCall {
+    /// The request id that ties the call to its tracked operation.
+    pub fn request_id(&self) -> &str {
+        match self {
+            Self::Insert(spec) => &spec.request_id,
+            Self::Delete { request_id, .. } => request_id,
+        }
+    }
+}
+
+/// An Event to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    /// Warning (true) or Normal.
+    pub warning: bool,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// A sentence.
+    pub note: String,
+}
+
+/// The outcome of planning.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The status to write.
+    pub status: TestRunStatus,
+    /// Calls to make, after the status is written.
+    pub calls: Vec<CloudCall>,
+    /// Events to publish.
+    pub events: Vec<PlannedEvent>,
+    /// Zones found out of capacity.
+    pub exhausted: Vec<String>,
+    /// When to look again at the latest.
+    pub requeue_after: Duration,
+    /// Deleting: every VM is verified gone and no operation is in flight.
+    pub cleanup_done: bool,
+}
+
+/// How long heartbeats alone may go unwritten to status.
+pub const HEARTBEAT_WRITE_INTERVAL: Duration = Duration::from_secs(15);
+/// How often to look while an operation is in flight.
+const OPERATION_POLL: Duration = Duration::from_secs(1);
+/// Slowest look at an unfinished run.
+const IDLE_REQUEUE: Duration = Duration::from_secs(60);
+/// Margin added to `timeout` for a VM's `maxRunDuration`.
+const MAX_RUN_MARGIN: Duration = Duration::from_secs(15 * 60);
+
+struct Planner<'a> {
+    obs: &'a Observed<'a>,
+    status: TestRunStatus,
+    calls: Vec<CloudCall>,
+    events: Vec<PlannedEvent>,
+    exhausted: Vec<String>,
+    wake: Duration,
+    degraded: Option<(String, String)>,
+}
+
+fn to_signed(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+}
+
+fn until(now: Timestamp, at: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+/// Plans one reconcile of a run that is not being deleted.
+pub fn plan(obs: &Observed<'_>) -> Plan {
+    let run = obs.run;
+    let mut p = Planner {
+        obs,
+        status: run.status.clone().unwrap_or_default(),
+        calls: Vec::new(),
+        events: Vec::new(),
+        exhausted: Vec::new(),
+        wake: IDLE_REQUEUE,
+        degraded: None,
+    };
+    p.status.observed_generation = run.metadata.generation;
+
+    if let Err(invalid) = validate_testrun(&run.spec) {
+        p.invalid(&invalid.to_string());
+        return p.finish(false);
+    }
+    let Some(vm) = run.spec.vm.clone() else {
+        p.invalid("spec.presetRef without spec.vm: claiming VMs from a PrebuildPreset is not supported by this controller version; set spec.vm");
+        return p.finish(false);
+    };
+    conditions::set(
+        &mut p.status.conditions,
+        "InvalidSpec",
+        ConditionStatus::False,
+        "Valid",
+        "",
+        run.metadata.generation,
+        obs.now,
+    );
+
+    if p.status.shards.is_empty() {
+        p.status.start_time = Some(Time(obs.now));
+        p.status.shards = (0..run.spec.shards)
+            .map(|index| ShardStatus {
+                index,
+                attempt: 0,
+                lease_id: 0,
+                instance: None,
+                zone: None,
+                phase: TestRunPhase::Pending,
+                requested_time: None,
+                start_time: None,
+                last_heartbeat: None,
+                result: None,
+                message: None,
+            })
+            .collect();
+    }
+
+    p.follow_operations(&vm);
+    for i in 0..p.status.shards.len() {
+        p.advance_shard(i, &vm);
+    }
+    p.collect_strays(false);
+    p.derive_phase();
+    p.finish(false)
+}
+
+/// Plans one reconcile of a run being deleted: delete every VM, verify.
+pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
+    let mut p = Planner {
+        obs,
+        status: obs.run.status.clone().unwrap_or_default(),
+        calls: Vec::new(),
+        events: Vec::new(),
+        exhausted: Vec::new(),
+        wake: OPERATION_POLL,
+        degraded: None,
+    };
+    let vm = obs.run.spec.vm.clone();
+    if let Some(vm) = &vm {
+        p.follow_operations(vm);
+    } else {
+        p.follow_operations(&VmSpec {
+            zones: Vec::new(),
+            machine_type: String::new(),
+            image: String::new(),
+            disk_gb: 0,
+            labels: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+            service_account: None,
+            spot: false,
+        });
+    }
+    // Pending creations are never issued for a run being deleted.
+    p.status.operations.retain(|op| !(op.kind == OperationKind::Insert && op.state == OperationState::Intended));
+    p.collect_strays(true);
+    let done = obs.vms.is_empty() && p.status.operations.is_empty();
+    p.finish(done)
+}
+
+impl Planner<'_> {
+    fn event(&mut self, warning: bool, reason: &'static str, note: impl Into<String>) {
+        self.events.push(PlannedEvent { warning, reason, note: note.into() });
+    }
+
+    fn wake_within(&mut self, d: Duration) {
+        self.wake = self.wake.min(d.max(Duration::from_millis(200)));
+    }
+
+    fn invalid(&mut self, message: &str) {
+        let generation = self.obs.run.metadata.generation;
+        let now = self.obs.now;
+        let was = conditions::get(&self.status.conditions, "InvalidSpec").map(|c| (c.status, c.message.clone()));
+        conditions::set(
+            &mut self.status.conditions,
+            "InvalidSpec",
+            ConditionStatus::True,
+            "InvalidSpec",
+            message,
+            generation,
+            now,
+        );
+        conditions::set(
+            &mut self.status.conditions,
+            "Ready",
+            ConditionStatus::False,
+            "InvalidSpec",
+            message,
+            generation,
+            now,
+        );
+        if was != Some((ConditionStatus::True, message.to_string())) {
+            self.event(true, "InvalidSpec", message.to_string());
+        }
+        if self.status.phase.is_none() {
+            self.status.phase = Some(TestRunPhase::Pending);
+        }
+        self.wake = Duration::MAX;
+    }
+
+    fn in_flight(&self, kind: OperationKind, zone: &str, name: &str) -> bool {
+        self.status
+            .operations
+            .iter()
+            .any(|op| op.kind == kind && op.zone == zone && op.instance == name && op.state != OperationState::Done)
+    }
+
+    fn wanted(&self) -> BTreeSet<(String, String)> {
+        self.status
+            .shards
+            .iter()
+            .filter(|s| matches!(s.phase, TestRunPhase::Provisioning | TestRunPhase::Running))
+            .filter_map(|s| Some((s.zone.clone()?, s.instance.clone()?)))
+            .collect()
+    }
+
+    /// Reads every tracked operation's state and decides what each needs.
+    fn follow_operations(&mut self, vm: &VmSpec) {
+        let wanted = self.wanted();
+        let ops = std::mem::take(&mut self.status.operations);
+        let mut kept = Vec::new();
+        for mut op in ops {
+            let is_wanted = wanted.contains(&(op.zone.clone(), op.instance.clone()));
+            match (op.kind, op.state) {
+                (OperationKind::Insert, OperationState::Intended) if !is_wanted => {
+                    // The attempt was abandoned before its call was confirmed:
+                    // never issue it. A VM it may have made is deleted as a stray.
+                    continue;
+                }
+                (_, OperationState::Intended) => {
+                    self.reissue(&op, vm);
+                    kept.push(op);
+                    continue;
+                }
+                (_, OperationState::Failed) => {
+                    if let Some(op) = self.after_failure(op, vm, is_wanted) {
+                        kept.push(op);
+                    }
+                    continue;
+                }
+                (_, OperationState::Done) => continue,
+                (_, OperationState::Running) => {}
+            }
+            match self.obs.operations.get(&op.request_id) {
+                Some(Seen::Operation(seen)) if seen.status == OperationStatus::Done => match &seen.error {
+                    None => {
+                        if op.kind == OperationKind::Delete {
+                            self.event(false, "VmDeleted", format!("VM {} in {} deleted", op.instance, op.zone));
+                        }
+                    }
+                    Some(error) => {
+                        op.state = OperationState::Failed;
+                        op.last_error = Some(self.describe(error, &op, vm));
+                        if let Some(op) = self.after_failure(op, vm, is_wanted) {
+                            kept.push(op);
+                        }
+                    }
+                },
+                Some(Seen::Error(error)) if error.code() == ErrorCode::OperationVanished => {
+                    // Compute Engine forgot it: look at the VM and try again.
+                    op.state = OperationState::Failed;
+                    op.last_error = Some(self.describe(error, &op, vm));
+                    let exists = self.obs.vms.iter().any(|v| v.name == op.instance && v.zone == op.zone);
+                    match op.kind {
+                        OperationKind::Insert if exists => {}
+                        OperationKind::Delete if !exists => {}
+                        _ => {
+                            if let Some(op) = self.after_failure(op, vm, is_wanted) {
+                                kept.push(op);
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    self.wake_within(OPERATION_POLL);
+                    kept.push(op);
+                }
+            }
+        }
+        self.status.operations = kept;
+    }
+
+    fn describe(&self, error: &ComputeError, op: &TrackedOperation, vm: &VmSpec) -> String {
+        describe(error, op, vm)
+    }
+
+    /// Re-issues a recorded intent (same request id: Compute Engine runs it
+    /// at most once).
+    fn reissue(&mut self, op: &TrackedOperation, vm: &VmSpec) {
+        let call = match op.kind {
+            OperationKind::Insert => {
+                let Some(shard) =
+                    self.status.shards.iter().find(|s| s.instance.as_deref() == Some(op.instance.as_str()))
+                else {
+                    return;
+                };
+                CloudCall::Insert(Box::new(self.instance_spec(
+                    shard.index,
+                    shard.attempt,
+                    &op.zone,
+                    vm,
+                    &op.request_id,
+                )))
+            }
+            OperationKind::Delete | OperationKind::SetLabels => CloudCall::Delete {
+                zone: op.zone.clone(),
+                name: op.instance.clone(),
+                request_id: op.request_id.clone(),
+            },
+        };
+        self.calls.push(call);
+        self.wake_within(OPERATION_POLL);
+    }
+
+    /// Decides what follows a failed operation; returns the operation to
+    /// keep tracking, if any.
+    fn after_failure(&mut self, mut op: TrackedOperation, vm: &VmSpec, is_wanted: bool) -> Option<TrackedOperation> {
+        let message = op.last_error.clone().unwrap_or_default();
+        let code = error_code_of(&message);
+        match op.kind {
+            OperationKind::Delete | OperationKind::SetLabels => {
+                if code == Some(ErrorCode::NotFound) {
+                    return None;
+                }
+                // Retry with a new request id after a backoff.
+                let tries = u32::try_from(op.tries.max(1)).unwrap_or(1);
+                let backoff = Duration::from_secs(2u64.saturating_pow(tries.min(8))).min(Duration::from_secs(300));
+                let since = op.started_at.as_ref().map(|t| t.0).unwrap_or(self.obs.now);
+                let due = since + to_signed(backoff);
+                if self.obs.now < due {
+                    self.wake_within(until(self.obs.now, due));
+                    return Some(op);
+                }
+                op.request_id = request_id(&format!("delete/{}/{}", op.zone, op.instance), tries);
+                op.state = OperationState::Intended;
+                op.operation = None;
+                op.started_at = Some(Time(self.obs.now));
+                self.event(true, "DeleteFailed", format!("deleting VM {} failed ({message}); retrying", op.instance));
+                self.degraded = Some(("DeleteRetrying".into(), message));
+                self.reissue(&op, vm);
+                Some(op)
+            }
+            OperationKind::Insert => {
+                if !is_wanted {
+                    return None;
+                }
+                let Some(index) = self.status.shards.iter().position(|s| {
+                    s.instance.as_deref() == Some(op.instance.as_str()) && s.zone.as_deref() == Some(op.zone.as_str())
+                }) else {
+                    return None;
+                };
+                let retry = code.as_ref().map(|c| c.retry_class()).unwrap_or(RetryClass::RetrySoon);
+                self.degraded = Some((reason_for(code.as_ref()).to_string(), message.clone()));
+                match retry {
+                    RetryClass::TryAnotherZone => {
+                        self.exhausted.push(op.zone.clone());
+                        match next_zone(&vm.zones, &op.zone) {
+                            Some(next) => {
+                                self.event(true, "ZoneUnavailable", message);
+                                let shard = &mut self.status.shards[index];
+                                shard.zone = Some(next.clone());
+                                shard.message = Some(format!("VM requested in {next}"));
+                                let (i, attempt) = (shard.index, shard.attempt);
+                                self.start_insert(i, attempt, &next, vm);
+                            }
+                            None => self.fail_attempt(index, &format!("no zone has capacity: {message}"), vm),
+                        }
+                        None
+                    }
+                    RetryClass::RetrySoon | RetryClass::RetryLater => {
+                        let tries = u32::try_from(op.tries.max(1)).unwrap_or(1);
+                        let base = if retry == RetryClass::RetryLater { 10 } else { 2 };
+                        let backoff =
+                            Duration::from_secs(base * 2u64.saturating_pow(tries.min(6))).min(Duration::from_secs(300));
+                        let since = op.started_at.as_ref().map(|t| t.0).unwrap_or(self.obs.now);
+                        let due = since + to_signed(backoff);
+                        if tries >= 5 {
+                            self.fail_attempt(index, &format!("creating the VM kept failing: {message}"), vm);
+                            return None;
+                        }
+                        if self.obs.now < due {
+                            self.wake_within(until(self.obs.now, due));
+                            return Some(op);
+                        }
+                        let shard = &self.status.shards[index];
+                        op.request_id = request_id(
+                            &format!("insert/{}/{}/{}/{}", self.uid(), shard.index, shard.attempt, op.zone),
+                            tries,
+                        );
+                        op.state = OperationState::Intended;
+                        op.operation = None;
+                        op.started_at = Some(Time(self.obs.now));
+                        self.reissue(&op, vm);
+                        Some(op)
+                    }
+                    RetryClass::Permanent => {
+                        self.event(true, "VmCreateFailed", message.clone());
+                        self.fail_attempt(index, &message, vm);
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn uid(&self) -> String {
+        self.obs.run.metadata.uid.clone().unwrap_or_default()
+    }
+
+    fn next_lease_id(&self) -> i64 {
+        self.status.shards.iter().map(|s| s.lease_id).max().unwrap_or(0) + 1
+    }
+
+    fn first_zone(&self, vm: &VmSpec) -> String {
+        vm.zones
+            .iter()
+            .find(|z| !self.obs.exhausted_zones.contains(*z))
+            .or(vm.zones.first())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn instance_spec(&self, shard: i32, attempt: i32, zone: &str, vm: &VmSpec, request_id: &str) -> InstanceSpec {
+        let run = self.obs.run;
+        let uid = self.uid();
+        let name = testrun_instance_name(&uid, shard.max(0) as u32, attempt.max(0) as u32);
+        let mut labels = vm.labels.clone();
+        labels.extend(testrun_labels(
+            &self.obs.settings.installation,
+            &uid,
+            shard.max(0) as u32,
+            attempt.max(0) as u32,
+        ));
+        let mut metadata = vm.metadata.clone();
+        metadata.insert("startup-script".into(), startup_script(&self.obs.settings.agent_command));
+        metadata.insert(META_AGENT_URL.into(), self.obs.settings.agent_url.clone());
+        metadata.insert(META_VM_TOKEN.into(), self.obs.key.vm_token(&name, &uid));
+        metadata.insert(META_NAMESPACE.into(), run.metadata.namespace.clone().unwrap_or_default());
+        metadata.insert(META_NAME.into(), run.metadata.name.clone().unwrap_or_default());
+        metadata.insert(META_OWNER_UID.into(), uid.clone());
+        metadata.insert(META_SHARD.into(), shard.to_string());
+        metadata.insert(META_ATTEMPT.into(), attempt.to_string());
+        let timeout = run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600));
+        InstanceSpec {
+            name,
+            zone: zone.to_string(),
+            machine_type: vm.machine_type.clone(),
+            image: vm.image.clone(),
+            disk_gb: i64::from(vm.disk_gb),
+            labels,
+            metadata,
+            service_account: vm.service_account.clone(),
+            spot: vm.spot,
+            max_run_duration: timeout + self.obs.settings.registration_timeout + MAX_RUN_MARGIN,
+            request_id: request_id.to_string(),
+        }
+    }
+
+    /// Records the intent to create a shard attempt's VM and asks for the call.
+    fn start_insert(&mut self, index: i32, attempt: i32, zone: &str, vm: &VmSpec) {
+        let uid = self.uid();
+        let rid = request_id(&format!("insert/{uid}/{index}/{attempt}/{zone}"), 0);
+        let spec = self.instance_spec(index, attempt, zone, vm, &rid);
+        self.status.operations.push(TrackedOperation {
+            kind: OperationKind::Insert,
+            instance: spec.name.clone(),
+            zone: zone.to_string(),
+            request_id: rid,
+            operation: None,
+            state: OperationState::Intended,
+            tries: 0,
+            started_at: Some(Time(self.obs.now)),
+            last_error: None,
+        });
+        self.calls.push(CloudCall::Insert(Box::new(spec)));
+        self.wake_within(OPERATION_POLL);
+    }
+
+    /// Starts the next attempt of a shard with a new lease.
+    fn start_attempt(&mut self, index: usize, vm: &VmSpec) {
+        let lease_id = self.next_lease_id();
+        let zone = self.first_zone(vm);
+        let uid = self.uid();
+        let shard = &mut self.status.shards[index];
+        shard.attempt += 1;
+        shard.lease_id = lease_id;
+        shard.zone = Some(zone.clone());
+        shard.instance = Some(testrun_instance_name(&uid, shard.index.max(0) as u32, shard.attempt.max(0) as u32));
+        shard.phase = TestRunPhase::Provisioning;
+        shard.requested_time = Some(Time(self.obs.now));
+        shard.start_time = None;
+        shard.last_heartbeat = None;
+        shard.result = None;
+        shard.message = Some(format!("attempt {} requested in {zone}", shard.attempt));
+        let (i, attempt) = (shard.index, shard.attempt);
+        self.status.attempts += 1;
+        self.start_insert(i, attempt, &zone, vm);
+    }
+
+    /// The current attempt failed for infrastructure reasons.
+    fn fail_attempt(&mut self, index: usize, why: &str, vm: &VmSpec) {
+        let max = self.obs.run.spec.max_attempts;
+        let shard = &mut self.status.shards[index];
+        let (i, attempt) = (shard.index, shard.attempt);
+        if attempt < max {
+            self.event(
+                true,
+                "AttemptFailed",
+                format!("shard {i} attempt {attempt} failed: {why}; starting attempt {}", attempt + 1),
+            );
+            self.start_attempt(index, vm);
+        } else {
+            let shard = &mut self.status.shards[index];
+            shard.phase = TestRunPhase::Error;
+            shard.message = Some(format!("attempt {attempt} of {max} failed: {why}"));
+            self.event(true, "ShardError", format!("shard {i} used all {max} attempts: {why}"));
+        }
+    }
+
+    fn advance_shard(&mut self, index: usize, vm: &VmSpec) {
+        let now = self.obs.now;
+        let run = self.obs.run;
+        let shard = self.status.shards[index].clone();
+        if shard.phase.is_finished() {
+            return;
+        }
+        if run.spec.cancel {
+            let s = &mut self.status.shards[index];
+            s.phase = TestRunPhase::Cancelled;
+            s.message = Some("the run was cancelled".into());
+            return;
+        }
+        if shard.phase == TestRunPhase::Pending {
+            self.start_attempt(index, vm);
+            return;
+        }
+        let heard = self.obs.heard.get(&shard.index).filter(|h| h.lease_id == shard.lease_id);
+        let (zone, name) = (shard.zone.clone().unwrap_or_default(), shard.instance.clone().unwrap_or_default());
+        let vm_seen = self.obs.vms.iter().any(|v| v.name == name && v.zone == zone);
+        let creating = self.in_flight(OperationKind::Insert, &zone, &name);
+
+        // A result is final: write it, then the agent is told it is stored.
+        if let Some(result) = heard.and_then(|h| h.result.clone()) {
+            let phase = if result.exit_code == 0 { TestRunPhase::Succeeded } else { TestRunPhase::Failed };
+            let s = &mut self.status.shards[index];
+            s.phase = phase;
+            s.message = Some(format!("attempt {} exited with code {}", s.attempt, result.exit_code));
+            s.last_heartbeat = heard.and_then(|h| h.last_heartbeat).map(Time).or(s.last_heartbeat.take());
+            let note = format!(
+                "shard {} attempt {} exited with code {} after {} ms",
+                s.index, s.attempt, result.exit_code, result.duration_ms
+            );
+            s.result = Some(ShardResult {
+                output_tail: crate::agent::protocol::tail(&result.output_tail, 4096).to_string(),
+                ..result
+            });
+            self.event(phase != TestRunPhase::Succeeded, "ResultAccepted", note);
+            return;
+        }
+
+        let timeout = to_signed(run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600)));
+        let heartbeat_timeout = to_signed(run.spec.heartbeat_timeout.parse().unwrap_or(Duration::from_secs(60)));
+
+        if shard.phase == TestRunPhase::Provisioning {
+            if let Some(registered) = heard.and_then(|h| h.registered_at) {
+                let s = &mut self.status.shards[index];
+                s.phase = TestRunPhase::Running;
+                s.start_time = Some(Time(registered));
+                s.last_heartbeat = heard.and_then(|h| h.last_heartbeat).map(Time);
+                s.message = Some(format!("attempt {} running under lease {}", s.attempt, s.lease_id));
+                let note = format!(
+                    "shard {} attempt {} running on VM {name} in {zone} (lease {})",
+                    s.index, s.attempt, s.lease_id
+                );
+                self.event(false, "LeaseIssued", note);
+                self.wake_within(Duration::try_from(heartbeat_timeout).unwrap_or(IDLE_REQUEUE));
+                return;
+            }
+            if !creating && !vm_seen && !self.status.operations.iter().any(|o| o.instance == name && o.zone == zone) {
+                self.fail_attempt(index, &format!("VM {name} disappeared before its agent registered"), vm);
+                return;
+            }
+            let requested = shard.requested_time.as_ref().map(|t| t.0).unwrap_or(now);
+            let deadline = requested + to_signed(self.obs.settings.registration_timeout);
+            if now >= deadline {
+                self.fail_attempt(
+                    index,
+                    &format!(
+                        "the agent on VM {name} did not register within {}s",
+                        self.obs.settings.registration_timeout.as_secs()
+                    ),
+                    vm,
+                );
+            } else {
+                self.wake_within(until(now, deadline));
+            }
+            return;
+        }
+
+        // Running.
+        let start = shard.start_time.as_ref().map(|t| t.0).unwrap_or(now);
+        if now.duration_since(start) > timeout {
+            let s = &mut self.status.shards[index];
+            s.phase = TestRunPhase::TimedOut;
+            s.message = Some(format!("attempt {} ran longer than {}", s.attempt, run.spec.timeout));
+            self.event(
+                true,
+                "TimedOut",
+                format!("shard {} ran longer than {}; its VM is deleted", shard.index, run.spec.timeout),
+            );
+            return;
+        }
+        if !vm_seen && !creating {
+            self.fail_attempt(index, &format!("VM {name} disappeared while the test ran"), vm);
+            return;
+        }
+        let last_heard = [
+            heard.and_then(|h| h.last_heartbeat),
+            shard.last_heartbeat.as_ref().map(|t| t.0),
+            Some(start),
+            Some(self.obs.settings.started_at),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(now);
+        if now.duration_since(last_heard) > heartbeat_timeout {
+            let why = format!("no heartbeat for {}", run.spec.heartbeat_timeout);
+            self.event(true, "LeaseLost", format!("shard {} lost lease {}: {why}", shard.index, shard.lease_id));
+            self.fail_attempt(index, &format!("lease lost ({why})"), vm);
+            return;
+        }
+        // Heartbeats alone are written at most every HEARTBEAT_WRITE_INTERVAL.
+        if let Some(beat) = heard.and_then(|h| h.last_heartbeat) {
+            let written = shard.last_heartbeat.as_ref().map(|t| t.0);
+            if written.is_none_or(|w| beat.duration_since(w) >= to_signed(HEARTBEAT_WRITE_INTERVAL)) {
+                self.status.shards[index].last_heartbeat = Some(Time(beat));
+            }
+        }
+        let lease_deadline = last_heard + heartbeat_timeout;
+        let time_deadline = start + timeout;
+        self.wake_within(until(now, lease_deadline.min(time_deadline)) + Duration::from_millis(100));
+        self.wake_within(HEARTBEAT_WRITE_INTERVAL);
+    }
+
+    /// Deletes every VM of the run that no unfinished shard's current
+    /// attempt uses (all of them when `everything`), once its creation has
+    /// settled.
+    fn collect_strays(&mut self, everything: bool) {
+        let wanted = if everything { BTreeSet::new() } else { self.wanted() };
+        let mut targets: BTreeSet<(String, String)> =
+            self.obs.vms.iter().map(|v| (v.zone.clone(), v.name.clone())).collect();
+        // A finished shard's VM goes even if the list has not shown it yet.
+        for s in &self.status.shards {
+            if (s.phase.is_finished() || everything)
+                && let (Some(zone), Some(name)) = (&s.zone, &s.instance)
+                && self.status.operations.iter().any(|o| o.kind == OperationKind::Insert && &o.instance == name)
+            {
+                targets.insert((zone.clone(), name.clone()));
+            }
+        }
+        for (zone, name) in targets {
+            if wanted.contains(&(zone.clone(), name.clone()))
+                || self.in_flight(OperationKind::Delete, &zone, &name)
+                || self.in_flight(OperationKind::Insert, &zone, &name)
+            {
+                if self.in_flight(OperationKind::Insert, &zone, &name)
+                    && !wanted.contains(&(zone.clone(), name.clone()))
+                {
+                    self.wake_within(OPERATION_POLL);
+                }
+                continue;
+            }
+            let rid = request_id(&format!("delete/{zone}/{name}"), 0);
+            let op = TrackedOperation {
+                kind: OperationKind::Delete,
+                instance: name.clone(),
+                zone: zone.clone(),
+                request_id: rid.clone(),
+                operation: None,
+                state: OperationState::Intended,
+                tries: 0,
+                started_at: Some(Time(self.obs.now)),
+                last_error: None,
+            };
+            self.status.operations.push(op);
+            self.calls.push(CloudCall::Delete { zone, name, request_id: rid });
+            self.wake_within(OPERATION_POLL);
+        }
+    }
+
+    fn derive_phase(&mut self) {
+        let shards = &self.status.shards;
+        let all_finished = !shards.is_empty() && shards.iter().all(|s| s.phase.is_finished());
+        let any = |p: TestRunPhase| shards.iter().any(|s| s.phase == p);
+        let phase = if all_finished {
+            if shards.iter().all(|s| s.phase == TestRunPhase::Succeeded) {
+                TestRunPhase::Succeeded
+            } else if self.obs.run.spec.cancel {
+                TestRunPhase::Cancelled
+            } else if any(TestRunPhase::Failed) {
+                TestRunPhase::Failed
+            } else if any(TestRunPhase::TimedOut) {
+                TestRunPhase::TimedOut
+            } else {
+                TestRunPhase::Error
+            }
+        } else if any(TestRunPhase::Running) {
+            TestRunPhase::Running
+        } else if any(TestRunPhase::Provisioning) {
+            TestRunPhase::Provisioning
+        } else {
+            TestRunPhase::Pending
+        };
+        let was = self.status.phase;
+        self.status.phase = Some(phase);
+        if phase.is_finished() && self.status.completion_time.is_none() {
+            self.status.completion_time = Some(Time(self.obs.now));
+            let done = shards.iter().filter(|s| s.phase == TestRunPhase::Succeeded).count();
+            self.event(
+                phase != TestRunPhase::Succeeded,
+                "RunFinished",
+                format!("{phase:?}: {done} of {} shards succeeded", shards.len()),
+            );
+        }
+        if was != Some(phase) && !phase.is_finished() {
+            self.event(false, "PhaseChanged", format!("{phase:?}"));
+        }
+    }
+
+    fn finish(mut self, cleanup_done: bool) -> Plan {
+        let generation = self.obs.run.metadata.generation;
+        let now = self.obs.now;
+        if let Some(phase) = self.status.phase.filter(|_| {
+            !conditions::get(&self.status.conditions, "InvalidSpec").is_some_and(|c| c.status == ConditionStatus::True)
+        }) {
+            let (ready, reason, message) = match phase {
+                TestRunPhase::Succeeded => (ConditionStatus::True, "Succeeded", "every shard succeeded".to_string()),
+                p => (ConditionStatus::False, phase_reason(p), self.summary()),
+            };
+            conditions::set(&mut self.status.conditions, "Ready", ready, reason, message.clone(), generation, now);
+            let progressing = if phase.is_finished() { ConditionStatus::False } else { ConditionStatus::True };
+            conditions::set(
+                &mut self.status.conditions,
+                "Progressing",
+                progressing,
+                phase_reason(phase),
+                message,
+                generation,
+                now,
+            );
+        }
+        match self.degraded.take() {
+            Some((reason, message)) => conditions::set(
+                &mut self.status.conditions,
+                "Degraded",
+                ConditionStatus::True,
+                &reason,
+                message,
+                generation,
+                now,
+            ),
+            None if conditions::get(&self.status.conditions, "Degraded")
+                .is_some_and(|c| c.status == ConditionStatus::True)
+                && self.status.operations.iter().all(|o| o.last_error.is_none()) =>
+            {
+                conditions::set(
+                    &mut self.status.conditions,
+                    "Degraded",
+                    ConditionStatus::False,
+                    "AsExpected",
+                    "",
+                    generation,
+                    now,
+                )
+            }
+            None => {}
+        }
+        Plan {
+            status: self.status,
+            calls: self.calls,
+            events: self.events,
+            exhausted: self.exhausted,
+            requeue_after: self.wake,
+            cleanup_done,
+        }
+    }
+
+    fn summary(&self) -> String {
+        let count = |p: TestRunPhase| self.status.shards.iter().filter(|s| s.phase == p).count();
+        format!(
+            "{} shards: {} succeeded, {} running, {} provisioning, {} pending, {} failed, {} timed out, {} error",
+            self.status.shards.len(),
+            count(TestRunPhase::Succeeded),
+            count(TestRunPhase::Running),
+            count(TestRunPhase::Provisioning),
+            count(TestRunPhase::Pending),
+            count(TestRunPhase::Failed),
+            count(TestRunPhase::TimedOut),
+            count(TestRunPhase::Error),
+        )
+    }
+}
+
+fn phase_reason(phase: TestRunPhase) -> &'static str {
+    match phase {
+        TestRunPhase::Pending => "Pending",
+        TestRunPhase::Provisioning => "Provisioning",
+        TestRunPhase::Running => "Running",
+        TestRunPhase::Succeeded => "Succeeded",
+        TestRunPhase::Failed => "Failed",
+        TestRunPhase::TimedOut => "TimedOut",
+        TestRunPhase::Cancelled => "Cancelled",
+        TestRunPhase::Error => "Error",
+    }
+}
+
+fn reason_for(code: Option<&ErrorCode>) -> &'static str {
+    match code {
+        Some(ErrorCode::ZoneResourcePoolExhausted) => "ZoneExhausted",
+        Some(ErrorCode::QuotaExceeded) => "QuotaExceeded",
+        Some(ErrorCode::RateLimitExceeded) => "RateLimited",
+        _ => "CloudError",
+    }
+}
+
+/// The zone after `zone` in the list, if any.
+fn next_zone(zones: &[String], zone: &str) -> Option<String> {
+    let at = zones.iter().position(|z| z == zone)?;
+    zones.get(at + 1).cloned()
+}
+
+/// The error code kept at the start of a tracked operation's `lastError`
+/// (`CODE: message`).
+fn error_code_of(last_error: &str) -> Option<ErrorCode> {
+    let (code, _) = last_error.split_once(": ")?;
+    Some(ErrorCode::parse(code))
+}
+
+/// An error as kept in a tracked operation's `lastError`: its code, then the
+/// plain message users see (never Compute Engine's own text).
+pub fn describe(error: &ComputeError, op: &TrackedOperation, vm: &VmSpec) -> String {
+    let action = if op.kind == OperationKind::Delete { Action::Delete } else { Action::Create };
+    let next = next_zone(&vm.zones, &op.zone);
+    let cx = ErrorContext {
+        instance: Some(&op.instance),
+        zone: Some(&op.zone),
+        machine_type: Some(&vm.machine_type),
+        next_zone: next.as_deref(),
+    };
+    format!("{}: {}", error.code(), explain(error, action, cx).message)
+}
+
+/// The startup script every VM runs: the agent, nothing else.
+pub fn startup_script(agent_command: &str) -> String {
+    format!("#!/bin/sh\n# Written by testrun-controller: start the agent.\nexec {agent_command} agent\n")
+}
