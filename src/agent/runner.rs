@@ -213,6 +213,14 @@ async fn execute(
     if let Some(dir) = &assignment.working_dir {
         command.current_dir(dir);
     }
+    // SAFETY: runs between fork and exec and makes only the async-signal-safe
+    // prctl(2) call: the command dies with the agent.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
     let started = Instant::now();
     let mut child =
         command.spawn().map_err(|source| AgentError::Spawn { command: assignment.command.clone(), source })?;
@@ -226,9 +234,27 @@ async fn execute(
     let interval = Duration::from_secs(assignment.heartbeat_interval_seconds.max(1));
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async move {
+        match terminate.as_mut() {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(terminated);
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
+            () = &mut terminated => {
+                // The VM is shutting down: take the command's whole group along.
+                if let Some(group) = group {
+                    let _ = killpg(group, Signal::SIGKILL);
+                }
+                let _ = child.wait().await;
+                return Err(AgentError::LeaseLost("the VM is shutting down".into()));
+            }
             _ = ticker.tick() => {
                 if let Some(reason) = heartbeat(http, url, claim).await {
                     if let Some(group) = group {

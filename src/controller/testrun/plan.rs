@@ -443,11 +443,9 @@ impl Planner<'_> {
                 if !is_wanted {
                     return None;
                 }
-                let Some(index) = self.status.shards.iter().position(|s| {
+                let index = self.status.shards.iter().position(|s| {
                     s.instance.as_deref() == Some(op.instance.as_str()) && s.zone.as_deref() == Some(op.zone.as_str())
-                }) else {
-                    return None;
-                };
+                })?;
                 let retry = code.as_ref().map(|c| c.retry_class()).unwrap_or(RetryClass::RetrySoon);
                 self.degraded = Some((reason_for(code.as_ref()).to_string(), message.clone()));
                 match retry {
@@ -638,6 +636,26 @@ impl Planner<'_> {
         let vm_seen = self.obs.vms.iter().any(|v| v.name == name && v.zone == zone);
         let creating = self.in_flight(OperationKind::Insert, &zone, &name);
 
+        let timeout = to_signed(run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600)));
+        let heartbeat_timeout = to_signed(run.spec.heartbeat_timeout.parse().unwrap_or(Duration::from_secs(60)));
+
+        // The agent registered: its lease began.
+        if shard.phase == TestRunPhase::Provisioning
+            && let Some(registered) = heard.and_then(|h| h.registered_at)
+        {
+            let s = &mut self.status.shards[index];
+            s.phase = TestRunPhase::Running;
+            s.start_time = Some(Time(registered));
+            s.last_heartbeat = heard.and_then(|h| h.last_heartbeat).map(Time);
+            s.message = Some(format!("attempt {} running under lease {}", s.attempt, s.lease_id));
+            let note = format!(
+                "shard {} attempt {} running on VM {name} in {zone} (lease {})",
+                s.index, s.attempt, s.lease_id
+            );
+            self.event(false, "LeaseIssued", note);
+            self.wake_within(Duration::try_from(heartbeat_timeout).unwrap_or(IDLE_REQUEUE));
+        }
+
         // A result is final: write it, then the agent is told it is stored.
         if let Some(result) = heard.and_then(|h| h.result.clone()) {
             let phase = if result.exit_code == 0 { TestRunPhase::Succeeded } else { TestRunPhase::Failed };
@@ -657,24 +675,8 @@ impl Planner<'_> {
             return;
         }
 
-        let timeout = to_signed(run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600)));
-        let heartbeat_timeout = to_signed(run.spec.heartbeat_timeout.parse().unwrap_or(Duration::from_secs(60)));
-
+        let shard = self.status.shards[index].clone();
         if shard.phase == TestRunPhase::Provisioning {
-            if let Some(registered) = heard.and_then(|h| h.registered_at) {
-                let s = &mut self.status.shards[index];
-                s.phase = TestRunPhase::Running;
-                s.start_time = Some(Time(registered));
-                s.last_heartbeat = heard.and_then(|h| h.last_heartbeat).map(Time);
-                s.message = Some(format!("attempt {} running under lease {}", s.attempt, s.lease_id));
-                let note = format!(
-                    "shard {} attempt {} running on VM {name} in {zone} (lease {})",
-                    s.index, s.attempt, s.lease_id
-                );
-                self.event(false, "LeaseIssued", note);
-                self.wake_within(Duration::try_from(heartbeat_timeout).unwrap_or(IDLE_REQUEUE));
-                return;
-            }
             if !creating && !vm_seen && !self.status.operations.iter().any(|o| o.instance == name && o.zone == zone) {
                 self.fail_attempt(index, &format!("VM {name} disappeared before its agent registered"), vm);
                 return;

@@ -1,0 +1,99 @@
+//! Runs the controller as its own process (`testrun-controller run`, as
+//! users run it) against the local control plane and an emulator, watching
+//! one test namespace only, so tests run side by side.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A running controller process.
+pub struct ControllerProcess {
+    /// Port of the agent API.
+    pub agent_port: u16,
+    args: Vec<String>,
+    kubeconfig: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ControllerProcess {
+    /// Starts a controller for `namespace` using the emulator at `compute`.
+    pub fn start(kubeconfig: PathBuf, namespace: &str, compute: &str, extra: &[&str]) -> Self {
+        let agent_port = free_port();
+        let mut args: Vec<String> = [
+            "run",
+            "--compute-endpoint",
+            compute,
+            "--watch-namespace",
+            namespace,
+            "--namespace",
+            namespace,
+            "--installation-id",
+            namespace,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push("--agent-listen".into());
+        args.push(format!("127.0.0.1:{agent_port}"));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = std::env::temp_dir().join(format!("controller-{namespace}.log"));
+        let mut me = Self { agent_port, args, kubeconfig, log, child: None };
+        me.restart();
+        me
+    }
+
+    /// Starts the process (again), with the same settings and port.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("controller log");
+        let child = Command::new(env!("CARGO_BIN_EXE_testrun-controller"))
+            .args(&self.args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting the controller");
+        self.child = Some(child);
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The controller's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The agent API's base URL.
+    pub fn agent_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.agent_port)
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            for _ in 0..50 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

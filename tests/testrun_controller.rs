@@ -1,0 +1,292 @@
+//! The TestRun controller end to end: a real kube-apiserver, the compute
+//! emulator behind the real client, the controller and real agents, each as
+//! its own process.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::controller::ControllerProcess;
+use common::emulator::EmulatorProcess;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use testrun_controller::agent::protocol::{LeaseClaim, ResultReport};
+use testrun_controller::agent::tokens::{LeaseKey, LeaseScope};
+use testrun_controller::api::testrun::{TestRun, TestRunPhase};
+
+struct Env {
+    ns: String,
+    runs: Api<TestRun>,
+    client: kube::Client,
+    emulator: EmulatorProcess,
+    controller: ControllerProcess,
+}
+
+async fn setup(test: &str, emulator_args: &[&str], controller_args: &[&str]) -> Env {
+    let (client, ns) = common::setup(test).await;
+    let emulator =
+        EmulatorProcess::start(&[&["--operation-delay", "200ms", "--boot-delay", "50ms"], emulator_args].concat());
+    let controller = ControllerProcess::start(common::control_plane_kubeconfig(), &ns, &emulator.url, controller_args);
+    let runs = Api::namespaced(client.clone(), &ns);
+    Env { ns, runs, client, emulator, controller }
+}
+
+fn testrun(name: &str, shards: i32, command: &[&str]) -> Value {
+    json!({
+        "apiVersion": "testrun.dev/v1alpha1",
+        "kind": "TestRun",
+        "metadata": { "name": name },
+        "spec": {
+            "shards": shards,
+            "command": command,
+            "timeout": "2m",
+            "heartbeatTimeout": "20s",
+            "vm": {
+                "zones": ["us-central1-a", "us-central1-b"],
+                "machineType": "e2-standard-2",
+                "image": "projects/debian-cloud/global/images/family/debian-12"
+            }
+        }
+    })
+}
+
+impl Env {
+    async fn create(&self, body: Value) -> TestRun {
+        let run: TestRun = serde_json::from_value(body).expect("TestRun");
+        self.runs.create(&PostParams::default(), &run).await.expect("creating the TestRun")
+    }
+
+    /// Waits until `check` holds for the run; fails with its status and the controller log.
+    async fn wait_for(&self, name: &str, what: &str, timeout: Duration, check: impl Fn(&TestRun) -> bool) -> TestRun {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.runs.get(name).await.expect("reading the TestRun");
+            if check(&run) {
+                return run;
+            }
+            if Instant::now() > deadline {
+                let log = self.controller.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!(
+                    "timed out waiting for {what}; status:\n{}\ncontroller log:\n{}",
+                    serde_json::to_string_pretty(&run.status).unwrap_or_default(),
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn wait_phase(&self, name: &str, phase: TestRunPhase) -> TestRun {
+        self.wait_for(name, &format!("phase {phase:?}"), Duration::from_secs(60), |r| {
+            r.status.as_ref().and_then(|s| s.phase) == Some(phase)
+        })
+        .await
+    }
+
+    /// This installation's VMs in the emulator.
+    async fn vms(&self) -> Vec<Value> {
+        let rows: Vec<Value> = reqwest::get(format!("{}/emulator/v1/instances", self.emulator.url))
+            .await
+            .expect("admin")
+            .json()
+            .await
+            .expect("json");
+        rows.into_iter().filter(|r| r["labels"]["installation"] == self.ns.as_str()).collect()
+    }
+
+    async fn wait_no_vms(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let vms = self.vms().await;
+            if vms.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "VMs left behind: {vms:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn events(&self) -> Vec<(String, String)> {
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        events
+            .list(&Default::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+
+    async fn lease_key(&self) -> LeaseKey {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let secret = secrets.get("testrun-controller-lease-key").await.expect("the lease key Secret exists");
+        let bytes = secret.data.and_then(|d| d.get("lease-key").cloned()).expect("lease-key");
+        LeaseKey::from_bytes(&bytes.0).expect("32 bytes")
+    }
+}
+
+#[tokio::test]
+async fn three_shards_succeed_and_every_vm_is_deleted() {
+    let env = setup("three-shards", &[], &[]).await;
+    env.create(testrun("ok", 3, &["sh", "-c", "echo hello from shard $TESTRUN_SHARD of $TESTRUN_SHARDS"])).await;
+    let run = env.wait_phase("ok", TestRunPhase::Succeeded).await;
+    let status = run.status.expect("status");
+    assert_eq!(status.shards.len(), 3);
+    assert_eq!(status.attempts, 3);
+    for shard in &status.shards {
+        assert_eq!(shard.phase, TestRunPhase::Succeeded);
+        assert_eq!(shard.attempt, 1);
+        let result = shard.result.as_ref().expect("a result");
+        assert_eq!(result.exit_code, 0);
+        assert_eq!(result.output_tail.trim(), format!("hello from shard {} of 3", shard.index));
+    }
+    let leases: std::collections::BTreeSet<i64> = status.shards.iter().map(|s| s.lease_id).collect();
+    assert_eq!(leases.len(), 3, "every shard has its own lease");
+    assert!(status.completion_time.is_some());
+    assert!(run.metadata.finalizers.unwrap_or_default().contains(&"testrun.dev/cleanup".to_string()));
+    env.wait_no_vms().await;
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready condition");
+    assert_eq!(ready.reason, "Succeeded");
+    let wanted = ["LeaseIssued", "ResultAccepted", "RunFinished", "VmDeleted"];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let reasons: Vec<String> = env.events().await.into_iter().map(|(r, _)| r).collect();
+        let missing: Vec<&str> = wanted.iter().copied().filter(|w| !reasons.iter().any(|r| r == w)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {missing:?} Events in {reasons:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failing_shard_fails_the_run_with_its_exit_code_and_output() {
+    let env = setup("failing-shard", &[], &[]).await;
+    env.create(testrun(
+        "bad",
+        2,
+        &["sh", "-c", "echo checking; if [ $TESTRUN_SHARD = 1 ]; then echo boom >&2; exit 3; fi"],
+    ))
+    .await;
+    let run = env.wait_phase("bad", TestRunPhase::Failed).await;
+    let status = run.status.expect("status");
+    let failed = status.shards.iter().find(|s| s.index == 1).expect("shard 1");
+    assert_eq!(failed.phase, TestRunPhase::Failed);
+    let result = failed.result.as_ref().expect("result");
+    assert_eq!(result.exit_code, 3);
+    assert!(result.output_tail.contains("boom"), "{result:?}");
+    assert_eq!(failed.attempt, 1, "a failing test does not use up attempts");
+    assert_eq!(status.shards[0].phase, TestRunPhase::Succeeded);
+    env.wait_no_vms().await;
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_and_creates_no_vm() {
+    let env = setup("invalid-spec", &[], &[]).await;
+    let mut body = testrun("invalid", 1, &["true"]);
+    body["spec"]["timeout"] = json!("10s");
+    body["spec"]["heartbeatTimeout"] = json!("1m");
+    env.create(body).await;
+    let run = env
+        .wait_for("invalid", "an InvalidSpec condition", Duration::from_secs(30), |r| {
+            r.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "InvalidSpec" && c.status == testrun_controller::api::ConditionStatus::True)
+            })
+        })
+        .await;
+    let status = run.status.expect("status");
+    let condition = status.conditions.iter().find(|c| c.type_ == "InvalidSpec").expect("condition");
+    assert!(condition.message.contains("spec.heartbeatTimeout"), "{}", condition.message);
+    assert!(status.shards.is_empty() && status.operations.is_empty());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(env.vms().await.is_empty(), "no VM for an invalid spec");
+
+    // Fixing the spec lets it run.
+    env.runs
+        .patch("invalid", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"heartbeatTimeout": "5s"}})))
+        .await
+        .expect("fixing the spec");
+    env.wait_phase("invalid", TestRunPhase::Succeeded).await;
+}
+
+#[tokio::test]
+async fn deleting_a_running_testrun_deletes_its_vms_first() {
+    let env = setup("delete-mid-run", &[], &[]).await;
+    env.create(testrun("long", 2, &["sleep", "300"])).await;
+    env.wait_phase("long", TestRunPhase::Running).await;
+    assert_eq!(env.vms().await.len(), 2);
+    env.runs.delete("long", &DeleteParams::default()).await.expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.runs.get_opt("long").await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "the TestRun was not removed; log:\n{}", env.controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(env.vms().await.is_empty(), "the finalizer went before the VMs");
+}
+
+#[tokio::test]
+async fn forged_stale_and_malformed_agent_calls_are_refused() {
+    let env = setup("forged-tokens", &[], &[]).await;
+    env.create(testrun("guarded", 1, &["sleep", "300"])).await;
+    let run = env.wait_phase("guarded", TestRunPhase::Running).await;
+    let uid = run.metadata.uid.clone().expect("uid");
+    let shard = run.status.as_ref().expect("status").shards[0].clone();
+    let key = env.lease_key().await;
+    let http = reqwest::Client::new();
+    let url = env.controller.agent_url();
+    let post = |path: &'static str, body: Value| {
+        let http = http.clone();
+        let url = url.clone();
+        async move { http.post(format!("{url}{path}")).json(&body).send().await.expect("agent API").status().as_u16() }
+    };
+    let claim = |lease_id: i64, attempt: i32, token: String| LeaseClaim {
+        namespace: env.ns.clone(),
+        testrun: "guarded".into(),
+        shard: 0,
+        attempt,
+        lease_id,
+        lease_token: token,
+    };
+    let scope = |lease_id: i64, attempt: i32| LeaseScope { uid: &uid, shard: 0, attempt, lease_id };
+
+    // Registration with a VM token of another VM.
+    let register = json!({
+        "namespace": env.ns, "testrun": "guarded", "ownerUid": uid, "shard": 0, "attempt": 1,
+        "instance": shard.instance, "vmToken": key.vm_token("some-other-vm", &uid),
+    });
+    assert_eq!(post("/agent/v1/register", register).await, 403);
+    // A heartbeat with a made-up token.
+    let forged = claim(shard.lease_id, 1, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into());
+    assert_eq!(post("/agent/v1/heartbeat", serde_json::to_value(&forged).expect("json")).await, 403);
+    // A result from a lease that is not the current one, with a valid token for it.
+    let stale = claim(shard.lease_id + 1, 1, key.lease_token(&scope(shard.lease_id + 1, 1)));
+    let report = ResultReport { lease: stale.clone(), exit_code: 0, duration_ms: 1, output_tail: "poison".into() };
+    assert_eq!(post("/agent/v1/result", serde_json::to_value(&report).expect("json")).await, 409);
+    assert_eq!(post("/agent/v1/heartbeat", serde_json::to_value(&stale).expect("json")).await, 409);
+    // A token for the right lease used by another run's name.
+    let mut other = claim(shard.lease_id, 1, key.lease_token(&scope(shard.lease_id, 1)));
+    other.testrun = "someone-else".into();
+    assert_eq!(post("/agent/v1/heartbeat", serde_json::to_value(&other).expect("json")).await, 503);
+    // Malformed and oversized bodies.
+    let malformed = http.post(format!("{url}/agent/v1/heartbeat")).body("{not json").send().await.expect("send");
+    assert_eq!(malformed.status(), 400);
+    let body: Value = malformed.json().await.expect("a JSON error");
+    assert_eq!(body["reason"], "Malformed");
+    let huge = http.post(format!("{url}/agent/v1/result")).body(vec![b'x'; 70 * 1024]).send().await.expect("send");
+    assert_eq!(huge.status(), 413);
+    let unknown_field = json!({"namespace": env.ns, "testrun": "guarded", "shard": 0, "attempt": 1, "leaseId": 1, "leaseToken": "x", "admin": true});
+    assert_eq!(post("/agent/v1/heartbeat", unknown_field).await, 400);
+
+    // Nothing changed: the shard still runs under its lease, no result.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let now = env.runs.get("guarded").await.expect("get");
+    let current = &now.status.expect("status").shards[0];
+    assert_eq!((current.phase, current.lease_id, current.attempt), (TestRunPhase::Running, shard.lease_id, 1));
+    assert!(current.result.is_none(), "a forged or stale report never lands");
+}
