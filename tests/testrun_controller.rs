@@ -290,3 +290,143 @@ async fn forged_stale_and_malformed_agent_calls_are_refused() {
     assert_eq!((current.phase, current.lease_id, current.attempt), (TestRunPhase::Running, shard.lease_id, 1));
     assert!(current.result.is_none(), "a forged or stale report never lands");
 }
+
+fn group_alive(pid: i32) -> bool {
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+async fn wait_dead(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while group_alive(pid) {
+        assert!(Instant::now() < deadline, "process group {pid} still alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_command_running_past_its_timeout_ends_as_timed_out() {
+    let env = setup("timeout", &[], &[]).await;
+    let mut body = testrun("slow", 1, &["sleep", "120"]);
+    body["spec"]["timeout"] = json!("3s");
+    body["spec"]["heartbeatTimeout"] = json!("2s");
+    env.create(body).await;
+    env.wait_phase("slow", TestRunPhase::Running).await;
+    let pid = env.vms().await[0]["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).expect("the VM booted");
+    let run = env.wait_phase("slow", TestRunPhase::TimedOut).await;
+    let shard = &run.status.expect("status").shards[0];
+    assert_eq!(shard.phase, TestRunPhase::TimedOut);
+    assert!(shard.message.as_deref().unwrap_or_default().contains("longer than 3s"), "{shard:?}");
+    assert!(shard.result.is_none());
+    env.wait_no_vms().await;
+    wait_dead(pid).await;
+}
+
+#[tokio::test]
+async fn a_zone_out_of_capacity_sends_the_vm_to_the_next_zone() {
+    let env = setup("capacity", &["--fault", "call=insert,zone=us-central1-a,kind=capacity,count=1"], &[]).await;
+    env.create(testrun("elsewhere", 1, &["true"])).await;
+    let run = env.wait_phase("elsewhere", TestRunPhase::Succeeded).await;
+    let status = run.status.expect("status");
+    let shard = &status.shards[0];
+    assert_eq!(shard.zone.as_deref(), Some("us-central1-b"));
+    assert_eq!(shard.attempt, 1, "moving to another zone does not use up an attempt");
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").expect("a Degraded condition");
+    assert_eq!(degraded.reason, "ZoneExhausted");
+    assert!(
+        degraded.message.contains("zone us-central1-a has no capacity for e2-standard-2; trying us-central1-b"),
+        "{}",
+        degraded.message
+    );
+    let events = env.events().await;
+    assert!(events.iter().any(|(r, n)| r == "ZoneUnavailable" && n.contains("us-central1-a")), "{events:?}");
+    env.wait_no_vms().await;
+}
+
+#[tokio::test]
+async fn a_lost_lease_moves_the_shard_to_a_new_attempt_and_the_old_worker_is_refused() {
+    let env = setup("lost-lease", &[], &[]).await;
+    let mut body = testrun(
+        "flaky",
+        1,
+        &[
+            "sh",
+            "-c",
+            "if [ \"$TESTRUN_ATTEMPT\" = 1 ]; then exec sleep 120; fi; echo finished by attempt $TESTRUN_ATTEMPT",
+        ],
+    );
+    body["spec"]["heartbeatTimeout"] = json!("3s");
+    env.create(body).await;
+    let first = env.wait_phase("flaky", TestRunPhase::Running).await;
+    let old = first.status.as_ref().expect("status").shards[0].clone();
+    let uid = first.metadata.uid.clone().expect("uid");
+    let pid = env.vms().await[0]["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).expect("booted");
+    // Freeze the agent: no more heartbeats from attempt 1.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+
+    let run = env.wait_phase("flaky", TestRunPhase::Succeeded).await;
+    let shard = &run.status.as_ref().expect("status").shards[0];
+    assert_eq!(shard.attempt, 2);
+    assert!(shard.lease_id > old.lease_id, "a new attempt has a new, larger lease");
+    let result = shard.result.as_ref().expect("result");
+    assert_eq!(result.output_tail.trim(), "finished by attempt 2");
+    let events = env.events().await;
+    assert!(events.iter().any(|(r, _)| r == "LeaseLost"), "{events:?}");
+    wait_dead(pid).await;
+
+    // The old worker comes back and reports: refused, nothing changes.
+    let key = env.lease_key().await;
+    let scope = LeaseScope { uid: &uid, shard: 0, attempt: old.attempt, lease_id: old.lease_id };
+    let report = ResultReport {
+        lease: LeaseClaim {
+            namespace: env.ns.clone(),
+            testrun: "flaky".into(),
+            shard: 0,
+            attempt: old.attempt,
+            lease_id: old.lease_id,
+            lease_token: key.lease_token(&scope),
+        },
+        exit_code: 1,
+        duration_ms: 1,
+        output_tail: "stale".into(),
+    };
+    let response = reqwest::Client::new()
+        .post(format!("{}/agent/v1/result", env.controller.agent_url()))
+        .json(&report)
+        .send()
+        .await
+        .expect("agent API");
+    assert_eq!(response.status(), 409);
+    let after = env.runs.get("flaky").await.expect("get");
+    assert_eq!(after.status.expect("status").shards[0].result.as_ref(), Some(result));
+    env.wait_no_vms().await;
+}
+
+#[tokio::test]
+async fn a_controller_killed_mid_run_finishes_the_run_after_restart() {
+    let mut env = setup("restart", &[], &[]).await;
+    env.create(testrun("survivor", 2, &["sh", "-c", "sleep 4; echo done $TESTRUN_SHARD"])).await;
+    // Kill it while VMs are being requested, and again while tests run.
+    env.wait_for("survivor", "a requested VM", Duration::from_secs(30), |r| {
+        r.status.as_ref().is_some_and(|s| !s.operations.is_empty())
+    })
+    .await;
+    env.controller.kill_hard();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.controller.restart();
+    env.wait_phase("survivor", TestRunPhase::Running).await;
+    env.controller.kill_hard();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.controller.restart();
+
+    let run = env.wait_phase("survivor", TestRunPhase::Succeeded).await;
+    let status = run.status.expect("status");
+    assert_eq!(status.attempts, 2, "no attempt was repeated");
+    for shard in &status.shards {
+        assert_eq!(shard.attempt, 1);
+        assert_eq!(
+            shard.result.as_ref().map(|r| r.output_tail.trim().to_string()),
+            Some(format!("done {}", shard.index))
+        );
+    }
+    env.wait_no_vms().await;
+}

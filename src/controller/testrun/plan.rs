@@ -376,6 +376,8 @@ impl Planner<'_> {
                 }
             }
         }
+        // Operations started while following (a retry in the next zone) come after.
+        kept.append(&mut self.status.operations);
         self.status.operations = kept;
     }
 
@@ -861,8 +863,10 @@ impl Planner<'_> {
                 generation,
                 now,
             ),
+            // Trouble creating VMs stays on record for the run (it says why a
+            // shard ran where it did); failing deletes clear once they pass.
             None if conditions::get(&self.status.conditions, "Degraded")
-                .is_some_and(|c| c.status == ConditionStatus::True)
+                .is_some_and(|c| c.status == ConditionStatus::True && c.reason == "DeleteRetrying")
                 && self.status.operations.iter().all(|o| o.last_error.is_none()) =>
             {
                 conditions::set(
