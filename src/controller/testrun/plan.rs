@@ -960,3 +960,389 @@ pub fn describe(error: &ComputeError, op: &TrackedOperation, vm: &VmSpec) -> Str
 pub fn startup_script(agent_command: &str) -> String {
     format!("#!/bin/sh\n# Written by testrun-controller: start the agent.\nexec {agent_command} agent\n")
 }
+
+#[cfg(test)]
+mod tests {
+    //! The planner against a small in-memory world: operations finish when
+    //! the test says, agents register, beat and report when the test says.
+    use super::*;
+    use crate::api::testrun::TestRunSpec;
+    use proptest::prelude::*;
+
+    const UID: &str = "6b0c3f1e-2a4d-4b8e-9c1f-0d2e3f4a5b6c";
+
+    fn run(shards: i32, max_attempts: i32) -> TestRun {
+        let spec: TestRunSpec = serde_json::from_value(serde_json::json!({
+            "shards": shards,
+            "maxAttempts": max_attempts,
+            "command": ["true"],
+            "timeout": "10m",
+            "heartbeatTimeout": "30s",
+            "vm": { "zones": ["us-central1-a", "us-central1-b"], "machineType": "e2-small", "image": "img" }
+        }))
+        .expect("spec");
+        let mut run = TestRun::new("r", spec);
+        run.metadata.namespace = Some("ns".into());
+        run.metadata.uid = Some(UID.into());
+        run.metadata.generation = Some(1);
+        run
+    }
+
+    /// A tiny cloud: operations finish when told, VMs appear on insert.
+    struct World {
+        run: TestRun,
+        now: Timestamp,
+        vms: Vec<Instance>,
+        ops: BTreeMap<String, (String, String, OperationKind, Option<ComputeError>, bool)>,
+        heard: BTreeMap<i32, Heard>,
+        next_op: u32,
+        settings: Settings,
+        key: LeaseKey,
+        inserts_after_finish: u32,
+    }
+
+    impl World {
+        fn new(run: TestRun) -> Self {
+            let now = Timestamp::from_second(1_800_000_000).expect("time");
+            Self {
+                run,
+                now,
+                vms: Vec::new(),
+                ops: BTreeMap::new(),
+                heard: BTreeMap::new(),
+                next_op: 0,
+                settings: Settings {
+                    installation: "test".into(),
+                    agent_url: "http://agent".into(),
+                    agent_command: "agent".into(),
+                    registration_timeout: Duration::from_secs(600),
+                    started_at: now,
+                },
+                key: LeaseKey::from_bytes(&[1; 32]).expect("key"),
+                inserts_after_finish: 0,
+            }
+        }
+
+        fn status(&self) -> TestRunStatus {
+            self.run.status.clone().unwrap_or_default()
+        }
+
+        /// One reconcile: observe, plan, write status, make calls, write again.
+        fn reconcile(&mut self) -> Plan {
+            let mut seen = BTreeMap::new();
+            for op in self.status().operations {
+                if let (OperationState::Running, Some(name)) = (op.state, &op.operation) {
+                    let state = match self.ops.get(name) {
+                        Some((_, zone, _, error, done)) => Seen::Operation(Operation {
+                            name: name.clone(),
+                            zone: zone.clone(),
+                            status: if *done { OperationStatus::Done } else { OperationStatus::Running },
+                            error: if *done { error.clone() } else { None },
+                        }),
+                        None => Seen::Error(ComputeError::Api {
+                            call: "zoneOperations.get",
+                            code: ErrorCode::OperationVanished,
+                            status: 404,
+                            message: String::new(),
+                        }),
+                    };
+                    seen.insert(op.request_id.clone(), state);
+                }
+            }
+            let finished_before = self.status().phase.is_some_and(|p| p.is_finished());
+            let exhausted = BTreeSet::new();
+            let plan = plan(&Observed {
+                run: &self.run,
+                now: self.now,
+                vms: &self.vms,
+                operations: &seen,
+                heard: &self.heard,
+                exhausted_zones: &exhausted,
+                settings: &self.settings,
+                key: &self.key,
+            });
+            let mut status = plan.status.clone();
+            for call in &plan.calls {
+                let name = format!("op-{}", self.next_op);
+                self.next_op += 1;
+                let (zone, instance, kind) = match call {
+                    CloudCall::Insert(spec) => {
+                        if finished_before {
+                            self.inserts_after_finish += 1;
+                        }
+                        if !self.vms.iter().any(|v| v.name == spec.name && v.zone == spec.zone) {
+                            self.vms.push(Instance {
+                                name: spec.name.clone(),
+                                zone: spec.zone.clone(),
+                                status: crate::compute::InstanceStatus::Provisioning,
+                                labels: spec.labels.clone(),
+                                label_fingerprint: String::new(),
+                                metadata: spec.metadata.clone(),
+                                creation_timestamp: None,
+                            });
+                        }
+                        (spec.zone.clone(), spec.name.clone(), OperationKind::Insert)
+                    }
+                    CloudCall::Delete { zone, name: vm, .. } => (zone.clone(), vm.clone(), OperationKind::Delete),
+                };
+                self.ops.insert(name.clone(), (instance, zone, kind, None, false));
+                if let Some(op) = status.operations.iter_mut().find(|o| o.request_id == call.request_id()) {
+                    op.operation = Some(name);
+                    op.state = OperationState::Running;
+                    op.tries += 1;
+                }
+            }
+            self.run.status = Some(status);
+            plan
+        }
+
+        /// Every running operation finishes (inserts in `fail_zone` fail for capacity).
+        fn finish_operations(&mut self, fail_zone: Option<&str>) {
+            for (instance, zone, kind, error, done) in self.ops.values_mut() {
+                if *done {
+                    continue;
+                }
+                *done = true;
+                match kind {
+                    OperationKind::Insert if Some(zone.as_str()) == fail_zone => {
+                        *error = Some(ComputeError::OperationFailed {
+                            operation: "x".into(),
+                            code: ErrorCode::ZoneResourcePoolExhausted,
+                            message: String::new(),
+                        });
+                        self.vms.retain(|v| !(v.name == *instance && v.zone == *zone));
+                    }
+                    OperationKind::Delete => self.vms.retain(|v| !(v.name == *instance && v.zone == *zone)),
+                    _ => {}
+                }
+            }
+        }
+
+        fn shard(&self, index: i32) -> ShardStatus {
+            self.status().shards.into_iter().find(|s| s.index == index).expect("shard")
+        }
+
+        fn register(&mut self, index: i32) {
+            let lease_id = self.shard(index).lease_id;
+            self.heard.insert(
+                index,
+                Heard { lease_id, registered_at: Some(self.now), last_heartbeat: Some(self.now), result: None },
+            );
+        }
+
+        fn report(&mut self, index: i32, exit_code: i32) {
+            let lease_id = self.shard(index).lease_id;
+            let heard = self.heard.entry(index).or_insert(Heard {
+                lease_id,
+                registered_at: Some(self.now),
+                last_heartbeat: None,
+                result: None,
+            });
+            if heard.lease_id == lease_id {
+                heard.last_heartbeat = Some(self.now);
+                heard.result = Some(ShardResult { exit_code, duration_ms: 10, output_tail: "out".into() });
+            }
+        }
+
+        fn advance(&mut self, secs: i64) {
+            self.now += SignedDuration::from_secs(secs);
+        }
+    }
+
+    #[test]
+    fn a_run_goes_from_pending_to_succeeded_and_deletes_its_vms() {
+        let mut w = World::new(run(2, 3));
+        let plan = w.reconcile();
+        assert_eq!(plan.calls.len(), 2, "one VM per shard");
+        assert!(plan.calls.iter().all(|c| matches!(c, CloudCall::Insert(_))));
+        assert_eq!(w.status().phase, Some(TestRunPhase::Provisioning));
+        // The intent is in status before any call result is known.
+        assert_eq!(plan.status.operations.len(), 2);
+        assert!(plan.status.operations.iter().all(|o| o.state == OperationState::Intended));
+
+        w.finish_operations(None);
+        w.reconcile();
+        w.register(0);
+        w.register(1);
+        w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Running));
+        w.report(0, 0);
+        let plan = w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Running), "one shard is still running");
+        let shard0 = w.shard(0).instance;
+        assert!(
+            matches!(&plan.calls[..], [CloudCall::Delete { name, .. }] if Some(name) == shard0.as_ref()),
+            "{:?}",
+            plan.calls
+        );
+        w.report(1, 0);
+        let plan = w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded));
+        assert_eq!(plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count(), 1);
+        w.finish_operations(None);
+        w.reconcile();
+        assert!(w.vms.is_empty());
+        assert!(w.status().operations.is_empty());
+    }
+
+    #[test]
+    fn a_repeated_reconcile_reissues_intents_with_the_same_request_id() {
+        let mut w = World::new(run(1, 3));
+        let first = w.reconcile();
+        // Status written, calls lost (crash): plan again from the written status.
+        let mut status = first.status.clone();
+        for op in &mut status.operations {
+            op.state = OperationState::Intended;
+            op.operation = None;
+        }
+        w.run.status = Some(status);
+        let exhausted = BTreeSet::new();
+        let again = plan(&Observed {
+            run: &w.run,
+            now: w.now,
+            vms: &[],
+            operations: &BTreeMap::new(),
+            heard: &BTreeMap::new(),
+            exhausted_zones: &exhausted,
+            settings: &w.settings,
+            key: &w.key,
+        });
+        assert_eq!(again.calls.len(), 1);
+        assert_eq!(again.calls[0].request_id(), first.calls[0].request_id());
+        assert_eq!(again.status.attempts, 1, "re-issuing is not a new attempt");
+    }
+
+    #[test]
+    fn capacity_moves_to_the_next_zone_without_using_an_attempt() {
+        let mut w = World::new(run(1, 3));
+        w.reconcile();
+        w.finish_operations(Some("us-central1-a"));
+        let plan = w.reconcile();
+        let shard = w.shard(0);
+        assert_eq!((shard.attempt, shard.zone.as_deref()), (1, Some("us-central1-b")));
+        assert_eq!(plan.exhausted, vec!["us-central1-a".to_string()]);
+        assert!(matches!(&plan.calls[..], [CloudCall::Insert(spec)] if spec.zone == "us-central1-b"));
+        // No zone left: the attempt is used up and the next one starts over.
+        w.finish_operations(Some("us-central1-b"));
+        w.reconcile();
+        assert_eq!(w.shard(0).attempt, 2);
+    }
+
+    #[test]
+    fn a_silent_agent_loses_its_lease_and_attempts_run_out() {
+        let mut w = World::new(run(1, 2));
+        w.reconcile();
+        w.finish_operations(None);
+        w.register(0);
+        w.reconcile();
+        let first = w.shard(0);
+        w.advance(31);
+        let plan = w.reconcile();
+        let second = w.shard(0);
+        assert_eq!(second.attempt, 2);
+        assert!(second.lease_id > first.lease_id);
+        assert!(plan.events.iter().any(|e| e.reason == "LeaseLost"));
+        assert!(
+            plan.calls
+                .iter()
+                .any(|c| matches!(c, CloudCall::Delete { name, .. } if Some(name) == first.instance.as_ref()))
+        );
+        // A late result from the first lease is not the current lease's.
+        w.heard.insert(
+            0,
+            Heard {
+                lease_id: first.lease_id,
+                registered_at: None,
+                last_heartbeat: Some(w.now),
+                result: Some(ShardResult { exit_code: 0, duration_ms: 1, output_tail: String::new() }),
+            },
+        );
+        w.reconcile();
+        assert_eq!(w.shard(0).phase, TestRunPhase::Provisioning);
+        w.finish_operations(None);
+        w.register(0);
+        w.reconcile();
+        w.advance(31);
+        w.reconcile();
+        assert_eq!(w.shard(0).phase, TestRunPhase::Error);
+        assert_eq!(w.status().phase, Some(TestRunPhase::Error));
+    }
+
+    #[test]
+    fn invalid_specs_make_no_calls() {
+        let mut bad = run(1, 3);
+        bad.spec.vm = None;
+        let mut w = World::new(bad);
+        let plan = w.reconcile();
+        assert!(plan.calls.is_empty());
+        let c = conditions::get(&plan.status.conditions, "InvalidSpec").expect("condition");
+        assert_eq!(c.status, ConditionStatus::True);
+        assert!(c.message.contains("spec.vm"), "{}", c.message);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Advance(i64),
+        Finish,
+        FailZoneA,
+        Register(i32),
+        Report(i32, i32),
+        Vanish(i32),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (1i64..40).prop_map(Step::Advance),
+            Just(Step::Finish),
+            Just(Step::FailZoneA),
+            (0i32..3).prop_map(Step::Register),
+            ((0i32..3), prop_oneof![Just(0), Just(1)]).prop_map(|(s, c)| Step::Report(s, c)),
+            (0i32..3).prop_map(Step::Vanish),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn invariants_hold_whatever_happens(steps in proptest::collection::vec(step(), 1..40)) {
+            let mut w = World::new(run(3, 3));
+            w.reconcile();
+            for step in steps {
+                match step {
+                    Step::Advance(s) => w.advance(s),
+                    Step::Finish => w.finish_operations(None),
+                    Step::FailZoneA => w.finish_operations(Some("us-central1-a")),
+                    Step::Register(i) => w.register(i),
+                    Step::Report(i, code) => w.report(i, code),
+                    Step::Vanish(i) => { let name = w.shard(i).instance; w.vms.retain(|v| Some(&v.name) != name.as_ref()); }
+                }
+                let before: Vec<ShardStatus> = w.status().shards;
+                w.reconcile();
+                let status = w.status();
+
+                // Never two VMs for one shard attempt.
+                let mut names = BTreeSet::new();
+                for vm in &w.vms {
+                    prop_assert!(names.insert(vm.name.clone()), "two VMs named {}", vm.name);
+                }
+                // Never completion while a shard may still run; success only with every result 0.
+                if status.phase.is_some_and(|p| p.is_finished()) {
+                    prop_assert!(status.shards.iter().all(|s| s.phase.is_finished()));
+                }
+                if status.phase == Some(TestRunPhase::Succeeded) {
+                    prop_assert!(status.shards.iter().all(|s| s.result.as_ref().is_some_and(|r| r.exit_code == 0)));
+                }
+                // Attempts are bounded; a finished shard never changes; lease ids never go back.
+                for (old, new) in before.iter().zip(&status.shards) {
+                    prop_assert!(new.attempt <= 3);
+                    prop_assert!(new.lease_id >= old.lease_id);
+                    if old.phase.is_finished() {
+                        prop_assert_eq!(old, new);
+                    }
+                }
+                // A finished run makes no creation calls.
+                prop_assert_eq!(w.inserts_after_finish, 0);
+            }
+        }
+    }
+}
