@@ -342,11 +342,15 @@ impl Planner<'_> {
             }
             match self.obs.operations.get(&op.request_id) {
                 Some(Seen::Operation(seen)) if seen.status == OperationStatus::Done => match &seen.error {
-                    None => {
-                        if op.kind == OperationKind::Delete {
+                    None => match op.kind {
+                        OperationKind::Delete => {
                             self.event(false, "VmDeleted", format!("VM {} in {} deleted", op.instance, op.zone));
                         }
-                    }
+                        OperationKind::Insert => {
+                            self.event(false, "VmCreated", format!("VM {} created in {}", op.instance, op.zone));
+                        }
+                        OperationKind::SetLabels => {}
+                    },
                     Some(error) => {
                         op.state = OperationState::Failed;
                         op.last_error = Some(self.describe(error, &op, vm));
