@@ -1273,6 +1273,41 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_reach_status_at_most_every_fifteen_seconds() {
+        let mut w = World::new(run(1, 3));
+        w.reconcile();
+        w.finish_operations(None);
+        w.register(0);
+        w.reconcile();
+        let written = w.shard(0).last_heartbeat.expect("registration is written");
+        for _ in 0..2 {
+            w.advance(5);
+            w.heard.get_mut(&0).expect("heard").last_heartbeat = Some(w.now);
+            w.reconcile();
+            assert_eq!(w.shard(0).last_heartbeat.as_ref(), Some(&written), "a heartbeat alone waits");
+        }
+        w.advance(5);
+        w.heard.get_mut(&0).expect("heard").last_heartbeat = Some(w.now);
+        w.reconcile();
+        assert_eq!(w.shard(0).last_heartbeat, Some(Time(w.now)), "15 s later it is written");
+    }
+
+    #[test]
+    fn cancelling_stops_every_shard_and_deletes_the_vms() {
+        let mut w = World::new(run(2, 3));
+        w.reconcile();
+        w.finish_operations(None);
+        w.register(0);
+        w.reconcile();
+        w.run.spec.cancel = true;
+        let plan = w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Cancelled));
+        assert!(w.status().shards.iter().all(|s| s.phase == TestRunPhase::Cancelled));
+        assert_eq!(plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count(), 2);
+        assert!(!plan.calls.iter().any(|c| matches!(c, CloudCall::Insert(_))));
+    }
+
+    #[test]
     fn invalid_specs_make_no_calls() {
         let mut bad = run(1, 3);
         bad.spec.vm = None;
