@@ -20,7 +20,7 @@ pub const ENV_NAME_PATTERN: &str = r"^[A-Za-z_][A-Za-z0-9_]*$";
 
 /// The shape of a Compute Engine VM: where it runs, what it runs on and what
 /// it boots.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmSpec {
     /// Zones to create the VM in, in order of preference, e.g.

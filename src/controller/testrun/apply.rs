@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use super::plan::{CloudCall, Observed, Plan, Seen, describe, plan, plan_cleanup};
 use crate::api::testrun::{TestRun, TestRunStatus};
-use crate::api::{FINALIZER, OperationState, VmSpec};
+use crate::api::{FINALIZER, OperationState};
 use crate::compute::naming::{LABEL_OWNER_UID, installation_selector};
 use crate::compute::{Compute, OperationStatus};
 use crate::controller::{Context, Error, FIELD_MANAGER};
@@ -126,7 +126,7 @@ async fn execute<C: Compute>(run: &TestRun, ctx: &Context<C>, api: &Api<TestRun>
         write_status(api, run, &status).await?;
     }
     if !calls.is_empty() {
-        let vm = run.spec.vm.clone().unwrap_or_else(empty_vm);
+        let vm = run.spec.vm.clone().unwrap_or_default();
         let results = join_all(calls.iter().map(|call| async move {
             let result = match call {
                 CloudCall::Insert(spec) => ctx.compute.insert(spec).await,
@@ -185,19 +185,6 @@ async fn execute<C: Compute>(run: &TestRun, ctx: &Context<C>, api: &Api<TestRun>
         }
     }
     Ok(())
-}
-
-fn empty_vm() -> VmSpec {
-    VmSpec {
-        zones: Vec::new(),
-        machine_type: String::new(),
-        image: String::new(),
-        disk_gb: 0,
-        labels: BTreeMap::new(),
-        metadata: BTreeMap::new(),
-        service_account: None,
-        spot: false,
-    }
 }
 
 async fn write_status(api: &Api<TestRun>, run: &TestRun, status: &TestRunStatus) -> Result<(), Error> {

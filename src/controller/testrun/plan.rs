@@ -235,21 +235,9 @@ pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
         wake: OPERATION_POLL,
         degraded: None,
     };
-    let vm = obs.run.spec.vm.clone();
-    if let Some(vm) = &vm {
-        p.follow_operations(vm);
-    } else {
-        p.follow_operations(&VmSpec {
-            zones: Vec::new(),
-            machine_type: String::new(),
-            image: String::new(),
-            disk_gb: 0,
-            labels: BTreeMap::new(),
-            metadata: BTreeMap::new(),
-            service_account: None,
-            spot: false,
-        });
-    }
+    // Without a VM shape the operations are still followed; the shape only
+    // words error messages.
+    p.follow_operations(&obs.run.spec.vm.clone().unwrap_or_default());
     // Pending creations are never issued for a run being deleted.
     p.status.operations.retain(|op| !(op.kind == OperationKind::Insert && op.state == OperationState::Intended));
     p.collect_strays(true);
