@@ -3,6 +3,8 @@
 //! What happens to a TestRun is in [`testrun::plan`].
 
 pub mod conditions;
+pub mod execute;
+pub mod ops;
 pub mod testrun;
 
 use std::collections::{BTreeSet, HashMap};

@@ -33,10 +33,10 @@ use crate::agent::tokens::LeaseKey;
 use crate::api::testrun::{ShardResult, ShardStatus, TestRun, TestRunPhase, TestRunStatus};
 use crate::api::validation::validate_testrun;
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation, VmSpec};
-use crate::compute::messages::{Action, ErrorContext, explain};
 use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
-use crate::compute::{ComputeError, ErrorCode, Instance, InstanceSpec, Operation, OperationStatus, RetryClass};
+use crate::compute::{ComputeError, ErrorCode, Instance, InstanceSpec, OperationStatus, RetryClass};
 use crate::controller::conditions;
+pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
 
 /// Settings of the installation that shape every plan.
 #[derive(Clone, Debug)]
@@ -52,15 +52,6 @@ pub struct Settings {
     /// When this controller process started: no lease is judged lost on
     /// heartbeats it could not have heard.
     pub started_at: Timestamp,
-}
-
-/// What a tracked operation looks like now.
-#[derive(Clone, Debug)]
-pub enum Seen {
-    /// Compute Engine's view of it.
-    Operation(Operation),
-    /// It could not be read.
-    Error(ComputeError),
 }
 
 /// Everything the planner looks at.
@@ -81,43 +72,6 @@ pub struct Observed<'a> {
     pub settings: &'a Settings,
     /// The key VM tokens are made with.
     pub key: &'a LeaseKey,
-}
-
-/// A call to make after the status (with its intent) is written.
-#[derive(Clone, Debug, PartialEq)]
-pub enum CloudCall {
-    /// Create a VM.
-    Insert(Box<InstanceSpec>),
-    /// Delete a VM.
-    Delete {
-        /// Zone.
-        zone: String,
-        /// Instance name.
-        name: String,
-        /// Request id.
-        request_id: String,
-    },
-}
-
-impl CloudCall {
-    /// The request id that ties the call to its tracked operation.
-    pub fn request_id(&self) -> &str {
-        match self {
-            Self::Insert(spec) => &spec.request_id,
-            Self::Delete { request_id, .. } => request_id,
-        }
-    }
-}
-
-/// An Event to publish.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlannedEvent {
-    /// Warning (true) or Normal.
-    pub warning: bool,
-    /// CamelCase reason.
-    pub reason: &'static str,
-    /// A sentence.
-    pub note: String,
 }
 
 /// The outcome of planning.
@@ -921,31 +875,11 @@ fn reason_for(code: Option<&ErrorCode>) -> &'static str {
     }
 }
 
-/// The zone after `zone` in the list, if any.
-fn next_zone(zones: &[String], zone: &str) -> Option<String> {
-    let at = zones.iter().position(|z| z == zone)?;
-    zones.get(at + 1).cloned()
-}
-
 /// The error code kept at the start of a tracked operation's `lastError`
 /// (`CODE: message`).
 fn error_code_of(last_error: &str) -> Option<ErrorCode> {
     let (code, _) = last_error.split_once(": ")?;
     Some(ErrorCode::parse(code))
-}
-
-/// An error as kept in a tracked operation's `lastError`: its code, then the
-/// plain message users see (never Compute Engine's own text).
-pub fn describe(error: &ComputeError, op: &TrackedOperation, vm: &VmSpec) -> String {
-    let action = if op.kind == OperationKind::Delete { Action::Delete } else { Action::Create };
-    let next = next_zone(&vm.zones, &op.zone);
-    let cx = ErrorContext {
-        instance: Some(&op.instance),
-        zone: Some(&op.zone),
-        machine_type: Some(&vm.machine_type),
-        next_zone: next.as_deref(),
-    };
-    format!("{}: {}", error.code(), explain(error, action, cx).message)
 }
 
 /// The startup script every VM runs: the agent, nothing else.
@@ -1025,7 +959,7 @@ mod tests {
             for op in self.status().operations {
                 if let (OperationState::Running, Some(name)) = (op.state, &op.operation) {
                     let state = match self.ops.get(name) {
-                        Some((_, zone, _, error, done)) => Seen::Operation(Operation {
+                        Some((_, zone, _, error, done)) => Seen::Operation(crate::compute::Operation {
                             name: name.clone(),
                             zone: zone.clone(),
                             status: if *done { OperationStatus::Done } else { OperationStatus::Running },
