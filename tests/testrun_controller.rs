@@ -87,13 +87,7 @@ impl Env {
 
     /// This installation's VMs in the emulator.
     async fn vms(&self) -> Vec<Value> {
-        let rows: Vec<Value> = reqwest::get(format!("{}/emulator/v1/instances", self.emulator.url))
-            .await
-            .expect("admin")
-            .json()
-            .await
-            .expect("json");
-        rows.into_iter().filter(|r| r["labels"]["installation"] == self.ns.as_str()).collect()
+        common::installation_vms(&self.emulator.url, &self.ns).await
     }
 
     async fn wait_no_vms(&self) {
@@ -109,15 +103,7 @@ impl Env {
     }
 
     async fn events(&self) -> Vec<(String, String)> {
-        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
-        events
-            .list(&Default::default())
-            .await
-            .expect("events")
-            .items
-            .into_iter()
-            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-            .collect()
+        common::events(&self.client, &self.ns).await
     }
 
     async fn lease_key(&self) -> LeaseKey {

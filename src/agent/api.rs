@@ -18,13 +18,14 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::book::LeaseBook;
+use super::book::{LeaseBook, PoolBook};
 use super::protocol::{
-    ApiError, Assignment, EnvVar, HEARTBEAT_PATH, LeaseClaim, MAX_BODY_BYTES, OUTPUT_TAIL_BYTES, REGISTER_PATH,
-    RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
+    ApiError, Assignment, EnvVar, HEARTBEAT_PATH, LeaseClaim, MAX_BODY_BYTES, OUTPUT_TAIL_BYTES, POOL_REGISTER_PATH,
+    POOL_WAIT_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
 };
 use super::tokens::{LeaseKey, LeaseScope};
 use crate::api::duration::DurationString;
+use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::{ShardResult, ShardStatus, TestRun, TestRunPhase};
 use crate::compute::naming::testrun_instance_name;
 
@@ -50,10 +51,16 @@ pub struct AgentApi {
     pub key: LeaseKey,
     /// The controller's cache of TestRuns.
     pub runs: Store<TestRun>,
+    /// The controller's cache of PrebuildPresets.
+    pub presets: Store<PrebuildPreset>,
     /// What was heard from agents.
     pub book: Arc<LeaseBook>,
+    /// Pool VMs whose agent registered.
+    pub pool: Arc<PoolBook>,
     /// Asks the controller to reconcile a run now.
     pub wake: UnboundedSender<ObjectRef<TestRun>>,
+    /// Asks the controller to reconcile a preset now.
+    pub wake_presets: UnboundedSender<ObjectRef<PrebuildPreset>>,
     /// Refusal counts.
     pub counters: AgentApiCounters,
 }
@@ -75,6 +82,8 @@ pub fn router(api: Arc<AgentApi>) -> Router {
         .route(REGISTER_PATH, post(register))
         .route(HEARTBEAT_PATH, post(heartbeat))
         .route(RESULT_PATH, post(result))
+        .route(POOL_REGISTER_PATH, post(pool_register))
+        .route(POOL_WAIT_PATH, post(pool_wait))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)
 }
@@ -234,6 +243,50 @@ async fn result(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<ResultA
             Ok(Json(ResultAck { acknowledged: false }))
         }
     }
+}
+
+/// How long a pool VM's wait for work is held open.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Checks a pool VM's identity; returns its preset.
+fn check_pool_vm(api: &AgentApi, hello: &PoolHello) -> Result<Arc<PrebuildPreset>, Refusal> {
+    if !api.key.verify_vm(&hello.instance, &hello.owner_uid, &hello.vm_token) {
+        return Err(forged(api, "VM"));
+    }
+    let preset = api.presets.get(&ObjectRef::new(&hello.preset).within(&hello.namespace)).ok_or_else(|| {
+        Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NotReady",
+            format!("PrebuildPreset {}/{} is not known (yet); retry", hello.namespace, hello.preset),
+        )
+    })?;
+    if preset.metadata.uid.as_deref() != Some(hello.owner_uid.as_str()) {
+        return Err(Refusal(
+            StatusCode::GONE,
+            "Finished",
+            "this VM belongs to a PrebuildPreset that no longer exists".into(),
+        ));
+    }
+    Ok(preset)
+}
+
+async fn pool_register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<StatusCode, Refusal> {
+    let hello: PoolHello = parse(&api, &body)?;
+    let preset = check_pool_vm(&api, &hello)?;
+    api.pool.heard(&hello.owner_uid, &hello.instance, Timestamp::now());
+    let _ = api.wake_presets.send(ObjectRef::from_obj(preset.as_ref()));
+    tracing::info!(prebuildpreset = %hello.preset, namespace = %hello.namespace, instance = %hello.instance, "pool VM ready");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A pool VM waits for work; the answer comes after at most [`POOL_WAIT`]
+/// (204: nothing yet, ask again).
+async fn pool_wait(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<StatusCode, Refusal> {
+    let hello: PoolHello = parse(&api, &body)?;
+    check_pool_vm(&api, &hello)?;
+    api.pool.heard(&hello.owner_uid, &hello.instance, Timestamp::now());
+    tokio::time::sleep(POOL_WAIT).await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The phase a run's shard takes from an accepted result.

@@ -116,6 +116,32 @@ impl LeaseBook {
     }
 }
 
+/// Pool VMs whose agent registered and waits for an assignment, by preset
+/// uid and instance name, with when they were last heard.
+#[derive(Default)]
+pub struct PoolBook {
+    entries: Mutex<HashMap<String, BTreeMap<String, Timestamp>>>,
+}
+
+impl PoolBook {
+    /// Records that a pool VM's agent is there.
+    pub fn heard(&self, uid: &str, instance: &str, now: Timestamp) {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.entry(uid.to_string()).or_default().insert(instance.to_string(), now);
+    }
+
+    /// The pool VMs heard for a preset.
+    pub fn snapshot(&self, uid: &str) -> BTreeMap<String, Timestamp> {
+        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.get(uid).cloned().unwrap_or_default()
+    }
+
+    /// Drops everything about a preset.
+    pub fn forget(&self, uid: &str) {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(uid);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

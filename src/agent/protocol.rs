@@ -9,6 +9,10 @@ pub const REGISTER_PATH: &str = "/agent/v1/register";
 pub const HEARTBEAT_PATH: &str = "/agent/v1/heartbeat";
 /// `POST`: the agent reports its command's result.
 pub const RESULT_PATH: &str = "/agent/v1/result";
+/// `POST`: a pool VM says it is ready.
+pub const POOL_REGISTER_PATH: &str = "/agent/v1/pool/register";
+/// `POST`: a pool VM waits (long poll) for an assignment.
+pub const POOL_WAIT_PATH: &str = "/agent/v1/pool/wait";
 /// Largest request body the agent API reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Largest output tail kept from a command.
@@ -24,6 +28,10 @@ pub const META_NAMESPACE: &str = "testrun-namespace";
 pub const META_NAME: &str = "testrun-name";
 /// Metadata key: the TestRun's uid.
 pub const META_OWNER_UID: &str = "testrun-owner-uid";
+/// Metadata key: the PrebuildPreset's name (pool VMs only).
+pub const META_PRESET: &str = "testrun-preset";
+/// Metadata key: the template version a pool VM was built from.
+pub const META_TEMPLATE_VERSION: &str = "testrun-template-version";
 /// Metadata key: the shard index.
 pub const META_SHARD: &str = "testrun-shard";
 /// Metadata key: the attempt number.
@@ -43,6 +51,22 @@ pub struct RegisterRequest {
     pub shard: i32,
     /// Attempt number.
     pub attempt: i32,
+    /// The VM's instance name.
+    pub instance: String,
+    /// The VM's token from its metadata.
+    pub vm_token: String,
+}
+
+/// A pool VM announcing itself, or waiting for work.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolHello {
+    /// PrebuildPreset namespace.
+    pub namespace: String,
+    /// PrebuildPreset name.
+    pub preset: String,
+    /// PrebuildPreset uid.
+    pub owner_uid: String,
     /// The VM's instance name.
     pub instance: String,
     /// The VM's token from its metadata.

@@ -15,7 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::protocol::{
     Assignment, HEARTBEAT_PATH, LeaseClaim, META_AGENT_URL, META_ATTEMPT, META_NAME, META_NAMESPACE, META_OWNER_UID,
-    META_SHARD, META_VM_TOKEN, OUTPUT_TAIL_BYTES, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
+    META_PRESET, META_SHARD, META_VM_TOKEN, OUTPUT_TAIL_BYTES, POOL_REGISTER_PATH, POOL_WAIT_PATH, PoolHello,
+    REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
 };
 
 /// Why the agent stopped without a reported result.
@@ -101,6 +102,16 @@ pub async fn run() -> Result<i32, AgentError> {
             .map_err(|_| AgentError::Metadata { key: key.into(), message: format!("{text:?} is not a number") })
     };
     let url = metadata.attribute(META_AGENT_URL).await?.trim_end_matches('/').to_string();
+    if let Ok(preset) = metadata.attribute(META_PRESET).await {
+        let hello = PoolHello {
+            namespace: metadata.attribute(META_NAMESPACE).await?,
+            preset,
+            owner_uid: metadata.attribute(META_OWNER_UID).await?,
+            instance: metadata.get("instance/name").await?,
+            vm_token: metadata.attribute(META_VM_TOKEN).await?,
+        };
+        return wait_in_pool(&http, &url, &hello).await;
+    }
     let request = RegisterRequest {
         namespace: metadata.attribute(META_NAMESPACE).await?,
         testrun: metadata.attribute(META_NAME).await?,
@@ -133,6 +144,35 @@ pub async fn run() -> Result<i32, AgentError> {
     )
     .await?;
     Ok(outcome.0)
+}
+
+/// A pool VM: says it is ready, then waits for work, asking again each time
+/// the agent API answers that there is none yet.
+async fn wait_in_pool(http: &reqwest::Client, url: &str, hello: &PoolHello) -> Result<i32, AgentError> {
+    let mut path = POOL_REGISTER_PATH;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match http.post(format!("{url}{path}")).timeout(Duration::from_secs(60)).json(hello).send().await {
+            Ok(r) if r.status().is_success() => {
+                if path == POOL_REGISTER_PATH {
+                    tracing::info!("registered with the pool; waiting for work");
+                }
+                path = POOL_WAIT_PATH;
+                delay = Duration::from_millis(200);
+                continue;
+            }
+            Ok(r) if r.status().is_server_error() => {
+                tracing::info!(status = %r.status(), "agent API not ready; retrying")
+            }
+            Ok(r) => {
+                let status = r.status().as_u16();
+                return Err(AgentError::Refused { status, body: r.text().await.unwrap_or_default() });
+            }
+            Err(e) => tracing::warn!(error = %e, "agent API unreachable; retrying"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
 }
 
 async fn register(http: &reqwest::Client, url: &str, request: &RegisterRequest) -> Result<Assignment, AgentError> {

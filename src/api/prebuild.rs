@@ -141,9 +141,16 @@ pub struct PrebuildPresetStatus {
     /// the active one, since the preset was created.
     #[serde(default)]
     pub cancelled_total: i64,
-    /// Failed provisions in a row; reset by a successful one.
+    /// Failed provisions in a row; reset by a successful one or a spec change.
     #[serde(default)]
     pub consecutive_failures: i32,
+    /// When the last provision failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// Create jobs made since the preset was created; the next job's id
+    /// follows from it.
+    #[serde(default)]
+    pub jobs_created: i64,
     /// Create jobs waiting for a provisioner slot, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_jobs: Vec<PendingJob>,

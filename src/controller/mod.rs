@@ -5,6 +5,7 @@
 pub mod conditions;
 pub mod execute;
 pub mod ops;
+pub mod prebuild;
 pub mod testrun;
 
 use std::collections::{BTreeSet, HashMap};
@@ -22,8 +23,9 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 
 use crate::agent::api::{AgentApi, AgentApiCounters};
-use crate::agent::book::LeaseBook;
+use crate::agent::book::{LeaseBook, PoolBook};
 use crate::agent::tokens::LeaseKey;
+use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
 use crate::compute::{Compute, ComputeError};
 use testrun::plan::Settings;
@@ -61,7 +63,9 @@ pub enum Error {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The CRDs are not installed or not readable.
-    #[error("TestRuns cannot be listed ({0}); install the CRDs with `kubectl apply -f crds/` and check RBAC")]
+    #[error(
+        "TestRuns or PrebuildPresets cannot be listed ({0}); install the CRDs with `kubectl apply -f crds/` and check RBAC"
+    )]
     Crd(#[source] kube::Error),
     /// The lease key Secret could not be read or created.
     #[error("reading or creating Secret {namespace}/{name}: {source}")]
@@ -161,6 +165,8 @@ pub struct Context<C: Compute> {
     pub key: LeaseKey,
     /// What agents said.
     pub book: Arc<LeaseBook>,
+    /// Pool VMs whose agent registered.
+    pub pool: Arc<PoolBook>,
     /// Publishes Events.
     pub recorder: Recorder,
     /// Zones out of capacity.
@@ -173,6 +179,13 @@ pub struct Context<C: Compute> {
 pub fn error_policy<C: Compute>(run: Arc<TestRun>, error: &Error, ctx: Arc<Context<C>>) -> Action {
     let delay = ctx.backoff.delay(&run.name_any());
     tracing::warn!(testrun = %run.name_any(), namespace = %run.namespace().unwrap_or_default(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Retries a failed preset reconcile with per-object exponential backoff.
+pub fn preset_error_policy<C: Compute>(preset: Arc<PrebuildPreset>, error: &Error, ctx: Arc<Context<C>>) -> Action {
+    let delay = ctx.backoff.delay(&format!("preset/{}", preset.name_any()));
+    tracing::warn!(prebuildpreset = %preset.name_any(), namespace = %preset.namespace().unwrap_or_default(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
@@ -238,19 +251,34 @@ pub async fn run<C: Compute>(
         .await
         .map_err(|source| StartError::Listen { addr: config.agent_listen, source })?;
 
+    let presets: Api<PrebuildPreset> = match &config.watch_namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    presets.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
     let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
     let wake = futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-    let controller = Controller::new(runs, watcher::Config::default())
+    let runs_controller = Controller::new(runs, watcher::Config::default())
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .reconcile_on(wake)
         .shutdown_on_signal();
+    let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel();
+    let pool_wake = futures::stream::unfold(pool_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let presets_controller = Controller::new(presets, watcher::Config::default())
+        .with_config(ControllerConfig::default().concurrency(config.concurrency))
+        .reconcile_on(pool_wake)
+        .shutdown_on_signal();
 
     let book = Arc::new(LeaseBook::default());
+    let pool = Arc::new(PoolBook::default());
     let agent_api = Arc::new(AgentApi {
         key: key.clone(),
-        runs: controller.store(),
+        runs: runs_controller.store(),
+        presets: presets_controller.store(),
         book: book.clone(),
+        pool: pool.clone(),
         wake: wake_tx,
+        wake_presets: pool_tx,
         counters: AgentApiCounters::default(),
     });
     let agent_addr = listener.local_addr().unwrap_or(config.agent_listen);
@@ -269,17 +297,23 @@ pub async fn run<C: Compute>(
         settings,
         key,
         book,
+        pool,
         exhausted_zones: ExhaustedZones::new(Duration::from_secs(300)),
         backoff: Backoff::default(),
     });
-    controller
-        .run(testrun::apply::reconcile, error_policy, ctx)
-        .for_each(|result| async move {
+    let runs_done =
+        runs_controller.run(testrun::apply::reconcile, error_policy, ctx.clone()).for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile did not complete");
             }
-        })
-        .await;
+        });
+    let presets_done =
+        presets_controller.run(prebuild::apply::reconcile, preset_error_policy, ctx).for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile did not complete");
+            }
+        });
+    futures::join!(runs_done, presets_done);
     tracing::info!("controller stopped");
     Ok(())
 }

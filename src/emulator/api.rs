@@ -157,8 +157,11 @@ async fn insert(
     body: Bytes,
 ) -> Answer {
     check_zone(&zone)?;
-    let verdict = judge(&emulator, Call::Insert, Some(&zone)).await?;
     let rid = request_id(&params)?;
+    if let Some(op) = emulator.existing_operation(&project, rid.as_deref()) {
+        return ok(op);
+    }
+    let verdict = judge(&emulator, Call::Insert, Some(&zone)).await?;
     let resource: model::Instance = parse_body(&body)?;
     validate_instance(&resource)?;
     let key = InstanceKey { project, zone, name: resource.name.clone().unwrap_or_default() };
@@ -171,8 +174,11 @@ async fn delete(
     Query(params): Query<Params>,
 ) -> Answer {
     check_zone(&zone)?;
-    let verdict = judge(&emulator, Call::Delete, Some(&zone)).await?;
     let rid = request_id(&params)?;
+    if let Some(op) = emulator.existing_operation(&project, rid.as_deref()) {
+        return ok(op);
+    }
+    let verdict = judge(&emulator, Call::Delete, Some(&zone)).await?;
     ok(emulator.start(InstanceKey { project, zone, name }, rid, Mutation::Delete, verdict)?)
 }
 
@@ -183,8 +189,11 @@ async fn set_labels(
     body: Bytes,
 ) -> Answer {
     check_zone(&zone)?;
-    let verdict = judge(&emulator, Call::SetLabels, Some(&zone)).await?;
     let rid = request_id(&params)?;
+    if let Some(op) = emulator.existing_operation(&project, rid.as_deref()) {
+        return ok(op);
+    }
+    let verdict = judge(&emulator, Call::SetLabels, Some(&zone)).await?;
     let request: model::InstancesSetLabelsRequest = parse_body(&body)?;
     for (key, value) in &request.labels {
         if !is_label_key(key) || !is_label_value(value) {

@@ -57,6 +57,14 @@ fn error_code(kind: FaultKind) -> Option<(&'static str, &'static str)> {
 }
 
 impl Emulator {
+    /// The operation a request id already started, if any: a repeated call
+    /// gets it back, untouched by faults, as on Compute Engine.
+    pub fn existing_operation(&self, project: &str, request_id: Option<&str>) -> Option<Value> {
+        let state = self.lock();
+        let op_key = state.request_ids.get(&(project.to_string(), request_id?.to_string()))?;
+        state.operations.get(op_key).map(|op| operation_json(op_key, op))
+    }
+
     /// Starts a mutation and returns its operation as JSON. A repeated
     /// `requestId` returns the operation it started the first time.
     pub fn start(

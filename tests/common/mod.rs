@@ -122,3 +122,27 @@ pub fn kubectl(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The VMs of one installation in an emulator (its admin table).
+pub async fn installation_vms(emulator_url: &str, installation: &str) -> Vec<serde_json::Value> {
+    let rows: Vec<serde_json::Value> = reqwest::get(format!("{emulator_url}/emulator/v1/instances"))
+        .await
+        .expect("emulator admin API")
+        .json()
+        .await
+        .expect("JSON");
+    rows.into_iter().filter(|r| r["labels"]["installation"] == installation).collect()
+}
+
+/// The (reason, note) of every Event in a namespace.
+pub async fn events(client: &Client, namespace: &str) -> Vec<(String, String)> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), namespace);
+    events
+        .list(&Default::default())
+        .await
+        .expect("listing Events")
+        .items
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}

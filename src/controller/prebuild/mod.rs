@@ -1,0 +1,4 @@
+//! The PrebuildPreset controller: [`plan`] decides, [`apply`] carries it out.
+
+pub mod apply;
+pub mod plan;

@@ -1,0 +1,688 @@
+//! What happens to a PrebuildPreset's pool, as a pure function: the preset,
+//! its VMs in the cloud, its tracked operations and the pool VMs whose agent
+//! registered go in; the new status, the cloud calls and the Events come out.
+//!
+//! The rules:
+//! - desired − actual → create jobs. A job waits in `status.pendingJobs`
+//!   until a provisioner slot (`maxConcurrentProvisions`) is free; only then
+//!   is its VM's insert recorded and called.
+//! - Pending jobs of any template version but the active one are cancelled
+//!   (counted in `cancelledTotal`, one Event per pass). Jobs already
+//!   provisioning finish; their VMs are outdated.
+//! - Outdated ready VMs are deleted only as new-version VMs become ready, so
+//!   a rollout never lowers the number of ready VMs below `instances`.
+//! - Surplus VMs are deleted, pending jobs first, then provisioning ones,
+//!   then ready ones. Claimed VMs are not the pool's any more.
+//! - A failed provision backs off (`failureBackoff`); after
+//!   `maxConsecutiveFailures` in a row the preset is Degraded and creates no
+//!   VM until its spec changes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::agent::protocol::{
+    META_AGENT_URL, META_NAMESPACE, META_OWNER_UID, META_PRESET, META_TEMPLATE_VERSION, META_VM_TOKEN,
+};
+use crate::agent::tokens::LeaseKey;
+use crate::api::prebuild::{PendingJob, PrebuildPreset, PrebuildPresetStatus, PresetInstance, PresetInstanceState};
+use crate::api::validation::validate_prebuild_preset;
+use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation};
+use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
+use crate::compute::{ErrorCode, Instance, InstanceSpec, OperationStatus};
+use crate::controller::conditions;
+use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe};
+use crate::controller::testrun::plan::{Settings, startup_script};
+
+/// How long a pool VM may live before Compute Engine deletes it; the pool
+/// then replaces it.
+pub const POOL_VM_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+const OPERATION_POLL: Duration = Duration::from_secs(1);
+const IDLE_REQUEUE: Duration = Duration::from_secs(60);
+
+/// Everything the pool planner looks at.
+pub struct PoolObserved<'a> {
+    /// The preset.
+    pub preset: &'a PrebuildPreset,
+    /// The current time.
+    pub now: Timestamp,
+    /// VMs labelled with the preset's uid.
+    pub vms: &'a [Instance],
+    /// The state of running tracked operations, by request id.
+    pub operations: &'a BTreeMap<String, Seen>,
+    /// Pool VMs whose agent registered, with when it was last heard.
+    pub registered: &'a BTreeMap<String, Timestamp>,
+    /// Installation settings.
+    pub settings: &'a Settings,
+    /// The key VM tokens are made with.
+    pub key: &'a LeaseKey,
+}
+
+/// The outcome of planning a pool.
+#[derive(Clone, Debug)]
+pub struct PoolPlan {
+    /// The status to write.
+    pub status: PrebuildPresetStatus,
+    /// Calls to make after the status is written.
+    pub calls: Vec<CloudCall>,
+    /// Events to publish.
+    pub events: Vec<PlannedEvent>,
+    /// Pending jobs cancelled in this pass.
+    pub cancelled: u32,
+    /// When to look again at the latest.
+    pub requeue_after: Duration,
+    /// Deleting: every VM is verified gone.
+    pub cleanup_done: bool,
+}
+
+struct Pool<'a> {
+    obs: &'a PoolObserved<'a>,
+    status: PrebuildPresetStatus,
+    calls: Vec<CloudCall>,
+    events: Vec<PlannedEvent>,
+    cancelled: u32,
+    wake: Duration,
+}
+
+fn to_signed(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+}
+
+/// The wait after `failures` failed provisions in a row: `base`, doubling,
+/// at most `max`.
+pub fn backoff(base: Duration, max: Duration, failures: i32) -> Duration {
+    let doublings = u32::try_from(failures.saturating_sub(1).clamp(0, 20)).unwrap_or(0);
+    base.saturating_mul(2u32.saturating_pow(doublings)).min(max)
+}
+
+/// Plans one reconcile of a preset that is not being deleted.
+pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
+    let preset = obs.preset;
+    let mut p = Pool {
+        obs,
+        status: preset.status.clone().unwrap_or_default(),
+        calls: Vec::new(),
+        events: Vec::new(),
+        cancelled: 0,
+        wake: IDLE_REQUEUE,
+    };
+    let generation = preset.metadata.generation;
+    if let Err(invalid) = validate_prebuild_preset(&preset.spec) {
+        let message = invalid.to_string();
+        let new = conditions::get(&p.status.conditions, "InvalidSpec").is_none_or(|c| c.message != message);
+        conditions::set(
+            &mut p.status.conditions,
+            "InvalidSpec",
+            ConditionStatus::True,
+            "InvalidSpec",
+            &message,
+            generation,
+            obs.now,
+        );
+        conditions::set(
+            &mut p.status.conditions,
+            "Ready",
+            ConditionStatus::False,
+            "InvalidSpec",
+            &message,
+            generation,
+            obs.now,
+        );
+        if new {
+            p.event(true, "InvalidSpec", message);
+        }
+        p.status.observed_generation = generation;
+        return p.finish(false);
+    }
+    conditions::set(&mut p.status.conditions, "InvalidSpec", ConditionStatus::False, "Valid", "", generation, obs.now);
+    // A spec change clears the failure streak (and with it Degraded).
+    if p.status.observed_generation != generation {
+        p.status.consecutive_failures = 0;
+    }
+    p.status.observed_generation = generation;
+    p.status.active_version = Some(preset.spec.template_version.clone());
+
+    p.cancel_outdated_jobs();
+    p.follow_operations();
+    p.sync_instances();
+    p.scale();
+    p.collect_strays(false);
+    p.count();
+    p.finish(false)
+}
+
+/// Plans one reconcile of a preset being deleted: delete every pool VM.
+pub fn plan_cleanup(obs: &PoolObserved<'_>) -> PoolPlan {
+    let mut p = Pool {
+        obs,
+        status: obs.preset.status.clone().unwrap_or_default(),
+        calls: Vec::new(),
+        events: Vec::new(),
+        cancelled: 0,
+        wake: OPERATION_POLL,
+    };
+    p.status.pending_jobs.clear();
+    p.follow_operations();
+    p.status.operations.retain(|op| !(op.kind == OperationKind::Insert && op.state == OperationState::Intended));
+    p.collect_strays(true);
+    p.count();
+    let done = obs.vms.is_empty() && p.status.operations.is_empty();
+    p.finish(done)
+}
+
+impl Pool<'_> {
+    fn event(&mut self, warning: bool, reason: &'static str, note: impl Into<String>) {
+        self.events.push(PlannedEvent { warning, reason, note: note.into() });
+    }
+
+    fn wake_within(&mut self, d: Duration) {
+        self.wake = self.wake.min(d.max(Duration::from_millis(200)));
+    }
+
+    fn active(&self) -> &str {
+        &self.obs.preset.spec.template_version
+    }
+
+    fn uid(&self) -> String {
+        self.obs.preset.metadata.uid.clone().unwrap_or_default()
+    }
+
+    fn in_flight(&self, kind: OperationKind, zone: &str, name: &str) -> bool {
+        self.status
+            .operations
+            .iter()
+            .any(|op| op.kind == kind && op.zone == zone && op.instance == name && op.state != OperationState::Done)
+    }
+
+    /// Pending jobs of a version that is not the active one are cancelled:
+    /// no cloud call was made for them.
+    fn cancel_outdated_jobs(&mut self) {
+        let active = self.active().to_string();
+        let mut versions = BTreeSet::new();
+        let before = self.status.pending_jobs.len();
+        self.status.pending_jobs.retain(|job| {
+            let keep = job.template_version == active;
+            if !keep {
+                versions.insert(job.template_version.clone());
+            }
+            keep
+        });
+        let cancelled = before - self.status.pending_jobs.len();
+        if cancelled > 0 {
+            self.cancelled = u32::try_from(cancelled).unwrap_or(u32::MAX);
+            self.status.cancelled_total += i64::from(self.cancelled);
+            let versions: Vec<String> = versions.into_iter().collect();
+            self.event(
+                false,
+                "PendingJobsCancelled",
+                format!(
+                    "cancelled {cancelled} pending job(s) of template version {} (active: {active})",
+                    versions.join(", ")
+                ),
+            );
+        }
+    }
+
+    fn failed_provision(&mut self, message: String) {
+        self.status.consecutive_failures += 1;
+        self.status.last_failure_time = Some(Time(self.obs.now));
+        self.event(true, "ProvisionFailed", message.clone());
+        let limit = self.obs.preset.spec.max_consecutive_failures;
+        let generation = self.obs.preset.metadata.generation;
+        let reason = if self.status.consecutive_failures >= limit { "TooManyFailures" } else { "ProvisionFailing" };
+        conditions::set(
+            &mut self.status.conditions,
+            "Degraded",
+            ConditionStatus::True,
+            reason,
+            message,
+            generation,
+            self.obs.now,
+        );
+    }
+
+    fn follow_operations(&mut self) {
+        let vm = self.obs.preset.spec.vm.clone();
+        let ops = std::mem::take(&mut self.status.operations);
+        let mut kept = Vec::new();
+        for mut op in ops {
+            match op.state {
+                OperationState::Intended => {
+                    if op.kind == OperationKind::Insert
+                        && !self
+                            .status
+                            .instances
+                            .iter()
+                            .any(|i| i.name == op.instance && i.state == PresetInstanceState::Provisioning)
+                    {
+                        continue;
+                    }
+                    self.reissue(&op);
+                    kept.push(op);
+                    continue;
+                }
+                OperationState::Done => continue,
+                OperationState::Failed => {}
+                OperationState::Running => match self.obs.operations.get(&op.request_id) {
+                    Some(Seen::Operation(seen)) if seen.status == OperationStatus::Done => match &seen.error {
+                        None => {
+                            let (reason, verb) = if op.kind == OperationKind::Delete {
+                                ("VmDeleted", "deleted")
+                            } else {
+                                ("VmCreated", "created")
+                            };
+                            self.event(false, reason, format!("pool VM {} in {} {verb}", op.instance, op.zone));
+                            if op.kind == OperationKind::Delete {
+                                self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
+                            }
+                            continue;
+                        }
+                        Some(error) => {
+                            op.state = OperationState::Failed;
+                            op.last_error = Some(describe(error, &op, &vm));
+                        }
+                    },
+                    Some(Seen::Error(error)) if error.code() == ErrorCode::OperationVanished => {
+                        let exists = self.obs.vms.iter().any(|v| v.name == op.instance && v.zone == op.zone);
+                        if (op.kind == OperationKind::Insert) == exists {
+                            continue;
+                        }
+                        op.state = OperationState::Failed;
+                        op.last_error = Some(describe(error, &op, &vm));
+                    }
+                    _ => {
+                        self.wake_within(OPERATION_POLL);
+                        kept.push(op);
+                        continue;
+                    }
+                },
+            }
+            // Failed.
+            let message = op.last_error.clone().unwrap_or_default();
+            match op.kind {
+                OperationKind::Insert => {
+                    self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
+                    self.failed_provision(format!("creating pool VM {} failed: {message}", op.instance));
+                }
+                OperationKind::Delete | OperationKind::SetLabels => {
+                    if message.starts_with("RESOURCE_NOT_FOUND") {
+                        self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
+                        continue;
+                    }
+                    let tries = u32::try_from(op.tries.max(1)).unwrap_or(1);
+                    let wait = Duration::from_secs(2u64.saturating_pow(tries.min(8))).min(Duration::from_secs(300));
+                    let due = op.started_at.as_ref().map(|t| t.0).unwrap_or(self.obs.now) + to_signed(wait);
+                    if self.obs.now >= due {
+                        op.request_id = request_id(&format!("delete/{}/{}", op.zone, op.instance), tries);
+                        op.state = OperationState::Intended;
+                        op.operation = None;
+                        op.started_at = Some(Time(self.obs.now));
+                        self.event(
+                            true,
+                            "DeleteFailed",
+                            format!("deleting VM {} failed ({message}); retrying", op.instance),
+                        );
+                        self.reissue(&op);
+                    } else {
+                        self.wake_within(
+                            Duration::try_from(due.duration_since(self.obs.now)).unwrap_or(OPERATION_POLL),
+                        );
+                    }
+                    kept.push(op);
+                }
+            }
+        }
+        kept.append(&mut self.status.operations);
+        self.status.operations = kept;
+    }
+
+    fn reissue(&mut self, op: &TrackedOperation) {
+        let call = match op.kind {
+            OperationKind::Insert => {
+                let Some(instance) = self.status.instances.iter().find(|i| i.name == op.instance) else { return };
+                let version = instance.template_version.clone();
+                CloudCall::Insert(Box::new(self.instance_spec(&op.instance, &op.zone, &version, &op.request_id)))
+            }
+            _ => CloudCall::Delete {
+                zone: op.zone.clone(),
+                name: op.instance.clone(),
+                request_id: op.request_id.clone(),
+            },
+        };
+        self.calls.push(call);
+        self.wake_within(OPERATION_POLL);
+    }
+
+    fn instance_spec(&self, name: &str, zone: &str, version: &str, rid: &str) -> InstanceSpec {
+        let preset = self.obs.preset;
+        let vm = &preset.spec.vm;
+        let uid = self.uid();
+        let mut labels = vm.labels.clone();
+        labels.extend(preset_labels(&self.obs.settings.installation, &uid, version));
+        let mut metadata = vm.metadata.clone();
+        metadata.insert("startup-script".into(), startup_script(&self.obs.settings.agent_command));
+        metadata.insert(META_AGENT_URL.into(), self.obs.settings.agent_url.clone());
+        metadata.insert(META_VM_TOKEN.into(), self.obs.key.vm_token(name, &uid));
+        metadata.insert(META_NAMESPACE.into(), preset.metadata.namespace.clone().unwrap_or_default());
+        metadata.insert(META_PRESET.into(), preset.metadata.name.clone().unwrap_or_default());
+        metadata.insert(META_OWNER_UID.into(), uid.clone());
+        metadata.insert(META_TEMPLATE_VERSION.into(), version.to_string());
+        InstanceSpec {
+            name: name.to_string(),
+            zone: zone.to_string(),
+            machine_type: vm.machine_type.clone(),
+            image: vm.image.clone(),
+            disk_gb: i64::from(vm.disk_gb),
+            labels,
+            metadata,
+            service_account: vm.service_account.clone(),
+            spot: vm.spot,
+            max_run_duration: POOL_VM_LIFETIME,
+            request_id: rid.to_string(),
+        }
+    }
+
+    /// Brings the instance list in line with the cloud and the agents.
+    fn sync_instances(&mut self) {
+        let now = self.obs.now;
+        let timeout = to_signed(self.obs.settings.registration_timeout);
+        let mut lost = Vec::new();
+        let mut late = Vec::new();
+        for i in &mut self.status.instances {
+            let exists = self.obs.vms.iter().any(|v| v.name == i.name && v.zone == i.zone);
+            let creating =
+                self.status.operations.iter().any(|o| o.kind == OperationKind::Insert && o.instance == i.name);
+            match i.state {
+                PresetInstanceState::Provisioning if self.obs.registered.contains_key(&i.name) => {
+                    i.state = PresetInstanceState::Ready;
+                    self.status.consecutive_failures = 0;
+                }
+                PresetInstanceState::Provisioning if !exists && !creating => lost.push(i.name.clone()),
+                PresetInstanceState::Provisioning => {
+                    let created = i.created_at.as_ref().map(|t| t.0).unwrap_or(now);
+                    if now.duration_since(created) > timeout {
+                        late.push((i.name.clone(), i.zone.clone()));
+                    }
+                }
+                PresetInstanceState::Ready if !exists => lost.push(i.name.clone()),
+                _ => {}
+            }
+        }
+        for name in lost {
+            self.status.instances.retain(|i| i.name != name);
+            self.event(true, "VmVanished", format!("pool VM {name} disappeared"));
+        }
+        for (name, zone) in late {
+            if let Some(i) = self.status.instances.iter_mut().find(|i| i.name == name) {
+                i.state = PresetInstanceState::Deleting;
+            }
+            self.failed_provision(format!("the agent on pool VM {name} did not register in time"));
+            self.delete(&zone, &name);
+        }
+        if self.status.instances.iter().any(|i| i.state == PresetInstanceState::Provisioning) {
+            self.wake_within(Duration::from_secs(5));
+        }
+    }
+
+    fn delete(&mut self, zone: &str, name: &str) {
+        if self.in_flight(OperationKind::Delete, zone, name) {
+            return;
+        }
+        let rid = request_id(&format!("delete/{zone}/{name}"), 0);
+        self.status.operations.push(TrackedOperation {
+            kind: OperationKind::Delete,
+            instance: name.to_string(),
+            zone: zone.to_string(),
+            request_id: rid.clone(),
+            operation: None,
+            state: OperationState::Intended,
+            tries: 0,
+            started_at: Some(Time(self.obs.now)),
+            last_error: None,
+        });
+        self.calls.push(CloudCall::Delete { zone: zone.to_string(), name: name.to_string(), request_id: rid });
+        self.wake_within(OPERATION_POLL);
+    }
+
+    fn count_state(&self, state: PresetInstanceState, active: Option<bool>) -> usize {
+        let version = self.active();
+        self.status
+            .instances
+            .iter()
+            .filter(|i| i.state == state && active.is_none_or(|a| (i.template_version == version) == a))
+            .count()
+    }
+
+    /// Creates, starts, cancels and deletes to reach `instances` ready VMs
+    /// of the active version.
+    fn scale(&mut self) {
+        let spec = &self.obs.preset.spec;
+        let desired = usize::try_from(spec.instances).unwrap_or(0);
+        let active = self.active().to_string();
+        let ready_active = self.count_state(PresetInstanceState::Ready, Some(true));
+        let provisioning_active = self.count_state(PresetInstanceState::Provisioning, Some(true));
+        let have = ready_active + provisioning_active + self.status.pending_jobs.len();
+
+        if have < desired {
+            for _ in have..desired {
+                self.status.jobs_created += 1;
+                self.status.pending_jobs.push(PendingJob {
+                    id: self.status.jobs_created.to_string(),
+                    template_version: active.clone(),
+                    created_at: Some(Time(self.obs.now)),
+                });
+            }
+        } else if have > desired {
+            let mut surplus = have - desired;
+            // Pending jobs go first: nothing was called for them.
+            while surplus > 0 && self.status.pending_jobs.pop().is_some() {
+                surplus -= 1;
+            }
+            for state in [PresetInstanceState::Provisioning, PresetInstanceState::Ready] {
+                let victims: Vec<(String, String)> = self
+                    .status
+                    .instances
+                    .iter()
+                    .rev()
+                    .filter(|i| i.state == state && i.template_version == active)
+                    .take(surplus)
+                    .map(|i| (i.zone.clone(), i.name.clone()))
+                    .collect();
+                for (zone, name) in victims {
+                    surplus -= 1;
+                    self.retire(&zone, &name);
+                }
+            }
+        }
+
+        // Rolling: outdated ready VMs go only as new ones are ready.
+        let ready_outdated: Vec<(String, String)> = self
+            .status
+            .instances
+            .iter()
+            .filter(|i| i.state == PresetInstanceState::Ready && i.template_version != active)
+            .map(|i| (i.zone.clone(), i.name.clone()))
+            .collect();
+        let removable = (ready_active + ready_outdated.len()).saturating_sub(desired).min(ready_outdated.len());
+        for (zone, name) in ready_outdated.into_iter().take(removable) {
+            self.retire(&zone, &name);
+        }
+
+        self.start_jobs();
+    }
+
+    fn retire(&mut self, zone: &str, name: &str) {
+        if let Some(i) = self.status.instances.iter_mut().find(|i| i.name == name) {
+            i.state = PresetInstanceState::Deleting;
+        }
+        self.delete(zone, name);
+    }
+
+    /// Moves pending jobs into free provisioner slots, unless backing off or
+    /// degraded.
+    fn start_jobs(&mut self) {
+        let spec = &self.obs.preset.spec;
+        if self.status.pending_jobs.is_empty() {
+            return;
+        }
+        let failures = self.status.consecutive_failures;
+        if failures >= spec.max_consecutive_failures {
+            return;
+        }
+        if failures > 0 {
+            let base = spec.failure_backoff.base.parse().unwrap_or(Duration::from_secs(10));
+            let max = spec.failure_backoff.max.parse().unwrap_or(Duration::from_secs(300));
+            let since = self.status.last_failure_time.as_ref().map(|t| t.0).unwrap_or(self.obs.now);
+            let due = since + to_signed(backoff(base, max, failures));
+            if self.obs.now < due {
+                self.wake_within(Duration::try_from(due.duration_since(self.obs.now)).unwrap_or(OPERATION_POLL));
+                return;
+            }
+        }
+        let busy = self.count_state(PresetInstanceState::Provisioning, None);
+        let slots = usize::try_from(spec.max_concurrent_provisions).unwrap_or(1).saturating_sub(busy);
+        let zones = &spec.vm.zones;
+        for _ in 0..slots {
+            if self.status.pending_jobs.is_empty() {
+                break;
+            }
+            let job = self.status.pending_jobs.remove(0);
+            let uid = self.uid();
+            let name = preset_instance_name(&uid, &job.id);
+            let zone = zones
+                .get(usize::try_from(self.status.consecutive_failures).unwrap_or(0) % zones.len().max(1))
+                .cloned()
+                .unwrap_or_default();
+            let rid = request_id(&format!("insert/{uid}/{}/{zone}", job.id), 0);
+            self.status.instances.push(PresetInstance {
+                name: name.clone(),
+                zone: zone.clone(),
+                template_version: job.template_version.clone(),
+                state: PresetInstanceState::Provisioning,
+                claimed_by: None,
+                created_at: Some(Time(self.obs.now)),
+            });
+            self.status.operations.push(TrackedOperation {
+                kind: OperationKind::Insert,
+                instance: name.clone(),
+                zone: zone.clone(),
+                request_id: rid.clone(),
+                operation: None,
+                state: OperationState::Intended,
+                tries: 0,
+                started_at: Some(Time(self.obs.now)),
+                last_error: None,
+            });
+            let spec = self.instance_spec(&name, &zone, &job.template_version, &rid);
+            self.calls.push(CloudCall::Insert(Box::new(spec)));
+            self.wake_within(OPERATION_POLL);
+        }
+    }
+
+    /// Deletes every VM of the preset it does not keep (all when `everything`).
+    fn collect_strays(&mut self, everything: bool) {
+        let known: BTreeSet<(String, String)> = if everything {
+            BTreeSet::new()
+        } else {
+            self.status.instances.iter().map(|i| (i.zone.clone(), i.name.clone())).collect()
+        };
+        let strays: Vec<(String, String)> =
+            self.obs.vms.iter().map(|v| (v.zone.clone(), v.name.clone())).filter(|key| !known.contains(key)).collect();
+        for (zone, name) in strays {
+            if self.in_flight(OperationKind::Insert, &zone, &name) {
+                self.wake_within(OPERATION_POLL);
+                continue;
+            }
+            if let Some(i) = self.status.instances.iter_mut().find(|i| i.name == name) {
+                i.state = PresetInstanceState::Deleting;
+            }
+            self.delete(&zone, &name);
+        }
+    }
+
+    fn count(&mut self) {
+        self.status.ready = i32::try_from(self.count_state(PresetInstanceState::Ready, Some(true))).unwrap_or(i32::MAX);
+        self.status.provisioning =
+            i32::try_from(self.count_state(PresetInstanceState::Provisioning, None)).unwrap_or(i32::MAX);
+        self.status.pending = i32::try_from(self.status.pending_jobs.len()).unwrap_or(i32::MAX);
+        self.status.claimed = i32::try_from(self.count_state(PresetInstanceState::Claimed, None)).unwrap_or(i32::MAX);
+        let active = self.active().to_string();
+        self.status.outdated = i32::try_from(
+            self.status
+                .instances
+                .iter()
+                .filter(|i| {
+                    i.template_version != active
+                        && matches!(i.state, PresetInstanceState::Ready | PresetInstanceState::Provisioning)
+                })
+                .count(),
+        )
+        .unwrap_or(i32::MAX);
+    }
+
+    fn finish(mut self, cleanup_done: bool) -> PoolPlan {
+        let generation = self.obs.preset.metadata.generation;
+        let now = self.obs.now;
+        let invalid =
+            conditions::get(&self.status.conditions, "InvalidSpec").is_some_and(|c| c.status == ConditionStatus::True);
+        if !invalid {
+            let desired = self.obs.preset.spec.instances;
+            let summary = format!(
+                "{} of {desired} ready; {} provisioning, {} pending, {} outdated, {} claimed",
+                self.status.ready,
+                self.status.provisioning,
+                self.status.pending,
+                self.status.outdated,
+                self.status.claimed
+            );
+            let ready = if self.status.ready >= desired { ConditionStatus::True } else { ConditionStatus::False };
+            let reason = if ready == ConditionStatus::True { "PoolReady" } else { "PoolFilling" };
+            conditions::set(&mut self.status.conditions, "Ready", ready, reason, &summary, generation, now);
+            let busy = self.status.provisioning + self.status.pending + self.status.outdated > 0
+                || self.status.operations.iter().any(|o| o.state != OperationState::Done);
+            let progressing = if busy { ConditionStatus::True } else { ConditionStatus::False };
+            conditions::set(&mut self.status.conditions, "Progressing", progressing, reason, summary, generation, now);
+            let limit = self.obs.preset.spec.max_consecutive_failures;
+            if self.status.consecutive_failures == 0 {
+                conditions::set(
+                    &mut self.status.conditions,
+                    "Degraded",
+                    ConditionStatus::False,
+                    "AsExpected",
+                    "",
+                    generation,
+                    now,
+                );
+            } else if self.status.consecutive_failures >= limit {
+                let message =
+                    conditions::get(&self.status.conditions, "Degraded").map(|c| c.message.clone()).unwrap_or_default();
+                let message = if message.contains("no new VM is created") {
+                    message
+                } else {
+                    format!(
+                        "{limit} provisions failed in a row; no new VM is created until the spec changes. Last: {message}"
+                    )
+                };
+                conditions::set(
+                    &mut self.status.conditions,
+                    "Degraded",
+                    ConditionStatus::True,
+                    "TooManyFailures",
+                    message,
+                    generation,
+                    now,
+                );
+            }
+        }
+        PoolPlan {
+            status: self.status,
+            calls: self.calls,
+            events: self.events,
+            cancelled: self.cancelled,
+            requeue_after: self.wake,
+            cleanup_done,
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The PrebuildPreset controller end to end: a real kube-apiserver, the
+//! compute emulator behind the real client, the controller and the pool
+//! VMs' real agents, each as its own process.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::controller::ControllerProcess;
+use common::emulator::EmulatorProcess;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use testrun_controller::api::ConditionStatus;
+use testrun_controller::api::prebuild::{PrebuildPreset, PresetInstanceState};
+
+struct Env {
+    ns: String,
+    presets: Api<PrebuildPreset>,
+    client: kube::Client,
+    emulator: EmulatorProcess,
+    controller: ControllerProcess,
+}
+
+async fn setup(test: &str, emulator_args: &[&str]) -> Env {
+    let (client, ns) = common::setup(test).await;
+    let emulator = EmulatorProcess::start(emulator_args);
+    let controller = ControllerProcess::start(common::control_plane_kubeconfig(), &ns, &emulator.url, &[]);
+    let presets = Api::namespaced(client.clone(), &ns);
+    Env { ns, presets, client, emulator, controller }
+}
+
+fn preset(instances: i32, version: &str, slots: i32) -> Value {
+    json!({
+        "apiVersion": "testrun.dev/v1alpha1",
+        "kind": "PrebuildPreset",
+        "metadata": { "name": "pool" },
+        "spec": {
+            "templateVersion": version,
+            "instances": instances,
+            "maxConcurrentProvisions": slots,
+            "failureBackoff": { "base": "1s", "max": "2s" },
+            "maxConsecutiveFailures": 3,
+            "vm": {
+                "zones": ["us-central1-a", "us-central1-b"],
+                "machineType": "e2-standard-2",
+                "image": "projects/debian-cloud/global/images/family/debian-12"
+            }
+        }
+    })
+}
+
+impl Env {
+    async fn create(&self, body: Value) {
+        let preset: PrebuildPreset = serde_json::from_value(body).expect("PrebuildPreset");
+        self.presets.create(&PostParams::default(), &preset).await.expect("creating the preset");
+    }
+
+    async fn patch(&self, spec: Value) {
+        self.presets
+            .patch("pool", &PatchParams::default(), &Patch::Merge(&json!({ "spec": spec })))
+            .await
+            .expect("patching the preset");
+    }
+
+    async fn wait_for(&self, what: &str, check: impl Fn(&PrebuildPreset) -> bool) -> PrebuildPreset {
+        self.wait_while(what, check, |_| {}).await
+    }
+
+    /// Waits until `check` holds, calling `watch` on every state seen.
+    async fn wait_while(
+        &self,
+        what: &str,
+        check: impl Fn(&PrebuildPreset) -> bool,
+        mut watch: impl FnMut(&PrebuildPreset),
+    ) -> PrebuildPreset {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let preset = self.presets.get("pool").await.expect("reading the preset");
+            watch(&preset);
+            if check(&preset) {
+                return preset;
+            }
+            if Instant::now() > deadline {
+                let log = self.controller.log();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!(
+                    "timed out waiting for {what}; status:\n{}\ncontroller log:\n{}",
+                    serde_json::to_string_pretty(&preset.status).unwrap_or_default(),
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
+    async fn vms(&self) -> Vec<Value> {
+        common::installation_vms(&self.emulator.url, &self.ns).await
+    }
+
+    /// Waits until the emulator holds exactly `n` VMs of this installation, all booted.
+    async fn wait_vms(&self, n: usize, version: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let vms = self.vms().await;
+            if vms.len() == n && vms.iter().all(|v| v["labels"]["template-version"] == version) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "expected {n} VMs of {version}, have {vms:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn ready(p: &PrebuildPreset, version: &str) -> usize {
+    p.status.as_ref().map_or(0, |s| {
+        s.instances.iter().filter(|i| i.state == PresetInstanceState::Ready && i.template_version == version).count()
+    })
+}
+
+fn ready_any(p: &PrebuildPreset) -> usize {
+    p.status.as_ref().map_or(0, |s| s.instances.iter().filter(|i| i.state == PresetInstanceState::Ready).count())
+}
+
+#[tokio::test]
+async fn a_pool_fills_scales_up_and_scales_down() {
+    let env = setup("pool-scale", &["--operation-delay", "200ms", "--boot-delay", "50ms"]).await;
+    env.create(preset(3, "v1", 2)).await;
+    let p = env.wait_for("3 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 3)).await;
+    assert!(
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True))
+    );
+    env.wait_vms(3, "v1").await;
+    assert!(env.vms().await.iter().all(|v| v["processAlive"] == true), "every pool VM runs its agent");
+
+    env.patch(json!({ "instances": 5 })).await;
+    env.wait_for("5 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 5)).await;
+    env.wait_vms(5, "v1").await;
+
+    env.patch(json!({ "instances": 2 })).await;
+    let p =
+        env.wait_for("2 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 2 && s.instances.len() == 2)).await;
+    assert_eq!(p.status.expect("status").pending, 0);
+    env.wait_vms(2, "v1").await;
+}
+
+#[tokio::test]
+async fn a_new_template_version_cancels_pending_jobs_and_rolls_without_losing_ready_vms() {
+    let env = setup("pool-roll", &["--operation-delay", "600ms", "--boot-delay", "50ms"]).await;
+    env.create(preset(3, "v1", 1)).await;
+    env.wait_for("3 ready v1", |p| ready(p, "v1") == 3).await;
+
+    // v2: three jobs, one provisioning and two pending behind the single slot.
+    env.patch(json!({ "templateVersion": "v2" })).await;
+    env.wait_for("v2 jobs pending", |p| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.pending_jobs.len() == 2 && s.pending_jobs.iter().all(|j| j.template_version == "v2"))
+    })
+    .await;
+    // v3 before they start: the two pending v2 jobs are cancelled, the running one finishes.
+    env.patch(json!({ "templateVersion": "v3" })).await;
+    let mut lowest = usize::MAX;
+    let p = env
+        .wait_while(
+            "3 ready v3 and nothing else",
+            |p| ready(p, "v3") == 3 && p.status.as_ref().is_some_and(|s| s.instances.len() == 3),
+            |p| {
+                lowest = lowest.min(ready_any(p));
+            },
+        )
+        .await;
+    let status = p.status.expect("status");
+    assert_eq!(status.cancelled_total, 2, "exactly the two pending v2 jobs were cancelled");
+    assert_eq!(status.active_version.as_deref(), Some("v3"));
+    assert!(lowest >= 3, "ready VMs dropped to {lowest} during the rollout");
+    let events = common::events(&env.client, &env.ns).await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "PendingJobsCancelled" && n.contains("2 pending job(s) of template version v2")),
+        "{events:?}"
+    );
+    env.wait_vms(3, "v3").await;
+}
+
+#[tokio::test]
+async fn repeated_capacity_failures_back_off_then_degrade_until_the_spec_changes() {
+    let env = setup(
+        "pool-degraded",
+        &["--operation-delay", "100ms", "--boot-delay", "50ms", "--fault", "call=insert,kind=capacity"],
+    )
+    .await;
+    env.create(preset(1, "v1", 1)).await;
+    let p = env
+        .wait_for("Degraded", |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Degraded" && c.reason == "TooManyFailures"))
+        })
+        .await;
+    let status = p.status.expect("status");
+    assert_eq!(status.consecutive_failures, 3);
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").expect("Degraded");
+    assert_eq!(degraded.status, ConditionStatus::True);
+    assert!(degraded.message.contains("has no capacity"), "{}", degraded.message);
+    // It stopped creating: no insert reaches the cloud any more.
+    let faults = format!("{}/emulator/v1/faults", env.emulator.url);
+    let hits = |v: Value| v["rules"][0]["hits"].as_u64().unwrap_or(0);
+    let before = hits(reqwest::get(&faults).await.expect("faults").json().await.expect("json"));
+    assert_eq!(before, 3);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = hits(reqwest::get(&faults).await.expect("faults").json().await.expect("json"));
+    assert_eq!(after, before, "a degraded preset creates nothing");
+
+    // Capacity is back and the spec changes: the preset recovers.
+    reqwest::Client::new().delete(&faults).send().await.expect("clearing faults");
+    env.patch(json!({ "instances": 2 })).await;
+    let p = env.wait_for("2 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 2)).await;
+    let degraded = p.status.expect("status").conditions.into_iter().find(|c| c.type_ == "Degraded").expect("Degraded");
+    assert_eq!(degraded.status, ConditionStatus::False);
+}
+
+#[tokio::test]
+async fn deleting_a_preset_deletes_its_vms_first() {
+    let env = setup("pool-delete", &["--operation-delay", "200ms", "--boot-delay", "50ms"]).await;
+    env.create(preset(2, "v1", 2)).await;
+    env.wait_for("2 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 2)).await;
+    let pids: Vec<i32> =
+        env.vms().await.iter().filter_map(|v| v["pid"].as_i64()).filter_map(|p| i32::try_from(p).ok()).collect();
+    assert_eq!(pids.len(), 2);
+    env.presets.delete("pool", &DeleteParams::default()).await.expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.presets.get_opt("pool").await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "the preset was not removed; log:\n{}", env.controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(env.vms().await.is_empty(), "the finalizer went before the VMs");
+    for pid in pids {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+            assert!(Instant::now() < deadline, "agent process group {pid} outlived its VM");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
