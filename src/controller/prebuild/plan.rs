@@ -686,3 +686,326 @@ impl Pool<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pool planner against a small in-memory cloud.
+    use super::*;
+    use crate::api::prebuild::PrebuildPresetSpec;
+    use crate::compute::{ComputeError, Operation};
+    use proptest::prelude::*;
+
+    fn preset(instances: i32, version: &str, slots: i32) -> PrebuildPreset {
+        let spec: PrebuildPresetSpec = serde_json::from_value(serde_json::json!({
+            "templateVersion": version,
+            "instances": instances,
+            "maxConcurrentProvisions": slots,
+            "failureBackoff": { "base": "10s", "max": "40s" },
+            "maxConsecutiveFailures": 3,
+            "vm": { "zones": ["us-central1-a", "us-central1-b"], "machineType": "e2-small", "image": "img" }
+        }))
+        .expect("spec");
+        let mut p = PrebuildPreset::new("pool", spec);
+        p.metadata.namespace = Some("ns".into());
+        p.metadata.uid = Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into());
+        p.metadata.generation = Some(1);
+        p
+    }
+
+    struct World {
+        preset: PrebuildPreset,
+        now: Timestamp,
+        vms: Vec<Instance>,
+        ops: BTreeMap<String, (String, String, OperationKind, bool)>,
+        registered: BTreeMap<String, Timestamp>,
+        settings: Settings,
+        key: LeaseKey,
+        next: u32,
+    }
+
+    impl World {
+        fn new(preset: PrebuildPreset) -> Self {
+            let now = Timestamp::from_second(1_800_000_000).expect("time");
+            Self {
+                preset,
+                now,
+                vms: Vec::new(),
+                ops: BTreeMap::new(),
+                registered: BTreeMap::new(),
+                settings: Settings {
+                    installation: "t".into(),
+                    agent_url: "http://agent".into(),
+                    agent_command: "agent".into(),
+                    registration_timeout: Duration::from_secs(600),
+                    started_at: now,
+                },
+                key: LeaseKey::from_bytes(&[2; 32]).expect("key"),
+                next: 0,
+            }
+        }
+
+        fn status(&self) -> PrebuildPresetStatus {
+            self.preset.status.clone().unwrap_or_default()
+        }
+
+        /// One reconcile, with `failing` inserts finishing in failure.
+        fn reconcile(&mut self) -> PoolPlan {
+            let mut seen = BTreeMap::new();
+            for op in self.status().operations {
+                if let (OperationState::Running, Some(name)) = (op.state, &op.operation)
+                    && let Some((_, zone, _, done)) = self.ops.get(name)
+                {
+                    let failed =
+                        *done && !self.vms.iter().any(|v| v.name == op.instance) && op.kind == OperationKind::Insert;
+                    seen.insert(
+                        op.request_id.clone(),
+                        Seen::Operation(Operation {
+                            name: name.clone(),
+                            zone: zone.clone(),
+                            status: if *done { OperationStatus::Done } else { OperationStatus::Running },
+                            error: failed.then(|| ComputeError::OperationFailed {
+                                operation: name.clone(),
+                                code: ErrorCode::ZoneResourcePoolExhausted,
+                                message: String::new(),
+                            }),
+                        }),
+                    );
+                }
+            }
+            let plan = plan(&PoolObserved {
+                preset: &self.preset,
+                now: self.now,
+                vms: &self.vms,
+                operations: &seen,
+                registered: &self.registered,
+                settings: &self.settings,
+                key: &self.key,
+            });
+            let mut status = plan.status.clone();
+            for call in &plan.calls {
+                let name = format!("op-{}", self.next);
+                self.next += 1;
+                let (zone, instance, kind) = match call {
+                    CloudCall::Insert(spec) => (spec.zone.clone(), spec.name.clone(), OperationKind::Insert),
+                    CloudCall::Delete { zone, name, .. } => (zone.clone(), name.clone(), OperationKind::Delete),
+                };
+                self.ops.insert(name.clone(), (instance, zone, kind, false));
+                if let Some(op) = status.operations.iter_mut().find(|o| o.request_id == call.request_id()) {
+                    op.operation = Some(name);
+                    op.state = OperationState::Running;
+                    op.tries += 1;
+                }
+            }
+            self.preset.status = Some(status);
+            plan
+        }
+
+        /// Running operations finish; inserts succeed unless `fail`.
+        fn finish(&mut self, fail: bool) {
+            for (instance, zone, kind, done) in self.ops.values_mut() {
+                if *done {
+                    continue;
+                }
+                *done = true;
+                match kind {
+                    OperationKind::Insert if !fail => self.vms.push(Instance {
+                        name: instance.clone(),
+                        zone: zone.clone(),
+                        status: crate::compute::InstanceStatus::Running,
+                        labels: BTreeMap::new(),
+                        label_fingerprint: String::new(),
+                        metadata: BTreeMap::new(),
+                        creation_timestamp: None,
+                    }),
+                    OperationKind::Delete => self.vms.retain(|v| v.name != *instance),
+                    _ => {}
+                }
+            }
+        }
+
+        /// Every booted VM's agent registers.
+        fn boot(&mut self) {
+            for vm in &self.vms {
+                self.registered.insert(vm.name.clone(), self.now);
+            }
+        }
+
+        fn set_version(&mut self, version: &str) {
+            self.preset.spec.template_version = version.into();
+            self.preset.metadata.generation = self.preset.metadata.generation.map(|g| g + 1);
+        }
+
+        fn ready(&self, version: &str) -> usize {
+            self.status()
+                .instances
+                .iter()
+                .filter(|i| i.state == PresetInstanceState::Ready && i.template_version == version)
+                .count()
+        }
+    }
+
+    #[test]
+    fn jobs_wait_for_provisioner_slots() {
+        let mut w = World::new(preset(3, "v1", 2));
+        let plan = w.reconcile();
+        assert_eq!(plan.calls.len(), 2, "two slots");
+        assert_eq!((plan.status.provisioning, plan.status.pending), (2, 1));
+        w.finish(false);
+        w.boot();
+        let plan = w.reconcile();
+        assert_eq!(plan.calls.len(), 1, "the pending job starts once a slot frees");
+        w.finish(false);
+        w.boot();
+        w.reconcile();
+        assert_eq!(w.status().ready, 3);
+    }
+
+    #[test]
+    fn a_version_change_cancels_only_pending_jobs_of_other_versions() {
+        let mut w = World::new(preset(3, "v1", 1));
+        w.reconcile();
+        assert_eq!(w.status().pending_jobs.len(), 2);
+        w.set_version("v2");
+        let plan = w.reconcile();
+        assert_eq!(plan.cancelled, 2);
+        assert_eq!(plan.status.cancelled_total, 2);
+        assert!(
+            plan.events.iter().any(|e| e.reason == "PendingJobsCancelled" && e.note.contains("template version v1"))
+        );
+        assert!(plan.status.pending_jobs.iter().all(|j| j.template_version == "v2"));
+        // The provisioning v1 VM keeps going; nothing of v1 is started.
+        assert!(plan.calls.is_empty(), "the single slot is still busy: {:?}", plan.calls);
+        assert_eq!(plan.status.instances.iter().filter(|i| i.template_version == "v1").count(), 1);
+    }
+
+    #[test]
+    fn outdated_vms_go_only_as_new_ones_are_ready() {
+        let mut w = World::new(preset(2, "v1", 2));
+        for _ in 0..3 {
+            w.reconcile();
+            w.finish(false);
+            w.boot();
+        }
+        w.reconcile();
+        assert_eq!(w.ready("v1"), 2);
+        w.set_version("v2");
+        let plan = w.reconcile();
+        assert!(
+            !plan.calls.iter().any(|c| matches!(c, CloudCall::Delete { .. })),
+            "no v1 VM goes before a v2 VM is ready"
+        );
+        w.finish(false);
+        // One v2 ready → one v1 goes.
+        let first = w
+            .vms
+            .iter()
+            .find(|v| w.status().instances.iter().any(|i| i.name == v.name && i.template_version == "v2"))
+            .map(|v| v.name.clone())
+            .expect("a v2 VM");
+        w.registered.insert(first, w.now);
+        let plan = w.reconcile();
+        assert_eq!(plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count(), 1);
+        assert_eq!((w.ready("v1"), w.ready("v2")), (1, 1), "still two ready while rolling");
+        w.finish(false);
+        w.boot();
+        w.reconcile();
+        w.finish(false);
+        w.reconcile();
+        assert_eq!((w.ready("v1"), w.ready("v2")), (0, 2));
+    }
+
+    #[test]
+    fn failures_back_off_then_stop_until_the_spec_changes() {
+        let mut w = World::new(preset(1, "v1", 1));
+        w.reconcile();
+        w.finish(true);
+        w.reconcile();
+        assert_eq!(w.status().consecutive_failures, 1);
+        let plan = w.reconcile();
+        assert!(plan.calls.is_empty(), "backing off");
+        w.now += SignedDuration::from_secs(10);
+        assert_eq!(w.reconcile().calls.len(), 1, "after the base backoff it tries again");
+        w.finish(true);
+        w.reconcile();
+        w.now += SignedDuration::from_secs(19);
+        assert!(w.reconcile().calls.is_empty(), "the backoff doubled");
+        w.now += SignedDuration::from_secs(1);
+        assert_eq!(w.reconcile().calls.len(), 1);
+        w.finish(true);
+        w.reconcile();
+        assert_eq!(w.status().consecutive_failures, 3);
+        w.now += SignedDuration::from_secs(3600);
+        let plan = w.reconcile();
+        assert!(plan.calls.is_empty(), "degraded: no more creation");
+        let degraded = conditions::get(&plan.status.conditions, "Degraded").expect("Degraded");
+        assert_eq!((degraded.status, degraded.reason.as_str()), (ConditionStatus::True, "TooManyFailures"));
+        w.preset.spec.instances = 2;
+        w.preset.metadata.generation = Some(2);
+        let plan = w.reconcile();
+        assert_eq!(plan.calls.len(), 1, "a spec change starts over");
+        assert_eq!(plan.status.consecutive_failures, 0);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_max() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff(s(10), s(300), 1), s(10));
+        assert_eq!(backoff(s(10), s(300), 2), s(20));
+        assert_eq!(backoff(s(10), s(300), 4), s(80));
+        assert_eq!(backoff(s(10), s(300), 10), s(300));
+        assert_eq!(backoff(s(10), s(300), i32::MAX), s(300));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Finish(bool),
+        Boot,
+        Version(u8),
+        Instances(i32),
+        Advance(i64),
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn pool_invariants_hold(steps in proptest::collection::vec(prop_oneof![
+            any::<bool>().prop_map(Step::Finish),
+            Just(Step::Boot),
+            (1u8..4).prop_map(Step::Version),
+            (0i32..6).prop_map(Step::Instances),
+            (1i64..60).prop_map(Step::Advance),
+        ], 1..40)) {
+            let mut w = World::new(preset(3, "v1", 2));
+            w.reconcile();
+            for step in steps {
+                match step {
+                    Step::Finish(fail) => w.finish(fail),
+                    Step::Boot => w.boot(),
+                    Step::Version(v) => w.set_version(&format!("v{v}")),
+                    Step::Instances(n) => { w.preset.spec.instances = n; w.preset.metadata.generation = w.preset.metadata.generation.map(|g| g + 1); }
+                    Step::Advance(s) => w.now += SignedDuration::from_secs(s),
+                }
+                let plan = w.reconcile();
+                let status = plan.status;
+                let active = w.preset.spec.template_version.clone();
+                let desired = usize::try_from(w.preset.spec.instances).unwrap_or(0);
+                let live_active = status.instances.iter().filter(|i| i.template_version == active && matches!(i.state, PresetInstanceState::Ready | PresetInstanceState::Provisioning)).count();
+                // Never more of the active version than wanted.
+                prop_assert!(live_active + status.pending_jobs.len() <= desired, "{} + {} > {}", live_active, status.pending_jobs.len(), desired);
+                // Never more provisioning than slots.
+                prop_assert!(status.provisioning <= 2);
+                // No pending job of another version, and nothing of another version is started.
+                prop_assert!(status.pending_jobs.iter().all(|j| j.template_version == active));
+                for call in &plan.calls {
+                    if let CloudCall::Insert(spec) = call {
+                        prop_assert_eq!(spec.labels.get("template-version"), Some(&active));
+                    }
+                }
+                // Availability: outdated ready VMs are deleted only down to what the new version replaces.
+                let ready_total = status.instances.iter().filter(|i| i.state == PresetInstanceState::Ready).count();
+                let ready_active = status.instances.iter().filter(|i| i.state == PresetInstanceState::Ready && i.template_version == active).count();
+                prop_assert!(ready_total >= ready_active.min(desired));
+            }
+        }
+    }
+}
