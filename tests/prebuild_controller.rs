@@ -245,3 +245,70 @@ async fn deleting_a_preset_deletes_its_vms_first() {
         }
     }
 }
+
+#[tokio::test]
+async fn ten_runs_claim_from_a_pool_of_three_and_the_rest_fall_back() {
+    use testrun_controller::api::testrun::{TestRun, TestRunPhase};
+    let env = setup("pool-claims", &["--operation-delay", "300ms", "--boot-delay", "50ms"]).await;
+    env.create(preset(3, "v1", 3)).await;
+    env.wait_for("3 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 3)).await;
+    let warm: std::collections::BTreeSet<String> =
+        env.vms().await.iter().filter_map(|v| v["name"].as_str().map(String::from)).collect();
+
+    let runs: Api<TestRun> = Api::namespaced(env.client.clone(), &env.ns);
+    let creations = (0..10).map(|i| {
+        let runs = runs.clone();
+        async move {
+            let run: TestRun = serde_json::from_value(json!({
+                "apiVersion": "testrun.dev/v1alpha1",
+                "kind": "TestRun",
+                "metadata": { "name": format!("claim-{i}") },
+                "spec": { "presetRef": { "name": "pool" }, "command": ["sh", "-c", "echo ran on $GCE_INSTANCE_NAME"], "heartbeatTimeout": "20s" }
+            }))
+            .expect("TestRun");
+            runs.create(&PostParams::default(), &run).await.expect("creating a TestRun");
+        }
+    });
+    futures::future::join_all(creations).await;
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut done = Vec::new();
+    while done.len() < 10 {
+        done = runs
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .into_iter()
+            .filter(|r| r.status.as_ref().and_then(|s| s.phase) == Some(TestRunPhase::Succeeded))
+            .collect();
+        assert!(Instant::now() < deadline, "only {} of 10 runs succeeded; log:\n{}", done.len(), env.controller.log());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let instances: Vec<String> =
+        done.iter().filter_map(|r| r.status.as_ref()?.shards.first()?.instance.clone()).collect();
+    let claimed: Vec<&String> = instances.iter().filter(|name| warm.contains(*name)).collect();
+    let distinct: std::collections::BTreeSet<&String> = claimed.iter().copied().collect();
+    assert_eq!(claimed.len(), 3, "three runs got a warm VM: {instances:?}");
+    assert_eq!(distinct.len(), 3, "no warm VM was claimed twice");
+    assert_eq!(instances.iter().filter(|n| n.starts_with("tr-")).count(), 7, "seven fell back to fresh VMs");
+    for run in &done {
+        let shard = &run.status.as_ref().expect("status").shards[0];
+        let out = shard.result.as_ref().map(|r| r.output_tail.trim().to_string()).unwrap_or_default();
+        assert_eq!(
+            out,
+            format!("ran on {}", shard.instance.clone().unwrap_or_default()),
+            "the shard ran on its own VM"
+        );
+    }
+
+    // The pool backfills to three ready VMs, none of them the claimed ones.
+    let p = env
+        .wait_for("the pool to backfill", |p| {
+            p.status.as_ref().is_some_and(|s| s.ready == 3 && s.instances.iter().all(|i| !warm.contains(&i.name)))
+        })
+        .await;
+    assert_eq!(p.status.expect("status").instances.len(), 3);
+    let events = common::events(&env.client, &env.ns).await;
+    assert!(events.iter().any(|(r, _)| r == "VmClaimed"), "{events:?}");
+}

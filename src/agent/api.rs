@@ -145,22 +145,30 @@ async fn register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<Assig
         return Err(Refusal(StatusCode::CONFLICT, "Finished", "the shard has finished".into()));
     }
     let uid = request.owner_uid.as_str();
-    let scope = LeaseScope { uid, shard: shard.index, attempt: shard.attempt, lease_id: shard.lease_id };
     api.book.register(uid, shard.index, shard.lease_id, Timestamp::now());
     let _ = api.wake.send(ObjectRef::from_obj(run.as_ref()));
     tracing::info!(testrun = %request.testrun, namespace = %request.namespace, shard = shard.index, attempt = shard.attempt, lease = shard.lease_id, "agent registered");
-    Ok(Json(Assignment {
+    Ok(Json(assignment(&api.key, &run, shard)))
+}
+
+/// The assignment of a shard's current attempt, with its lease token.
+fn assignment(key: &LeaseKey, run: &TestRun, shard: &ShardStatus) -> Assignment {
+    let uid = run.metadata.uid.clone().unwrap_or_default();
+    let scope = LeaseScope { uid: &uid, shard: shard.index, attempt: shard.attempt, lease_id: shard.lease_id };
+    Assignment {
+        namespace: run.metadata.namespace.clone().unwrap_or_default(),
+        testrun: run.metadata.name.clone().unwrap_or_default(),
         shard: shard.index,
         shards: run.spec.shards,
         attempt: shard.attempt,
         lease_id: shard.lease_id,
-        lease_token: api.key.lease_token(&scope),
+        lease_token: key.lease_token(&scope),
         command: run.spec.command.clone(),
         env: run.spec.env.iter().map(|e| EnvVar { name: e.name.clone(), value: e.value.clone() }).collect(),
         working_dir: run.spec.working_dir.clone(),
         timeout_seconds: run.spec.timeout.parse().map(|d| d.as_secs()).unwrap_or(3600),
         heartbeat_interval_seconds: heartbeat_interval(&run.spec.heartbeat_timeout),
-    }))
+    }
 }
 
 /// Checks a lease claim against the cache; returns the run and its shard.
@@ -279,14 +287,47 @@ async fn pool_register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A pool VM waits for work; the answer comes after at most [`POOL_WAIT`]
-/// (204: nothing yet, ask again).
-async fn pool_wait(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<StatusCode, Refusal> {
+/// A pool VM waits for work: 200 with an assignment as soon as a TestRun
+/// claimed it and recorded the claim, or 204 after at most [`POOL_WAIT`]
+/// (nothing yet, ask again).
+async fn pool_wait(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<Response, Refusal> {
     let hello: PoolHello = parse(&api, &body)?;
     check_pool_vm(&api, &hello)?;
-    api.pool.heard(&hello.owner_uid, &hello.instance, Timestamp::now());
-    tokio::time::sleep(POOL_WAIT).await;
-    Ok(StatusCode::NO_CONTENT)
+    let deadline = tokio::time::Instant::now() + POOL_WAIT;
+    loop {
+        api.pool.heard(&hello.owner_uid, &hello.instance, Timestamp::now());
+        if let Some((run, shard)) = claimed_work(&api, &hello) {
+            let uid = run.metadata.uid.clone().unwrap_or_default();
+            api.book.register(&uid, shard.index, shard.lease_id, Timestamp::now());
+            let _ = api.wake.send(ObjectRef::from_obj(run.as_ref()));
+            tracing::info!(instance = %hello.instance, testrun = %run.metadata.name.clone().unwrap_or_default(), shard = shard.index, lease = shard.lease_id, "claimed pool VM received its assignment");
+            return Ok(Json(assignment(&api.key, &run, &shard)).into_response());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The TestRun shard that claimed this pool VM: a run of the preset's
+/// namespace naming the preset whose current attempt is this VM.
+fn claimed_work(api: &AgentApi, hello: &PoolHello) -> Option<(Arc<TestRun>, ShardStatus)> {
+    api.runs.state().into_iter().find_map(|run| {
+        let mine = run.metadata.namespace.as_deref() == Some(hello.namespace.as_str())
+            && run.spec.preset_ref.as_ref().is_some_and(|r| r.name == hello.preset);
+        if !mine {
+            return None;
+        }
+        let shard = run
+            .status
+            .as_ref()?
+            .shards
+            .iter()
+            .find(|s| s.instance.as_deref() == Some(hello.instance.as_str()))?
+            .clone();
+        (!shard.phase.is_finished()).then_some((run, shard))
+    })
 }
 
 /// The phase a run's shard takes from an accepted result.

@@ -86,6 +86,12 @@ pub struct EnvVar {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Assignment {
+    /// TestRun namespace.
+    #[serde(default)]
+    pub namespace: String,
+    /// TestRun name.
+    #[serde(default)]
+    pub testrun: String,
     /// Shard index.
     pub shard: i32,
     /// Number of shards.

@@ -121,7 +121,16 @@ pub async fn run() -> Result<i32, AgentError> {
         instance: metadata.get("instance/name").await?,
         vm_token: metadata.attribute(META_VM_TOKEN).await?,
     };
-    let assignment = register(&http, &url, &request).await?;
+    let mut assignment = register(&http, &url, &request).await?;
+    if assignment.namespace.is_empty() {
+        assignment.namespace = request.namespace.clone();
+        assignment.testrun = request.testrun.clone();
+    }
+    work(&http, &url, &assignment).await
+}
+
+/// Runs an assignment and reports its result until acknowledged.
+async fn work(http: &reqwest::Client, url: &str, assignment: &Assignment) -> Result<i32, AgentError> {
     tracing::info!(
         shard = assignment.shard,
         attempt = assignment.attempt,
@@ -129,17 +138,17 @@ pub async fn run() -> Result<i32, AgentError> {
         "assignment received"
     );
     let claim = LeaseClaim {
-        namespace: request.namespace.clone(),
-        testrun: request.testrun.clone(),
+        namespace: assignment.namespace.clone(),
+        testrun: assignment.testrun.clone(),
         shard: assignment.shard,
         attempt: assignment.attempt,
         lease_id: assignment.lease_id,
         lease_token: assignment.lease_token.clone(),
     };
-    let outcome = execute(&http, &url, &assignment, &claim).await?;
+    let outcome = execute(http, url, assignment, &claim).await?;
     report(
-        &http,
-        &url,
+        http,
+        url,
         ResultReport { lease: claim, exit_code: outcome.0, duration_ms: outcome.1, output_tail: outcome.2 },
     )
     .await?;
@@ -153,6 +162,11 @@ async fn wait_in_pool(http: &reqwest::Client, url: &str, hello: &PoolHello) -> R
     let mut delay = Duration::from_millis(200);
     loop {
         match http.post(format!("{url}{path}")).timeout(Duration::from_secs(60)).json(hello).send().await {
+            Ok(r) if r.status() == StatusCode::OK && path == POOL_WAIT_PATH => match r.json::<Assignment>().await {
+                // Claimed by a TestRun: run its shard like any agent.
+                Ok(assignment) => return work(http, url, &assignment).await,
+                Err(e) => tracing::warn!(error = %e, "unreadable assignment; waiting again"),
+            },
             Ok(r) if r.status().is_success() => {
                 if path == POOL_REGISTER_PATH {
                     tracing::info!("registered with the pool; waiting for work");

@@ -85,16 +85,23 @@ pub async fn make_calls<C: Compute>(
     }
 }
 
-/// Writes an object's status with server-side apply on the status subresource.
-pub async fn write_status<K, S>(api: &Api<K>, obj: &K, status: &S) -> Result<(), Error>
+/// Writes an object's status with server-side apply on the status
+/// subresource. With `guard`, the write carries the resourceVersion `obj`
+/// was read at and fails with a conflict if anyone wrote since (a claim).
+///
+/// Returns the resourceVersion after the write.
+pub async fn write_status<K, S>(api: &Api<K>, obj: &K, status: &S, guard: bool) -> Result<Option<String>, Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
 {
-    let patch = json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status });
+    let mut patch = json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status });
+    if guard {
+        patch["metadata"] = json!({ "resourceVersion": obj.resource_version() });
+    }
     api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
-        .map(|_| ())
+        .map(|written| written.resource_version())
         .map_err(|source| Error::WriteStatus { name: obj.name_any(), source })
 }
 

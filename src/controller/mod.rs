@@ -2,6 +2,7 @@
 //! and [`run`], which starts the TestRun controller and the agent API.
 //! What happens to a TestRun is in [`testrun::plan`].
 
+pub mod claims;
 pub mod conditions;
 pub mod execute;
 pub mod ops;
@@ -46,6 +47,22 @@ pub enum Error {
     WriteStatus {
         /// The object.
         name: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// Claiming a pool VM failed.
+    #[error("claiming a VM from PrebuildPreset {preset}: {source}")]
+    Claim {
+        /// The preset.
+        preset: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// Reading the preset of a TestRun failed.
+    #[error("reading PrebuildPreset {preset}: {source}")]
+    ReadPreset {
+        /// The preset.
+        preset: String,
         /// Why.
         source: kube::Error,
     },

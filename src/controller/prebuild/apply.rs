@@ -58,14 +58,15 @@ async fn reconcile_inner<C: Compute>(preset: &PrebuildPreset, ctx: &Context<C>) 
     let plan = if deleting { plan_cleanup(&observed) } else { plan(&observed) };
     let (done, requeue) = (plan.cleanup_done, plan.requeue_after);
     let PoolPlan { mut status, calls, events, .. } = plan;
+    let mut current = preset.clone();
     if preset.status.as_ref() != Some(&status) {
-        write_status(&api, preset, &status).await?;
+        current.metadata.resource_version = write_status(&api, &current, &status, true).await?;
     }
     if !calls.is_empty() {
         let before = status.clone();
         make_calls(&ctx.compute, &calls, &mut status.operations, &preset.spec.vm).await;
         if status != before {
-            write_status(&api, preset, &status).await?;
+            write_status(&api, &current, &status, true).await?;
         }
     }
     publish(&ctx.recorder, preset, events).await;

@@ -390,6 +390,7 @@ impl Pool<'_> {
         let timeout = to_signed(self.obs.settings.registration_timeout);
         let mut lost = Vec::new();
         let mut late = Vec::new();
+        let mut handed_over = Vec::new();
         for i in &mut self.status.instances {
             let exists = self.obs.vms.iter().any(|v| v.name == i.name && v.zone == i.zone);
             let creating =
@@ -407,9 +408,12 @@ impl Pool<'_> {
                     }
                 }
                 PresetInstanceState::Ready if !exists => lost.push(i.name.clone()),
+                // A claimed VM leaves the pool once relabelled to its TestRun.
+                PresetInstanceState::Claimed if !exists => handed_over.push(i.name.clone()),
                 _ => {}
             }
         }
+        self.status.instances.retain(|i| !handed_over.contains(&i.name));
         for name in lost {
             self.status.instances.retain(|i| i.name != name);
             self.event(true, "VmVanished", format!("pool VM {name} disappeared"));

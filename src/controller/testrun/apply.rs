@@ -13,9 +13,14 @@ use kube::{Resource, ResourceExt};
 use tracing::Instrument as _;
 
 use super::plan::{Observed, Plan, plan, plan_cleanup};
-use crate::api::FINALIZER;
+use std::collections::BTreeMap;
+
+use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
-use crate::compute::Compute;
+use crate::api::{FINALIZER, VmSpec};
+use crate::compute::naming::{LABEL_OWNER_UID, LABEL_TEMPLATE_VERSION, label_value, request_id, testrun_labels};
+use crate::compute::{Compute, Instance};
+use crate::controller::claims::{Claim, claim_ready_vm, held};
 use crate::controller::execute::{make_calls, owned_vms, publish, read_operations, set_finalizer, write_status};
 use crate::controller::{Context, Error};
 
@@ -66,13 +71,76 @@ async fn reconcile_inner<C: Compute>(run: &TestRun, ctx: &Context<C>) -> Result<
     })
 }
 
+/// What a TestRun with `presetRef` sees of its preset: the VM shape, the
+/// pool VMs its shards claimed (claiming for shards that need one), and
+/// those VMs when they are not yet labelled as the run's.
+#[derive(Default)]
+struct PresetView {
+    vm: Option<VmSpec>,
+    claims: BTreeMap<i32, (String, String)>,
+    claimed_vms: Vec<Instance>,
+}
+
+async fn preset_view<C: Compute>(
+    run: &TestRun,
+    ctx: &Context<C>,
+    vms: &[Instance],
+    cleanup: bool,
+) -> Result<PresetView, Error> {
+    let Some(preset_ref) = &run.spec.preset_ref else { return Ok(PresetView::default()) };
+    let namespace = run.namespace().unwrap_or_default();
+    let api: Api<PrebuildPreset> = Api::namespaced(ctx.client.clone(), &namespace);
+    let read_error = |source| Error::ReadPreset { preset: preset_ref.name.clone(), source };
+    let Some(preset) = api.get_opt(&preset_ref.name).await.map_err(read_error)? else {
+        return Ok(PresetView::default());
+    };
+    let status = run.status.clone().unwrap_or_default();
+    let may_claim = !cleanup && !run.spec.cancel && !status.phase.is_some_and(|p| p.is_finished());
+    let mut view = PresetView { vm: Some(preset.spec.vm.clone()), ..PresetView::default() };
+    for shard in 0..run.spec.shards {
+        let claim = Claim { namespace: namespace.clone(), testrun: run.name_any(), shard };
+        let first_attempt_pending = status.shards.iter().find(|s| s.index == shard).is_none_or(|s| s.attempt == 0);
+        let held = match held(&preset, &claim) {
+            Some(instance) => Some(instance),
+            None if may_claim && first_attempt_pending => claim_ready_vm(&api, &preset_ref.name, &claim)
+                .await
+                .map_err(|source| Error::Claim { preset: preset_ref.name.clone(), source })?,
+            None => None,
+        };
+        if let Some(instance) = held {
+            view.claims.insert(shard, (instance.name, instance.zone));
+        }
+    }
+    // A claimed VM becomes the run's: relabel it, and see it until the list does.
+    let uid = run.uid().unwrap_or_default();
+    for (shard, (name, zone)) in &view.claims {
+        if vms.iter().any(|v| &v.name == name && &v.zone == zone) {
+            continue;
+        }
+        let Some(vm) = ctx.compute.get(zone, name).await.map_err(Error::ListVms)? else { continue };
+        if vm.labels.get(LABEL_OWNER_UID) != Some(&label_value(&uid)) {
+            let mut labels = vm.labels.clone();
+            labels.remove(LABEL_TEMPLATE_VERSION);
+            labels.extend(testrun_labels(&ctx.settings.installation, &uid, u32::try_from(*shard).unwrap_or(0), 1));
+            let rid = request_id(&format!("claim/{uid}/{shard}/{zone}/{name}"), 0);
+            if let Err(e) = ctx.compute.set_labels(zone, name, &labels, &vm.label_fingerprint, &rid).await {
+                tracing::warn!(instance = %name, error = %e, "relabelling a claimed VM failed; retrying next pass");
+            }
+        }
+        view.claimed_vms.push(vm);
+    }
+    Ok(view)
+}
+
 async fn observe_and_plan<C: Compute>(run: &TestRun, ctx: &Context<C>, cleanup: bool) -> Result<Plan, Error> {
     let uid = run.uid().unwrap_or_default();
-    let vms = owned_vms(&ctx.compute, &ctx.settings.installation, &uid).await?;
+    let mut vms = owned_vms(&ctx.compute, &ctx.settings.installation, &uid).await?;
+    let preset = preset_view(run, ctx, &vms, cleanup).await?;
+    vms.extend(preset.claimed_vms.iter().cloned());
     let tracked = run.status.as_ref().map(|s| s.operations.clone()).unwrap_or_default();
     let operations = read_operations(&ctx.compute, &tracked).await;
     let heard = ctx.book.snapshot(&uid);
-    let machine = run.spec.vm.as_ref().map(|v| v.machine_type.clone()).unwrap_or_default();
+    let machine = run.spec.vm.as_ref().or(preset.vm.as_ref()).map(|v| v.machine_type.clone()).unwrap_or_default();
     let exhausted = ctx.exhausted_zones.current(&machine);
     let observed = Observed {
         run,
@@ -83,6 +151,8 @@ async fn observe_and_plan<C: Compute>(run: &TestRun, ctx: &Context<C>, cleanup: 
         exhausted_zones: &exhausted,
         settings: &ctx.settings,
         key: &ctx.key,
+        claims: &preset.claims,
+        preset_vm: preset.vm.as_ref(),
     };
     let plan = if cleanup { plan_cleanup(&observed) } else { plan(&observed) };
     for zone in &plan.exhausted {
@@ -96,13 +166,13 @@ async fn observe_and_plan<C: Compute>(run: &TestRun, ctx: &Context<C>, cleanup: 
 async fn execute<C: Compute>(run: &TestRun, ctx: &Context<C>, api: &Api<TestRun>, plan: Plan) -> Result<(), Error> {
     let Plan { mut status, calls, events, .. } = plan;
     if run.status.as_ref() != Some(&status) {
-        write_status(api, run, &status).await?;
+        write_status(api, run, &status, false).await?;
     }
     if !calls.is_empty() {
         let before = status.clone();
         make_calls(&ctx.compute, &calls, &mut status.operations, &run.spec.vm.clone().unwrap_or_default()).await;
         if status != before {
-            write_status(api, run, &status).await?;
+            write_status(api, run, &status, false).await?;
         }
     }
     publish(&ctx.recorder, run, events).await;

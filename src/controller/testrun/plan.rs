@@ -72,6 +72,10 @@ pub struct Observed<'a> {
     pub settings: &'a Settings,
     /// The key VM tokens are made with.
     pub key: &'a LeaseKey,
+    /// Pool VMs claimed for shards (`presetRef`), by shard: (instance, zone).
+    pub claims: &'a BTreeMap<i32, (String, String)>,
+    /// The VM shape of the preset named in `presetRef`, when it exists.
+    pub preset_vm: Option<&'a VmSpec>,
 }
 
 /// The outcome of planning.
@@ -136,8 +140,23 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         p.invalid(&invalid.to_string());
         return p.finish(false);
     }
-    let Some(vm) = run.spec.vm.clone() else {
-        p.invalid("spec.presetRef without spec.vm: claiming VMs from a PrebuildPreset is not supported by this controller version; set spec.vm");
+    let Some(vm) = run.spec.vm.clone().or_else(|| obs.preset_vm.cloned()) else {
+        // presetRef names a preset that does not exist (yet): wait for it.
+        let name = run.spec.preset_ref.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+        let message = format!("PrebuildPreset {name} does not exist; waiting for it (or set spec.vm)");
+        if conditions::get(&p.status.conditions, "Ready").is_none_or(|c| c.reason != "PresetNotFound") {
+            p.event(true, "PresetNotFound", message.clone());
+        }
+        conditions::set(
+            &mut p.status.conditions,
+            "Ready",
+            ConditionStatus::False,
+            "PresetNotFound",
+            message,
+            run.metadata.generation,
+            obs.now,
+        );
+        p.wake = Duration::from_secs(15);
         return p.finish(false);
     };
     conditions::set(
@@ -521,9 +540,26 @@ impl Planner<'_> {
         self.wake_within(OPERATION_POLL);
     }
 
-    /// Starts the next attempt of a shard with a new lease.
+    /// Starts the next attempt of a shard with a new lease: on a claimed
+    /// pool VM for a first attempt when one was claimed, on a new VM otherwise.
     fn start_attempt(&mut self, index: usize, vm: &VmSpec) {
         let lease_id = self.next_lease_id();
+        let shard_index = self.status.shards[index].index;
+        if self.status.shards[index].attempt == 0
+            && let Some((name, zone)) = self.obs.claims.get(&shard_index).cloned()
+        {
+            let shard = &mut self.status.shards[index];
+            shard.attempt = 1;
+            shard.lease_id = lease_id;
+            shard.zone = Some(zone.clone());
+            shard.instance = Some(name.clone());
+            shard.phase = TestRunPhase::Provisioning;
+            shard.requested_time = Some(Time(self.obs.now));
+            shard.message = Some(format!("attempt 1 on pool VM {name} in {zone}"));
+            self.status.attempts += 1;
+            self.event(false, "VmClaimed", format!("shard {shard_index} claimed ready pool VM {name} in {zone}"));
+            return;
+        }
         let zone = self.first_zone(vm);
         let uid = self.uid();
         let shard = &mut self.status.shards[index];
@@ -986,6 +1022,8 @@ mod tests {
                 exhausted_zones: &exhausted,
                 settings: &self.settings,
                 key: &self.key,
+                claims: &BTreeMap::new(),
+                preset_vm: None,
             });
             let mut status = plan.status.clone();
             for call in &plan.calls {
@@ -1132,6 +1170,8 @@ mod tests {
             exhausted_zones: &exhausted,
             settings: &w.settings,
             key: &w.key,
+            claims: &BTreeMap::new(),
+            preset_vm: None,
         });
         assert_eq!(again.calls.len(), 1);
         assert_eq!(again.calls[0].request_id(), first.calls[0].request_id());
