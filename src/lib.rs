@@ -12,4 +12,5 @@ pub mod compute;
 pub mod controller;
 pub mod crd;
 pub mod emulator;
+pub mod metrics;
 pub mod telemetry;

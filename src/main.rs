@@ -66,6 +66,10 @@ struct RunArgs {
     /// Address the agent API listens on.
     #[arg(long, env = "TESTRUN_AGENT_LISTEN", default_value = "0.0.0.0:8090")]
     agent_listen: SocketAddr,
+    /// Address serving Prometheus metrics (`/metrics`) and health
+    /// (`/healthz`, `/readyz`).
+    #[arg(long, env = "TESTRUN_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
     /// URL VMs use to reach the agent API. Default: `http://127.0.0.1:PORT`
     /// with the port of `--agent-listen` (right for the emulator only).
     #[arg(long, env = "TESTRUN_AGENT_URL")]
@@ -231,6 +235,7 @@ async fn controller(args: RunArgs) -> Result<(), String> {
         namespace: args.namespace,
         secret_name: args.lease_secret,
         watch_namespace: args.watch_namespace,
+        metrics_listen: args.metrics_listen,
     };
     run(client, compute, settings, config).await.map_err(|e| e.to_string())
 }

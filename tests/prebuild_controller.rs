@@ -183,6 +183,12 @@ async fn a_new_template_version_cancels_pending_jobs_and_rolls_without_losing_re
         "{events:?}"
     );
     env.wait_vms(3, "v3").await;
+    let metrics = env.controller.metrics().await;
+    let cancelled =
+        format!("testrun_controller_pool_pending_jobs_cancelled_total{{namespace=\"{}\",preset=\"pool\"}} 2", env.ns);
+    assert!(metrics.contains(&cancelled), "{cancelled} not in\n{metrics}");
+    let ready = format!("testrun_controller_pool_vms{{namespace=\"{}\",preset=\"pool\",state=\"ready\"}} 3", env.ns);
+    assert!(metrics.contains(&ready), "{ready} not in\n{metrics}");
 }
 
 #[tokio::test]
@@ -213,6 +219,11 @@ async fn repeated_capacity_failures_back_off_then_degrade_until_the_spec_changes
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = hits(reqwest::get(&faults).await.expect("faults").json().await.expect("json"));
     assert_eq!(after, before, "a degraded preset creates nothing");
+    let metrics = env.controller.metrics().await;
+    assert!(
+        metrics.contains("testrun_controller_pool_provision_failures_total{reason=\"ZONE_RESOURCE_POOL_EXHAUSTED\"} 3"),
+        "{metrics}"
+    );
 
     // Capacity is back and the spec changes: the preset recovers.
     reqwest::Client::new().delete(&faults).send().await.expect("clearing faults");
@@ -311,4 +322,7 @@ async fn ten_runs_claim_from_a_pool_of_three_and_the_rest_fall_back() {
     assert_eq!(p.status.expect("status").instances.len(), 3);
     let events = common::events(&env.client, &env.ns).await;
     assert!(events.iter().any(|(r, _)| r == "VmClaimed"), "{events:?}");
+    let metrics = env.controller.metrics().await;
+    assert!(metrics.contains("testrun_controller_pool_claims_total{reason=\"claimed\"} 3"), "{metrics}");
+    assert!(metrics.contains("testrun_controller_pool_claim_duration_seconds_count"), "{metrics}");
 }

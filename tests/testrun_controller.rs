@@ -275,6 +275,17 @@ async fn forged_stale_and_malformed_agent_calls_are_refused() {
     let current = &now.status.expect("status").shards[0];
     assert_eq!((current.phase, current.lease_id, current.attempt), (TestRunPhase::Running, shard.lease_id, 1));
     assert!(current.result.is_none(), "a forged or stale report never lands");
+    let metrics = env.controller.metrics().await;
+    for (name, at_least) in
+        [("agent_forged_requests_total", 2), ("agent_stale_reports_total", 2), ("agent_malformed_requests_total", 2)]
+    {
+        let value = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("testrun_controller_{name} ")))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"));
+        assert!(value >= at_least, "{name} = {value}");
+    }
 }
 
 fn group_alive(pid: i32) -> bool {

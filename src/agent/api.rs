@@ -5,7 +5,6 @@
 //! gets 409 and is counted; it never changes the current attempt's state.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -34,17 +33,6 @@ pub fn heartbeat_interval(heartbeat_timeout: &DurationString) -> u64 {
     heartbeat_timeout.parse().map(|d| (d.as_secs() / 4).clamp(1, 15)).unwrap_or(5)
 }
 
-/// Counts of refused calls, for metrics and tests.
-#[derive(Default, Debug)]
-pub struct AgentApiCounters {
-    /// Reports from a lease that is not the shard's current one.
-    pub stale_reports: AtomicU64,
-    /// Calls with a token that does not verify.
-    pub forged: AtomicU64,
-    /// Calls with a body that could not be read.
-    pub malformed: AtomicU64,
-}
-
 /// The agent API's shared state.
 pub struct AgentApi {
     /// Makes and checks tokens.
@@ -61,8 +49,8 @@ pub struct AgentApi {
     pub wake: UnboundedSender<ObjectRef<TestRun>>,
     /// Asks the controller to reconcile a preset now.
     pub wake_presets: UnboundedSender<ObjectRef<PrebuildPreset>>,
-    /// Refusal counts.
-    pub counters: AgentApiCounters,
+    /// Metrics (refusal counts).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An error answer: a status and an [`ApiError`] body.
@@ -90,7 +78,7 @@ pub fn router(api: Arc<AgentApi>) -> Router {
 
 fn parse<T: DeserializeOwned>(api: &AgentApi, body: &Bytes) -> Result<T, Refusal> {
     serde_json::from_slice(body).map_err(|e| {
-        api.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        api.metrics.malformed_requests.inc();
         Refusal(StatusCode::BAD_REQUEST, "Malformed", format!("the request body is not valid: {e}"))
     })
 }
@@ -110,12 +98,12 @@ fn shard_of(run: &TestRun, shard: i32) -> Option<&ShardStatus> {
 }
 
 fn forged(api: &AgentApi, what: &str) -> Refusal {
-    api.counters.forged.fetch_add(1, Ordering::Relaxed);
+    api.metrics.forged_requests.inc();
     Refusal(StatusCode::FORBIDDEN, "Forbidden", format!("the {what} token does not verify"))
 }
 
 fn stale(api: &AgentApi, message: String) -> Refusal {
-    api.counters.stale_reports.fetch_add(1, Ordering::Relaxed);
+    api.metrics.stale_reports.inc();
     Refusal(StatusCode::CONFLICT, "StaleLease", message)
 }
 
@@ -214,7 +202,7 @@ async fn heartbeat(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<Stat
 async fn result(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<ResultAck> {
     let report: ResultReport = parse(&api, &body)?;
     if report.output_tail.len() > OUTPUT_TAIL_BYTES {
-        api.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        api.metrics.malformed_requests.inc();
         return Err(Refusal(
             StatusCode::BAD_REQUEST,
             "Malformed",

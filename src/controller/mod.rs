@@ -23,12 +23,13 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 
-use crate::agent::api::{AgentApi, AgentApiCounters};
+use crate::agent::api::AgentApi;
 use crate::agent::book::{LeaseBook, PoolBook};
 use crate::agent::tokens::LeaseKey;
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
 use crate::compute::{Compute, ComputeError};
+use crate::metrics::Metrics;
 use testrun::plan::Settings;
 
 /// The field manager of every status write.
@@ -190,6 +191,8 @@ pub struct Context<C: Compute> {
     pub exhausted_zones: ExhaustedZones,
     /// Backoff after errors.
     pub backoff: Backoff,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Retries a failed reconcile with per-object exponential backoff.
@@ -249,6 +252,8 @@ pub struct RunConfig {
     pub secret_name: String,
     /// Watch only this namespace.
     pub watch_namespace: Option<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_listen: SocketAddr,
 }
 
 /// Runs the TestRun controller and the agent API until SIGTERM or SIGINT.
@@ -267,6 +272,17 @@ pub async fn run<C: Compute>(
     let listener = tokio::net::TcpListener::bind(config.agent_listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.agent_listen, source })?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.metrics_listen, source })?;
+    let metrics = Arc::new(Metrics::new());
+    let metrics_addr = metrics_listener.local_addr().unwrap_or(config.metrics_listen);
+    let served = metrics.clone();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, crate::metrics::router(served)).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
 
     let presets: Api<PrebuildPreset> = match &config.watch_namespace {
         Some(namespace) => Api::namespaced(client.clone(), namespace),
@@ -296,7 +312,7 @@ pub async fn run<C: Compute>(
         pool: pool.clone(),
         wake: wake_tx,
         wake_presets: pool_tx,
-        counters: AgentApiCounters::default(),
+        metrics: metrics.clone(),
     });
     let agent_addr = listener.local_addr().unwrap_or(config.agent_listen);
     tokio::spawn(async move {
@@ -304,7 +320,7 @@ pub async fn run<C: Compute>(
             tracing::error!(error = %e, "agent API stopped");
         }
     });
-    tracing::info!(agent_api = %agent_addr, agent_url = %settings.agent_url, installation = %settings.installation, "controller starting");
+    tracing::info!(metrics = %metrics_addr, agent_api = %agent_addr, agent_url = %settings.agent_url, installation = %settings.installation, "controller starting");
 
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
@@ -317,6 +333,7 @@ pub async fn run<C: Compute>(
         pool,
         exhausted_zones: ExhaustedZones::new(Duration::from_secs(300)),
         backoff: Backoff::default(),
+        metrics: metrics.clone(),
     });
     let runs_done =
         runs_controller.run(testrun::apply::reconcile, error_policy, ctx.clone()).for_each(|result| async move {
@@ -330,6 +347,7 @@ pub async fn run<C: Compute>(
                 tracing::debug!(error = %e, "reconcile did not complete");
             }
         });
+    metrics.set_ready();
     futures::join!(runs_done, presets_done);
     tracing::info!("controller stopped");
     Ok(())

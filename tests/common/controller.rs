@@ -15,6 +15,8 @@ pub fn free_port() -> u16 {
 pub struct ControllerProcess {
     /// Port of the agent API.
     pub agent_port: u16,
+    /// Port of `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_port: u16,
     args: Vec<String>,
     kubeconfig: PathBuf,
     log: PathBuf,
@@ -25,6 +27,7 @@ impl ControllerProcess {
     /// Starts a controller for `namespace` using the emulator at `compute`.
     pub fn start(kubeconfig: PathBuf, namespace: &str, compute: &str, extra: &[&str]) -> Self {
         let agent_port = free_port();
+        let metrics_port = free_port();
         let mut args: Vec<String> = [
             "run",
             "--compute-endpoint",
@@ -39,11 +42,13 @@ impl ControllerProcess {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.push("--metrics-listen".into());
+        args.push(format!("127.0.0.1:{metrics_port}"));
         args.push("--agent-listen".into());
         args.push(format!("127.0.0.1:{agent_port}"));
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::env::temp_dir().join(format!("controller-{namespace}.log"));
-        let mut me = Self { agent_port, args, kubeconfig, log, child: None };
+        let mut me = Self { agent_port, metrics_port, args, kubeconfig, log, child: None };
         me.restart();
         me
     }
@@ -73,6 +78,12 @@ impl ControllerProcess {
     /// The controller's log so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The controller's metrics as text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        reqwest::get(url).await.expect("metrics endpoint").text().await.expect("metrics text")
     }
 
     /// The agent API's base URL.

@@ -24,6 +24,7 @@ pub async fn reconcile<C: Compute>(preset: Arc<PrebuildPreset>, ctx: Arc<Context
         let key = format!("preset/{}", preset.name_any());
         let result = reconcile_inner(&preset, &ctx).await;
         ctx.backoff.record(&key, result.is_ok());
+        ctx.metrics.reconciled("prebuildpreset", result.is_ok());
         result
     }
     .instrument(span)
@@ -57,6 +58,7 @@ async fn reconcile_inner<C: Compute>(preset: &PrebuildPreset, ctx: &Context<C>) 
     };
     let plan = if deleting { plan_cleanup(&observed) } else { plan(&observed) };
     let (done, requeue) = (plan.cleanup_done, plan.requeue_after);
+    record_metrics(ctx, preset, &plan, deleting && done);
     let PoolPlan { mut status, calls, events, .. } = plan;
     let mut current = preset.clone();
     if preset.status.as_ref() != Some(&status) {
@@ -77,4 +79,31 @@ async fn reconcile_inner<C: Compute>(preset: &PrebuildPreset, ctx: &Context<C>) 
         return Ok(Action::await_change());
     }
     Ok(Action::requeue(requeue.min(std::time::Duration::from_secs(300))))
+}
+
+fn record_metrics<C: Compute>(ctx: &Context<C>, preset: &PrebuildPreset, plan: &PoolPlan, gone: bool) {
+    use crate::metrics::{PoolStateLabels, PresetLabels, ReasonLabels};
+    let namespace = preset.namespace().unwrap_or_default();
+    let name = preset.name_any();
+    let labels = PresetLabels { namespace: namespace.clone(), preset: name.clone() };
+    let s = &plan.status;
+    let deleting =
+        s.instances.iter().filter(|i| i.state == crate::api::prebuild::PresetInstanceState::Deleting).count();
+    for (state, count) in [
+        ("ready", i64::from(s.ready)),
+        ("provisioning", i64::from(s.provisioning)),
+        ("claimed", i64::from(s.claimed)),
+        ("outdated", i64::from(s.outdated)),
+        ("deleting", i64::try_from(deleting).unwrap_or(i64::MAX)),
+    ] {
+        let state_labels = PoolStateLabels { namespace: namespace.clone(), preset: name.clone(), state: state.into() };
+        ctx.metrics.pool_vms.get_or_create(&state_labels).set(if gone { 0 } else { count });
+    }
+    ctx.metrics.pending_jobs.get_or_create(&labels).set(if gone { 0 } else { i64::from(s.pending) });
+    if plan.cancelled > 0 {
+        ctx.metrics.jobs_cancelled.get_or_create(&labels).inc_by(u64::from(plan.cancelled));
+    }
+    for reason in &plan.failures {
+        ctx.metrics.provision_failures.get_or_create(&ReasonLabels { reason: reason.clone() }).inc();
+    }
 }

@@ -71,6 +71,8 @@ pub struct PoolPlan {
     pub events: Vec<PlannedEvent>,
     /// Pending jobs cancelled in this pass.
     pub cancelled: u32,
+    /// Error codes of the provisions that failed in this pass.
+    pub failures: Vec<String>,
     /// When to look again at the latest.
     pub requeue_after: Duration,
     /// Deleting: every VM is verified gone.
@@ -83,6 +85,7 @@ struct Pool<'a> {
     calls: Vec<CloudCall>,
     events: Vec<PlannedEvent>,
     cancelled: u32,
+    failures: Vec<String>,
     wake: Duration,
 }
 
@@ -106,6 +109,7 @@ pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
         calls: Vec::new(),
         events: Vec::new(),
         cancelled: 0,
+        failures: Vec::new(),
         wake: IDLE_REQUEUE,
     };
     let generation = preset.metadata.generation;
@@ -161,6 +165,7 @@ pub fn plan_cleanup(obs: &PoolObserved<'_>) -> PoolPlan {
         calls: Vec::new(),
         events: Vec::new(),
         cancelled: 0,
+        failures: Vec::new(),
         wake: OPERATION_POLL,
     };
     p.status.pending_jobs.clear();
@@ -225,7 +230,8 @@ impl Pool<'_> {
         }
     }
 
-    fn failed_provision(&mut self, message: String) {
+    fn failed_provision(&mut self, code: &str, message: String) {
+        self.failures.push(code.to_string());
         self.status.consecutive_failures += 1;
         self.status.last_failure_time = Some(Time(self.obs.now));
         self.event(true, "ProvisionFailed", message.clone());
@@ -304,7 +310,8 @@ impl Pool<'_> {
             match op.kind {
                 OperationKind::Insert => {
                     self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
-                    self.failed_provision(format!("creating pool VM {} failed: {message}", op.instance));
+                    let code = message.split_once(": ").map_or("UNKNOWN", |(code, _)| code).to_string();
+                    self.failed_provision(&code, format!("creating pool VM {} failed: {message}", op.instance));
                 }
                 OperationKind::Delete | OperationKind::SetLabels => {
                     if message.starts_with("RESOURCE_NOT_FOUND") {
@@ -422,7 +429,10 @@ impl Pool<'_> {
             if let Some(i) = self.status.instances.iter_mut().find(|i| i.name == name) {
                 i.state = PresetInstanceState::Deleting;
             }
-            self.failed_provision(format!("the agent on pool VM {name} did not register in time"));
+            self.failed_provision(
+                "REGISTRATION_TIMEOUT",
+                format!("the agent on pool VM {name} did not register in time"),
+            );
             self.delete(&zone, &name);
         }
         if self.status.instances.iter().any(|i| i.state == PresetInstanceState::Provisioning) {
@@ -685,6 +695,7 @@ impl Pool<'_> {
             calls: self.calls,
             events: self.events,
             cancelled: self.cancelled,
+            failures: self.failures,
             requeue_after: self.wake,
             cleanup_done,
         }

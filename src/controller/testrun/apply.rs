@@ -31,6 +31,7 @@ pub async fn reconcile<C: Compute>(run: Arc<TestRun>, ctx: Arc<Context<C>>) -> R
     async move {
         let result = reconcile_inner(&run, &ctx).await;
         ctx.backoff.record(&run.name_any(), result.is_ok());
+        ctx.metrics.reconciled("testrun", result.is_ok());
         result
     }
     .instrument(span)
@@ -102,9 +103,16 @@ async fn preset_view<C: Compute>(
         let first_attempt_pending = status.shards.iter().find(|s| s.index == shard).is_none_or(|s| s.attempt == 0);
         let held = match held(&preset, &claim) {
             Some(instance) => Some(instance),
-            None if may_claim && first_attempt_pending => claim_ready_vm(&api, &preset_ref.name, &claim)
-                .await
-                .map_err(|source| Error::Claim { preset: preset_ref.name.clone(), source })?,
+            None if may_claim && first_attempt_pending => {
+                let started = std::time::Instant::now();
+                let taken = claim_ready_vm(&api, &preset_ref.name, &claim)
+                    .await
+                    .map_err(|source| Error::Claim { preset: preset_ref.name.clone(), source })?;
+                ctx.metrics.claim_seconds.observe(started.elapsed().as_secs_f64());
+                let result = if taken.is_some() { "claimed" } else { "none" };
+                ctx.metrics.claims.get_or_create(&crate::metrics::ReasonLabels { reason: result.into() }).inc();
+                taken
+            }
             None => None,
         };
         if let Some(instance) = held {
