@@ -62,25 +62,44 @@ sleep 1
 alive emulator || { tail -n 20 "$LOGS/emulator.log" >&2; echo "demo: the emulator exited" >&2; exit 1; }
 alive controller || { tail -n 20 "$LOGS/controller.log" >&2; echo "demo: the controller exited" >&2; exit 1; }
 
+# Waits until TestRun $1 finishes; prints its phase.
+wait_run() {
+  local phase=""
+  for _ in $(seq 1 120); do
+    phase=$(kubectl get tr "$1" -o jsonpath='{.status.phase}')
+    case "$phase" in
+      Succeeded|Failed|TimedOut|Error|Cancelled) break ;;
+    esac
+    sleep 1
+  done
+  kubectl get tr "$1"
+  kubectl get tr "$1" -o jsonpath='{range .status.shards[*]}shard {.index} attempt {.attempt} on {.instance} in {.zone}: {.phase}, exit {.result.exitCode}{"\n"}{.result.outputTail}{end}'
+  [ "$phase" = Succeeded ]
+}
+
 step "running examples/testrun.yaml"
-kubectl delete -f examples/testrun.yaml --ignore-not-found --wait=true >/dev/null
+kubectl delete -f examples/testrun.yaml -f examples/testrun-from-pool.yaml --ignore-not-found --wait=true >/dev/null
 kubectl apply -f examples/testrun.yaml
-for _ in $(seq 1 120); do
-  phase=$(kubectl get tr example-tests -o jsonpath='{.status.phase}')
-  case "$phase" in
-    Succeeded|Failed|TimedOut|Error|Cancelled) break ;;
-  esac
-  sleep 1
-done
-kubectl get tr example-tests
-kubectl get tr example-tests -o jsonpath='{range .status.shards[*]}shard {.index} attempt {.attempt} on {.instance} in {.zone}: {.phase}, exit {.result.exitCode}{"\n"}{.result.outputTail}{end}'
+wait_run example-tests
+
+step "filling the warm pool of examples/prebuildpreset.yaml"
+kubectl apply -f examples/prebuildpreset.yaml
+kubectl wait --for condition=Ready --timeout 120s pbp/example-pool
+kubectl get pbp example-pool
+
+step "running examples/testrun-from-pool.yaml on warm VMs"
+kubectl apply -f examples/testrun-from-pool.yaml
+wait_run example-from-pool
+kubectl get pbp example-pool
+
 cat <<MSG
 
 The system runs locally. From your shell:
   $(bash scripts/control-plane.sh env)
   kubectl get tr -o yaml            # status, shard results and output tails
-  kubectl get events                # VM created, lease issued, result accepted, VM deleted
+  kubectl get events                # VM created, claimed, lease issued, result accepted, VM deleted
+  kubectl get pbp                   # the warm pool
+  curl localhost:9090/metrics       # the controller's metrics
   curl localhost:$EMULATOR_PORT/emulator/v1/instances   # the emulator's VMs
 Stop everything with: scripts/demo.sh down
 MSG
-[ "$phase" = Succeeded ]
