@@ -973,6 +973,7 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Step {
+        Claim,
         Finish(bool),
         Boot,
         Version(u8),
@@ -985,15 +986,27 @@ mod tests {
         #[test]
         fn pool_invariants_hold(steps in proptest::collection::vec(prop_oneof![
             any::<bool>().prop_map(Step::Finish),
+            Just(Step::Claim),
             Just(Step::Boot),
             (1u8..4).prop_map(Step::Version),
             (0i32..6).prop_map(Step::Instances),
             (1i64..60).prop_map(Step::Advance),
         ], 1..40)) {
             let mut w = World::new(preset(3, "v1", 2));
+            let mut claimed = BTreeSet::new();
             w.reconcile();
             for step in steps {
                 match step {
+                    Step::Claim => {
+                        // A TestRun claims a ready VM (the VM keeps the preset's labels until relabelled).
+                        let mut status = w.status();
+                        if let Some(i) = status.instances.iter_mut().find(|i| i.state == PresetInstanceState::Ready) {
+                            i.state = PresetInstanceState::Claimed;
+                            i.claimed_by = Some("ns/run/0".into());
+                            claimed.insert(i.name.clone());
+                        }
+                        w.preset.status = Some(status);
+                    }
                     Step::Finish(fail) => w.finish(fail),
                     Step::Boot => w.boot(),
                     Step::Version(v) => w.set_version(&format!("v{v}")),
@@ -1003,6 +1016,12 @@ mod tests {
                 let ready_before = w.status().instances.iter().filter(|i| i.state == PresetInstanceState::Ready).count()
                     + w.status().instances.iter().filter(|i| i.state == PresetInstanceState::Provisioning && w.registered.contains_key(&i.name)).count();
                 let plan = w.reconcile();
+                // Claimed VMs are never deleted by the pool.
+                for call in &plan.calls {
+                    if let CloudCall::Delete { name, .. } = call {
+                        prop_assert!(!claimed.contains(name), "the pool deleted claimed VM {}", name);
+                    }
+                }
                 let status = plan.status;
                 let active = w.preset.spec.template_version.clone();
                 let desired = usize::try_from(w.preset.spec.instances).unwrap_or(0);

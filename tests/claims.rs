@@ -1,0 +1,76 @@
+//! Claims against a real kube-apiserver: many claimers at once, each with
+//! its own client as separate controller replicas would have, never take
+//! the same pool VM.
+
+mod common;
+
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use testrun_controller::api::prebuild::{PrebuildPreset, PresetInstanceState};
+use testrun_controller::controller::claims::{Claim, claim_ready_vm, held};
+
+#[tokio::test]
+async fn concurrent_claimers_never_take_the_same_vm() {
+    let (client, ns) = common::setup("claims-race").await;
+    let presets: Api<PrebuildPreset> = Api::namespaced(client.clone(), &ns);
+    let preset: PrebuildPreset = serde_json::from_value(json!({
+        "apiVersion": "testrun.dev/v1alpha1",
+        "kind": "PrebuildPreset",
+        "metadata": { "name": "pool" },
+        "spec": {
+            "templateVersion": "v2",
+            "instances": 4,
+            "vm": { "zones": ["us-central1-a"], "machineType": "e2-small", "image": "img" }
+        }
+    }))
+    .expect("preset");
+    presets.create(&PostParams::default(), &preset).await.expect("create");
+    // Three ready VMs of the active version, one outdated, one provisioning.
+    let instance = |name: &str, version: &str, state: &str| json!({ "name": name, "zone": "us-central1-a", "templateVersion": version, "state": state });
+    let status = json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "PrebuildPreset",
+        "status": { "ready": 3, "instances": [
+            instance("vm-a", "v2", "Ready"), instance("vm-b", "v2", "Ready"), instance("vm-c", "v2", "Ready"),
+            instance("vm-old", "v1", "Ready"), instance("vm-new", "v2", "Provisioning"),
+        ]}
+    });
+    presets.patch_status("pool", &PatchParams::apply("test").force(), &Patch::Apply(&status)).await.expect("status");
+
+    // Ten claimers, each with its own client, all at once.
+    let kubeconfig = common::control_plane_kubeconfig();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let kubeconfig = kubeconfig.clone();
+        let ns = ns.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = common::client_from(&kubeconfig).await;
+            let api: Api<PrebuildPreset> = Api::namespaced(client, &ns);
+            let claim = Claim { namespace: ns.clone(), testrun: format!("run-{i}"), shard: 0 };
+            (claim.clone(), claim_ready_vm(&api, "pool", &claim).await.expect("claiming"))
+        }));
+    }
+    let mut won = Vec::new();
+    for task in tasks {
+        let (claim, taken) = task.await.expect("task");
+        if let Some(instance) = taken {
+            won.push((claim, instance.name));
+        }
+    }
+    let mut names: Vec<String> = won.iter().map(|(_, n)| n.clone()).collect();
+    names.sort();
+    assert_eq!(names, vec!["vm-a", "vm-b", "vm-c"], "each ready VM of the active version went to exactly one claimer");
+
+    let stored = presets.get("pool").await.expect("get");
+    let status = stored.status.clone().expect("status");
+    for (claim, name) in &won {
+        let instance = status.instances.iter().find(|i| &i.name == name).expect("listed");
+        assert_eq!(instance.state, PresetInstanceState::Claimed);
+        assert_eq!(instance.claimed_by.as_deref(), Some(claim.to_string().as_str()));
+        // Claiming again returns what the claimer holds, not another VM.
+        assert_eq!(held(&stored, claim).map(|i| i.name), Some(name.clone()));
+    }
+    let untouched = |n: &str| status.instances.iter().find(|i| i.name == n).map(|i| i.state);
+    assert_eq!(untouched("vm-old"), Some(PresetInstanceState::Ready), "outdated VMs are never claimed");
+    assert_eq!(untouched("vm-new"), Some(PresetInstanceState::Provisioning));
+    assert_eq!(status.claimed, 3);
+}
