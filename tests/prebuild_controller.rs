@@ -326,3 +326,46 @@ async fn ten_runs_claim_from_a_pool_of_three_and_the_rest_fall_back() {
     assert!(metrics.contains("testrun_controller_pool_claims_total{reason=\"claimed\"} 3"), "{metrics}");
     assert!(metrics.contains("testrun_controller_pool_claim_duration_seconds_count"), "{metrics}");
 }
+
+#[tokio::test]
+async fn deleting_a_preset_leaves_claimed_vms_to_their_testruns() {
+    use testrun_controller::api::testrun::{TestRun, TestRunPhase};
+    let env = setup("pool-delete-claimed", &["--operation-delay", "200ms", "--boot-delay", "50ms"]).await;
+    env.create(preset(1, "v1", 1)).await;
+    env.wait_for("1 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 1)).await;
+    let warm = env.vms().await[0]["name"].as_str().expect("name").to_string();
+
+    let runs: Api<TestRun> = Api::namespaced(env.client.clone(), &env.ns);
+    let run: TestRun = serde_json::from_value(json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun", "metadata": { "name": "long" },
+        "spec": { "presetRef": { "name": "pool" }, "command": ["sleep", "300"], "heartbeatTimeout": "20s" }
+    }))
+    .expect("TestRun");
+    runs.create(&PostParams::default(), &run).await.expect("create");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let run = runs.get("long").await.expect("get");
+        let shard = run.status.as_ref().and_then(|s| s.shards.first().cloned());
+        if shard.as_ref().is_some_and(|s| s.phase == TestRunPhase::Running) {
+            assert_eq!(shard.and_then(|s| s.instance), Some(warm.clone()), "the run claimed the warm VM");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run did not start on the warm VM");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    env.presets.delete("pool", &DeleteParams::default()).await.expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.presets.get_opt("pool").await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "the preset was not removed; log:\n{}", env.controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let left = env.vms().await;
+    let names: Vec<&str> = left.iter().filter_map(|v| v["name"].as_str()).collect();
+    assert_eq!(names, vec![warm.as_str()], "only the claimed VM is left");
+    assert_eq!(left[0]["labels"]["owner-kind"], "testrun");
+    assert_eq!(left[0]["processAlive"], true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let run = runs.get("long").await.expect("get");
+    assert_eq!(run.status.and_then(|s| s.phase), Some(TestRunPhase::Running), "the run goes on");
+}
