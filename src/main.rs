@@ -70,6 +70,16 @@ struct RunArgs {
     /// (`/healthz`, `/readyz`).
     #[arg(long, env = "TESTRUN_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
+    /// Time between orphan scans (VMs of this installation that no live
+    /// TestRun or PrebuildPreset owns).
+    #[arg(long, env = "TESTRUN_GC_INTERVAL", default_value = "2m", value_parser = duration)]
+    gc_interval: Duration,
+    /// VMs younger than this are never taken for orphans.
+    #[arg(long, env = "TESTRUN_GC_GRACE", default_value = "5m", value_parser = duration)]
+    gc_grace: Duration,
+    /// Only log and count what the orphan scan would mark and delete.
+    #[arg(long, env = "TESTRUN_GC_DRY_RUN")]
+    gc_dry_run: bool,
     /// URL VMs use to reach the agent API. Default: `http://127.0.0.1:PORT`
     /// with the port of `--agent-listen` (right for the emulator only).
     #[arg(long, env = "TESTRUN_AGENT_URL")]
@@ -236,6 +246,11 @@ async fn controller(args: RunArgs) -> Result<(), String> {
         secret_name: args.lease_secret,
         watch_namespace: args.watch_namespace,
         metrics_listen: args.metrics_listen,
+        gc: testrun_controller::controller::gc::GcConfig {
+            interval: args.gc_interval.max(Duration::from_millis(100)),
+            grace: args.gc_grace,
+            dry_run: args.gc_dry_run,
+        },
     };
     run(client, compute, settings, config).await.map_err(|e| e.to_string())
 }

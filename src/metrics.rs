@@ -69,6 +69,12 @@ pub struct Metrics {
     pub claims: Family<ReasonLabels, Counter>,
     /// Reconciles by kind and result.
     pub reconciles: Family<ReconcileLabels, Counter>,
+    /// Events published, by reason (e.g. `DeleteFailed`, `DeletionFailing`, `LeaseLost`).
+    pub events: Family<ReasonLabels, Counter>,
+    /// Orphaned VMs found by the orphan scan.
+    pub orphans_found: Counter,
+    /// Orphaned VMs deleted by the orphan scan.
+    pub orphans_deleted: Counter,
     /// Agent reports from a lease that is not the shard's current one.
     pub stale_reports: Counter,
     /// Agent calls whose token did not verify.
@@ -106,6 +112,12 @@ impl Metrics {
         registry.register("pool_claims", "Claim attempts by result", claims.clone());
         let reconciles = Family::default();
         registry.register("reconciles", "Reconciles by kind and result", reconciles.clone());
+        let events = Family::default();
+        registry.register("events", "Events published, by reason", events.clone());
+        let orphans_found = Counter::default();
+        registry.register("orphans_found", "VMs no live object owns, found by the orphan scan", orphans_found.clone());
+        let orphans_deleted = Counter::default();
+        registry.register("orphans_deleted", "Orphaned VMs deleted by the orphan scan", orphans_deleted.clone());
         let stale_reports = Counter::default();
         registry.register(
             "agent_stale_reports",
@@ -129,6 +141,9 @@ impl Metrics {
             claim_seconds,
             claims,
             reconciles,
+            events,
+            orphans_found,
+            orphans_deleted,
             stale_reports,
             forged_requests,
             malformed_requests,

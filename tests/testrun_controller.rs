@@ -427,3 +427,18 @@ async fn a_controller_killed_mid_run_finishes_the_run_after_restart() {
     }
     env.wait_no_vms().await;
 }
+
+#[tokio::test]
+async fn a_finished_run_is_deleted_after_its_ttl() {
+    let env = setup("ttl", &[], &[]).await;
+    let mut body = testrun("short-lived", 1, &["true"]);
+    body["spec"]["ttlSecondsAfterFinished"] = json!(1);
+    env.create(body).await;
+    env.wait_phase("short-lived", TestRunPhase::Succeeded).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.runs.get_opt("short-lived").await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "the TestRun outlived its ttl; log:\n{}", env.controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(env.vms().await.is_empty());
+}

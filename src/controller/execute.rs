@@ -18,6 +18,7 @@ use super::{Error, FIELD_MANAGER};
 use crate::api::{FINALIZER, OperationKind, OperationState, TrackedOperation, VmSpec};
 use crate::compute::naming::{LABEL_OWNER_UID, installation_selector, label_value};
 use crate::compute::{Compute, Instance, OperationStatus};
+use crate::metrics::{Metrics, ReasonLabels};
 
 /// Every VM of this installation that carries the owner's uid.
 pub async fn owned_vms<C: Compute>(compute: &C, installation: &str, uid: &str) -> Result<Vec<Instance>, Error> {
@@ -122,10 +123,17 @@ where
         .map_err(|source| Error::Finalizer { name: obj.name_any(), source })
 }
 
-/// Publishes planned Events about an object; a failure is logged only.
-pub async fn publish<K: Resource<DynamicType = ()>>(recorder: &Recorder, obj: &K, events: Vec<PlannedEvent>) {
+/// Publishes planned Events about an object and counts them by reason; a
+/// failure to publish is logged only.
+pub async fn publish<K: Resource<DynamicType = ()>>(
+    recorder: &Recorder,
+    metrics: &Metrics,
+    obj: &K,
+    events: Vec<PlannedEvent>,
+) {
     let reference = obj.object_ref(&());
     for event in events {
+        metrics.events.get_or_create(&ReasonLabels { reason: event.reason.to_string() }).inc();
         let kube_event = Event {
             type_: if event.warning { EventType::Warning } else { EventType::Normal },
             reason: event.reason.to_string(),

@@ -5,6 +5,7 @@
 pub mod claims;
 pub mod conditions;
 pub mod execute;
+pub mod gc;
 pub mod ops;
 pub mod prebuild;
 pub mod testrun;
@@ -64,6 +65,14 @@ pub enum Error {
     ReadPreset {
         /// The preset.
         preset: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// Deleting an expired TestRun failed.
+    #[error("deleting {name} after its ttlSecondsAfterFinished: {source}")]
+    Delete {
+        /// The object.
+        name: String,
         /// Why.
         source: kube::Error,
     },
@@ -254,6 +263,8 @@ pub struct RunConfig {
     pub watch_namespace: Option<String>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_listen: SocketAddr,
+    /// The orphan scan.
+    pub gc: gc::GcConfig,
 }
 
 /// Runs the TestRun controller and the agent API until SIGTERM or SIGINT.
@@ -289,6 +300,7 @@ pub async fn run<C: Compute>(
         None => Api::all(client.clone()),
     };
     presets.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
+    let (gc_runs, gc_presets) = (runs.clone(), presets.clone());
     let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
     let wake = futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     let runs_controller = Controller::new(runs, watcher::Config::default())
@@ -335,6 +347,7 @@ pub async fn run<C: Compute>(
         backoff: Backoff::default(),
         metrics: metrics.clone(),
     });
+    tokio::spawn(gc::run(ctx.clone(), gc_runs, gc_presets, config.gc.clone()));
     let runs_done =
         runs_controller.run(testrun::apply::reconcile, error_policy, ctx.clone()).for_each(|result| async move {
             if let Err(e) = result {

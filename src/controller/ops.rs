@@ -71,3 +71,93 @@ pub fn describe(error: &ComputeError, op: &TrackedOperation, vm: &VmSpec) -> Str
     };
     format!("{}: {}", error.code(), explain(error, action, cx).message)
 }
+
+/// Failed tries after which a delete that keeps failing is reported in a
+/// `DeletionFailing` condition (it is still retried, every few minutes).
+pub const DELETE_TRIES_BEFORE_ALARM: i32 = 5;
+/// The slowest retry of a failing delete.
+pub const DELETE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// What to do with a failed delete now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteRetry {
+    /// Not yet: look again after this long.
+    Wait(std::time::Duration),
+    /// The operation was turned into a new intent (a new request id); issue it.
+    Reissue,
+}
+
+/// Backs off a failed delete (2 s, 4 s, … up to [`DELETE_RETRY_MAX`]) and,
+/// when due, turns it into a new intent with a new request id.
+pub fn retry_delete(op: &mut TrackedOperation, now: jiff::Timestamp) -> DeleteRetry {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let tries = u32::try_from(op.tries.max(1)).unwrap_or(1);
+    let wait = std::time::Duration::from_secs(2u64.saturating_pow(tries.min(9))).min(DELETE_RETRY_MAX);
+    let since = op.started_at.as_ref().map(|t| t.0).unwrap_or(now);
+    let due = since + jiff::SignedDuration::try_from(wait).unwrap_or(jiff::SignedDuration::MAX);
+    if now < due {
+        return DeleteRetry::Wait(std::time::Duration::try_from(due.duration_since(now)).unwrap_or(wait));
+    }
+    op.request_id = crate::compute::naming::request_id(&format!("delete/{}/{}", op.zone, op.instance), tries);
+    op.state = crate::api::OperationState::Intended;
+    op.operation = None;
+    op.started_at = Some(Time(now));
+    DeleteRetry::Reissue
+}
+
+/// The `DeletionFailing` condition from the tracked operations: True while a
+/// delete has failed [`DELETE_TRIES_BEFORE_ALARM`] times or more. Returns
+/// the message when it turned True in this call.
+pub fn deletion_condition(
+    conditions: &mut Vec<crate::api::Condition>,
+    operations: &[TrackedOperation],
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+) -> Option<String> {
+    use crate::api::ConditionStatus;
+    use crate::controller::conditions;
+    let failing: Vec<&TrackedOperation> = operations
+        .iter()
+        .filter(|op| {
+            op.kind == OperationKind::Delete && op.tries >= DELETE_TRIES_BEFORE_ALARM && op.last_error.is_some()
+        })
+        .collect();
+    let was = conditions::get(conditions, "DeletionFailing").is_some_and(|c| c.status == ConditionStatus::True);
+    match failing.first() {
+        Some(op) => {
+            let message = format!(
+                "deleting VM {} in {} failed {} times ({}); still retrying every {} minutes{}",
+                op.instance,
+                op.zone,
+                op.tries,
+                op.last_error.as_deref().unwrap_or_default(),
+                DELETE_RETRY_MAX.as_secs() / 60,
+                if failing.len() > 1 { format!("; {} VMs in all", failing.len()) } else { String::new() },
+            );
+            conditions::set(
+                conditions,
+                "DeletionFailing",
+                ConditionStatus::True,
+                "DeleteRetrying",
+                &message,
+                generation,
+                now,
+            );
+            (!was).then_some(message)
+        }
+        None => {
+            if was {
+                conditions::set(
+                    conditions,
+                    "DeletionFailing",
+                    ConditionStatus::False,
+                    "DeletesSucceeded",
+                    "",
+                    generation,
+                    now,
+                );
+            }
+            None
+        }
+    }
+}

@@ -83,7 +83,14 @@ impl ControllerProcess {
     /// The controller's metrics as text.
     pub async fn metrics(&self) -> String {
         let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
-        reqwest::get(url).await.expect("metrics endpoint").text().await.expect("metrics text")
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match reqwest::get(&url).await {
+                Ok(response) => return response.text().await.expect("metrics text"),
+                Err(e) => assert!(std::time::Instant::now() < deadline, "metrics endpoint unreachable: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The agent API's base URL.

@@ -71,7 +71,7 @@ async fn reconcile_inner<C: Compute>(preset: &PrebuildPreset, ctx: &Context<C>) 
             write_status(&api, &current, &status, true).await?;
         }
     }
-    publish(&ctx.recorder, preset, events).await;
+    publish(&ctx.recorder, &ctx.metrics, preset, events).await;
     if deleting && done {
         set_finalizer(&api, preset, false).await?;
         ctx.pool.forget(&uid);

@@ -33,7 +33,7 @@ use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperatio
 use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
 use crate::compute::{ErrorCode, Instance, InstanceSpec, OperationStatus};
 use crate::controller::conditions;
-use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe};
+use crate::controller::ops::{CloudCall, DeleteRetry, PlannedEvent, Seen, deletion_condition, describe, retry_delete};
 use crate::controller::testrun::plan::{Settings, startup_script};
 
 /// How long a pool VM may live before Compute Engine deletes it; the pool
@@ -318,24 +318,16 @@ impl Pool<'_> {
                         self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
                         continue;
                     }
-                    let tries = u32::try_from(op.tries.max(1)).unwrap_or(1);
-                    let wait = Duration::from_secs(2u64.saturating_pow(tries.min(8))).min(Duration::from_secs(300));
-                    let due = op.started_at.as_ref().map(|t| t.0).unwrap_or(self.obs.now) + to_signed(wait);
-                    if self.obs.now >= due {
-                        op.request_id = request_id(&format!("delete/{}/{}", op.zone, op.instance), tries);
-                        op.state = OperationState::Intended;
-                        op.operation = None;
-                        op.started_at = Some(Time(self.obs.now));
-                        self.event(
-                            true,
-                            "DeleteFailed",
-                            format!("deleting VM {} failed ({message}); retrying", op.instance),
-                        );
-                        self.reissue(&op);
-                    } else {
-                        self.wake_within(
-                            Duration::try_from(due.duration_since(self.obs.now)).unwrap_or(OPERATION_POLL),
-                        );
+                    match retry_delete(&mut op, self.obs.now) {
+                        DeleteRetry::Wait(wait) => self.wake_within(wait),
+                        DeleteRetry::Reissue => {
+                            self.event(
+                                true,
+                                "DeleteFailed",
+                                format!("deleting VM {} failed ({message}); retrying", op.instance),
+                            );
+                            self.reissue(&op);
+                        }
                     }
                     kept.push(op);
                 }
@@ -689,6 +681,10 @@ impl Pool<'_> {
                     now,
                 );
             }
+        }
+        if let Some(message) = deletion_condition(&mut self.status.conditions, &self.status.operations, generation, now)
+        {
+            self.events.push(PlannedEvent { warning: true, reason: "DeletionFailing", note: message });
         }
         PoolPlan {
             status: self.status,

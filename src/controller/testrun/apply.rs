@@ -63,8 +63,15 @@ async fn reconcile_inner<C: Compute>(run: &TestRun, ctx: &Context<C>) -> Result<
         return Ok(Action::await_change());
     }
     let plan = observe_and_plan(run, ctx, false).await?;
-    let requeue = plan.requeue_after;
+    let (requeue, expired) = (plan.requeue_after, plan.expired);
     execute(run, ctx, &api, plan).await?;
+    if expired {
+        tracing::info!("ttlSecondsAfterFinished is over; deleting the TestRun");
+        api.delete(&run.name_any(), &kube::api::DeleteParams::default())
+            .await
+            .map_err(|source| Error::Delete { name: run.name_any(), source })?;
+        return Ok(Action::await_change());
+    }
     Ok(if requeue == Duration::MAX {
         Action::await_change()
     } else {
@@ -183,6 +190,6 @@ async fn execute<C: Compute>(run: &TestRun, ctx: &Context<C>, api: &Api<TestRun>
             write_status(api, run, &status, false).await?;
         }
     }
-    publish(&ctx.recorder, run, events).await;
+    publish(&ctx.recorder, &ctx.metrics, run, events).await;
     Ok(())
 }

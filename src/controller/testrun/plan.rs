@@ -37,6 +37,7 @@ use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
 use crate::compute::{ComputeError, ErrorCode, Instance, InstanceSpec, OperationStatus, RetryClass};
 use crate::controller::conditions;
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
+use crate::controller::ops::{DeleteRetry, deletion_condition, retry_delete};
 
 /// Settings of the installation that shape every plan.
 #[derive(Clone, Debug)]
@@ -93,6 +94,8 @@ pub struct Plan {
     pub requeue_after: Duration,
     /// Deleting: every VM is verified gone and no operation is in flight.
     pub cleanup_done: bool,
+    /// `ttlSecondsAfterFinished` has passed: delete the TestRun.
+    pub expired: bool,
 }
 
 /// How long heartbeats alone may go unwritten to status.
@@ -194,7 +197,10 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
     }
     p.collect_strays(false);
     p.derive_phase();
-    p.finish(false)
+    let expired = p.ttl_expired();
+    let mut plan = p.finish(false);
+    plan.expired = expired;
+    plan
 }
 
 /// Plans one reconcile of a run being deleted: delete every VM, verify.
@@ -388,22 +394,17 @@ impl Planner<'_> {
                 if code == Some(ErrorCode::NotFound) {
                     return None;
                 }
-                // Retry with a new request id after a backoff.
-                let tries = u32::try_from(op.tries.max(1)).unwrap_or(1);
-                let backoff = Duration::from_secs(2u64.saturating_pow(tries.min(8))).min(Duration::from_secs(300));
-                let since = op.started_at.as_ref().map(|t| t.0).unwrap_or(self.obs.now);
-                let due = since + to_signed(backoff);
-                if self.obs.now < due {
-                    self.wake_within(until(self.obs.now, due));
-                    return Some(op);
+                match retry_delete(&mut op, self.obs.now) {
+                    DeleteRetry::Wait(wait) => self.wake_within(wait),
+                    DeleteRetry::Reissue => {
+                        self.event(
+                            true,
+                            "DeleteFailed",
+                            format!("deleting VM {} failed ({message}); retrying", op.instance),
+                        );
+                        self.reissue(&op, vm);
+                    }
                 }
-                op.request_id = request_id(&format!("delete/{}/{}", op.zone, op.instance), tries);
-                op.state = OperationState::Intended;
-                op.operation = None;
-                op.started_at = Some(Time(self.obs.now));
-                self.event(true, "DeleteFailed", format!("deleting VM {} failed ({message}); retrying", op.instance));
-                self.degraded = Some(("DeleteRetrying".into(), message));
-                self.reissue(&op, vm);
                 Some(op)
             }
             OperationKind::Insert => {
@@ -774,6 +775,25 @@ impl Planner<'_> {
         }
     }
 
+    /// Whether a finished run's `ttlSecondsAfterFinished` is over (and its
+    /// VMs are gone); otherwise wakes up when it will be.
+    fn ttl_expired(&mut self) -> bool {
+        let (Some(ttl), Some(done)) =
+            (self.obs.run.spec.ttl_seconds_after_finished, self.status.completion_time.as_ref())
+        else {
+            return false;
+        };
+        if !self.status.phase.is_some_and(|p| p.is_finished()) {
+            return false;
+        }
+        let due = done.0 + SignedDuration::from_secs(ttl.max(0));
+        if self.obs.now < due {
+            self.wake_within(until(self.obs.now, due));
+            return false;
+        }
+        self.status.operations.is_empty() && self.obs.vms.is_empty()
+    }
+
     fn derive_phase(&mut self) {
         let shards = &self.status.shards;
         let all_finished = !shards.is_empty() && shards.iter().all(|s| s.phase.is_finished());
@@ -835,8 +855,10 @@ impl Planner<'_> {
                 now,
             );
         }
-        match self.degraded.take() {
-            Some((reason, message)) => conditions::set(
+        // Trouble creating VMs stays on record for the run: it says why a
+        // shard ran where it did.
+        if let Some((reason, message)) = self.degraded.take() {
+            conditions::set(
                 &mut self.status.conditions,
                 "Degraded",
                 ConditionStatus::True,
@@ -844,24 +866,11 @@ impl Planner<'_> {
                 message,
                 generation,
                 now,
-            ),
-            // Trouble creating VMs stays on record for the run (it says why a
-            // shard ran where it did); failing deletes clear once they pass.
-            None if conditions::get(&self.status.conditions, "Degraded")
-                .is_some_and(|c| c.status == ConditionStatus::True && c.reason == "DeleteRetrying")
-                && self.status.operations.iter().all(|o| o.last_error.is_none()) =>
-            {
-                conditions::set(
-                    &mut self.status.conditions,
-                    "Degraded",
-                    ConditionStatus::False,
-                    "AsExpected",
-                    "",
-                    generation,
-                    now,
-                )
-            }
-            None => {}
+            );
+        }
+        if let Some(message) = deletion_condition(&mut self.status.conditions, &self.status.operations, generation, now)
+        {
+            self.events.push(PlannedEvent { warning: true, reason: "DeletionFailing", note: message });
         }
         Plan {
             status: self.status,
@@ -870,6 +879,7 @@ impl Planner<'_> {
             exhausted: self.exhausted,
             requeue_after: self.wake,
             cleanup_done,
+            expired: false,
         }
     }
 

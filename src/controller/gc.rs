@@ -1,0 +1,267 @@
+//! The orphan scan, the last safety net: every `--gc-interval` it lists
+//! every VM carrying this installation's labels (aggregated list, all pages)
+//! and compares them with the live TestRuns and PrebuildPresets in the
+//! API server (listed afresh for each scan, never from a cache that may lag). A VM whose owner is gone and that is older than
+//! `--gc-grace` is first marked (label `orphan-found-at`) and deleted on the
+//! next scan if still unowned. VMs of other installations are never listed,
+//! so never touched. One VM's error never stops the sweep.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+
+use super::Context;
+use crate::api::prebuild::PrebuildPreset;
+use crate::api::testrun::TestRun;
+use crate::compute::naming::{LABEL_OWNER_UID, installation_selector, label_value, request_id};
+use crate::compute::{Compute, Instance};
+
+/// The label that marks a VM found without an owner: the Unix time it was found.
+pub const LABEL_ORPHAN: &str = "orphan-found-at";
+
+/// How the orphan scan runs.
+#[derive(Clone, Debug)]
+pub struct GcConfig {
+    /// Time between scans.
+    pub interval: Duration,
+    /// VMs younger than this are never taken for orphans (they may be being
+    /// created by a reconcile that has not written its status yet).
+    pub grace: Duration,
+    /// Only report what would be done.
+    pub dry_run: bool,
+}
+
+/// What the scan does with one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GcAction {
+    /// Unowned and old enough: mark it.
+    Mark {
+        /// Zone.
+        zone: String,
+        /// Name.
+        name: String,
+    },
+    /// Marked on an earlier scan and still unowned: delete it.
+    Delete {
+        /// Zone.
+        zone: String,
+        /// Name.
+        name: String,
+        /// When it was found.
+        found_at: String,
+    },
+    /// Marked, but an owner is live again: clear the mark.
+    Unmark {
+        /// Zone.
+        zone: String,
+        /// Name.
+        name: String,
+    },
+}
+
+/// Decides, for every VM of the installation, what the scan does. Pure.
+pub fn plan_sweep(vms: &[Instance], live_uids: &BTreeSet<String>, now: Timestamp, grace: Duration) -> Vec<GcAction> {
+    let grace = jiff::SignedDuration::try_from(grace).unwrap_or(jiff::SignedDuration::MAX);
+    let mut actions = Vec::new();
+    for vm in vms {
+        let owned = vm.labels.get(LABEL_OWNER_UID).is_some_and(|uid| live_uids.contains(uid));
+        let mark = vm.labels.get(LABEL_ORPHAN);
+        let (zone, name) = (vm.zone.clone(), vm.name.clone());
+        match (owned, mark) {
+            (true, Some(_)) => actions.push(GcAction::Unmark { zone, name }),
+            (true, None) => {}
+            (false, Some(found_at)) => actions.push(GcAction::Delete { zone, name, found_at: found_at.clone() }),
+            (false, None) => {
+                // Without a readable creation time a VM counts as new: never
+                // delete what cannot be shown to be old.
+                let created = vm.creation_timestamp.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
+                if created.is_some_and(|c| now.duration_since(c) >= grace) {
+                    actions.push(GcAction::Mark { zone, name });
+                }
+            }
+        }
+    }
+    actions
+}
+
+/// Why a scan could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    /// The VMs could not be listed.
+    #[error("listing VMs: {0}")]
+    Cloud(#[from] crate::compute::ComputeError),
+    /// The owners could not be listed.
+    #[error("listing TestRuns and PrebuildPresets: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// The uids (as label values) of every live TestRun and PrebuildPreset.
+async fn live_uids(runs: &Api<TestRun>, presets: &Api<PrebuildPreset>) -> Result<BTreeSet<String>, kube::Error> {
+    let params = ListParams::default();
+    let runs = runs.list(&params).await?.items.into_iter().filter_map(|r| r.uid());
+    let presets = presets.list(&params).await?.items.into_iter().filter_map(|p| p.uid());
+    Ok(runs.chain(presets).map(|uid| label_value(&uid)).collect())
+}
+
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// VMs seen.
+    pub seen: usize,
+    /// VMs marked as orphans.
+    pub marked: usize,
+    /// Orphans deleted (or, in a dry run, that would be).
+    pub deleted: usize,
+    /// VMs whose action failed (retried next scan).
+    pub errors: usize,
+}
+
+/// One scan.
+pub async fn sweep<C: Compute>(
+    ctx: &Context<C>,
+    runs: &Api<TestRun>,
+    presets: &Api<PrebuildPreset>,
+    config: &GcConfig,
+) -> Result<SweepReport, SweepError> {
+    // Owners first: a VM created after this list is younger than the grace.
+    let live = live_uids(runs, presets).await?;
+    let vms = ctx.compute.list_by_labels(&installation_selector(&ctx.settings.installation)).await?;
+    let now = Timestamp::now();
+    let actions = plan_sweep(&vms, &live, now, config.grace);
+    let by_name: BTreeMap<(String, String), &Instance> =
+        vms.iter().map(|v| ((v.zone.clone(), v.name.clone()), v)).collect();
+    let mut report = SweepReport { seen: vms.len(), ..SweepReport::default() };
+    for action in actions {
+        let result = match &action {
+            GcAction::Mark { zone, name } => {
+                report.marked += 1;
+                ctx.metrics.orphans_found.inc();
+                let owner =
+                    by_name.get(&(zone.clone(), name.clone())).and_then(|v| v.labels.get(LABEL_OWNER_UID)).cloned();
+                tracing::warn!(instance = %name, zone = %zone, owner_uid = ?owner, dry_run = config.dry_run, "orphaned VM found: no live TestRun or PrebuildPreset owns it; marking it for deletion on the next scan");
+                if config.dry_run {
+                    continue;
+                }
+                relabel(ctx, &by_name, zone, name, Some(now.as_second().to_string())).await
+            }
+            GcAction::Unmark { zone, name } => {
+                tracing::info!(instance = %name, zone = %zone, "VM has a live owner again; clearing its orphan mark");
+                if config.dry_run {
+                    continue;
+                }
+                relabel(ctx, &by_name, zone, name, None).await
+            }
+            GcAction::Delete { zone, name, found_at } => {
+                report.deleted += 1;
+                tracing::warn!(instance = %name, zone = %zone, found_at = %found_at, dry_run = config.dry_run, "deleting orphaned VM: still unowned since it was marked");
+                if config.dry_run {
+                    continue;
+                }
+                let rid = request_id(&format!("gc/{zone}/{name}/{found_at}"), 0);
+                match ctx.compute.delete(zone, name, &rid).await {
+                    Ok(_) => {
+                        ctx.metrics.orphans_deleted.inc();
+                        Ok(())
+                    }
+                    Err(e) if e.is_not_found() => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = result {
+            report.errors += 1;
+            tracing::warn!(action = ?action, error = %e, "orphan scan: action failed; retrying on the next scan");
+        }
+    }
+    Ok(report)
+}
+
+async fn relabel<C: Compute>(
+    ctx: &Context<C>,
+    vms: &BTreeMap<(String, String), &Instance>,
+    zone: &str,
+    name: &str,
+    mark: Option<String>,
+) -> Result<(), crate::compute::ComputeError> {
+    let Some(vm) = vms.get(&(zone.to_string(), name.to_string())) else { return Ok(()) };
+    let mut labels = vm.labels.clone();
+    match &mark {
+        Some(at) => labels.insert(LABEL_ORPHAN.to_string(), at.clone()),
+        None => labels.remove(LABEL_ORPHAN),
+    };
+    let rid = request_id(&format!("gc-label/{zone}/{name}/{}", vm.label_fingerprint), 0);
+    ctx.compute.set_labels(zone, name, &labels, &vm.label_fingerprint, &rid).await.map(|_| ())
+}
+
+/// Runs the orphan scan every `config.interval`.
+pub async fn run<C: Compute>(ctx: Arc<Context<C>>, runs: Api<TestRun>, presets: Api<PrebuildPreset>, config: GcConfig) {
+    loop {
+        match sweep(&ctx, &runs, &presets, &config).await {
+            Ok(report) => tracing::info!(
+                seen = report.seen,
+                marked = report.marked,
+                deleted = report.deleted,
+                errors = report.errors,
+                dry_run = config.dry_run,
+                "orphan scan done"
+            ),
+            Err(e) => tracing::warn!(error = %e, "orphan scan could not run; retrying on the next scan"),
+        }
+        tokio::time::sleep(config.interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, owner: &str, age_secs: i64, mark: Option<&str>, now: Timestamp) -> Instance {
+        let mut labels = BTreeMap::from([(LABEL_OWNER_UID.to_string(), owner.to_string())]);
+        if let Some(m) = mark {
+            labels.insert(LABEL_ORPHAN.to_string(), m.to_string());
+        }
+        Instance {
+            name: name.into(),
+            zone: "z".into(),
+            status: crate::compute::InstanceStatus::Running,
+            labels,
+            label_fingerprint: String::new(),
+            metadata: BTreeMap::new(),
+            creation_timestamp: Some((now - jiff::SignedDuration::from_secs(age_secs)).to_string()),
+        }
+    }
+
+    #[test]
+    fn marks_then_deletes_only_old_unowned_vms() {
+        let now = Timestamp::from_second(1_800_000_000).expect("time");
+        let live = BTreeSet::from(["alive".to_string()]);
+        let vms = vec![
+            vm("owned", "alive", 3600, None, now),
+            vm("young-orphan", "gone", 10, None, now),
+            vm("old-orphan", "gone", 600, None, now),
+            vm("marked-orphan", "gone", 900, Some("1799999000"), now),
+            vm("marked-but-owned", "alive", 900, Some("1799999000"), now),
+        ];
+        let actions = plan_sweep(&vms, &live, now, Duration::from_secs(300));
+        assert_eq!(
+            actions,
+            vec![
+                GcAction::Mark { zone: "z".into(), name: "old-orphan".into() },
+                GcAction::Delete { zone: "z".into(), name: "marked-orphan".into(), found_at: "1799999000".into() },
+                GcAction::Unmark { zone: "z".into(), name: "marked-but-owned".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_vm_without_a_creation_time_is_never_taken_for_an_orphan() {
+        let now = Timestamp::from_second(1_800_000_000).expect("time");
+        let mut v = vm("x", "gone", 9999, None, now);
+        v.creation_timestamp = None;
+        assert!(plan_sweep(&[v], &BTreeSet::new(), now, Duration::ZERO).is_empty());
+    }
+}

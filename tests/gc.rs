@@ -1,0 +1,125 @@
+//! The orphan scan against the emulator and a real kube-apiserver: a VM
+//! made behind the controller's back with this installation's labels is
+//! found, marked and deleted; a VM of another installation and the VMs of
+//! live objects are never touched.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::controller::ControllerProcess;
+use common::emulator::EmulatorProcess;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use testrun_controller::api::testrun::{TestRun, TestRunPhase};
+use testrun_controller::compute::naming::request_id;
+use testrun_controller::compute::{Compute, InstanceSpec};
+
+fn stray(name: &str, installation: &str) -> InstanceSpec {
+    InstanceSpec {
+        name: name.into(),
+        zone: "us-central1-a".into(),
+        machine_type: "e2-small".into(),
+        image: "img".into(),
+        disk_gb: 10,
+        labels: BTreeMap::from([
+            ("managed-by".into(), "testrun-controller".into()),
+            ("installation".into(), installation.into()),
+            ("owner-kind".into(), "testrun".into()),
+            ("owner-uid".into(), "00000000-dead-dead-dead-000000000000".into()),
+        ]),
+        metadata: BTreeMap::new(),
+        service_account: None,
+        spot: false,
+        max_run_duration: Duration::from_secs(3600),
+        request_id: request_id(&format!("stray/{name}"), 0),
+    }
+}
+
+async fn all_vms(emulator: &EmulatorProcess) -> Vec<Value> {
+    reqwest::get(format!("{}/emulator/v1/instances", emulator.url)).await.expect("admin").json().await.expect("json")
+}
+
+async fn find(emulator: &EmulatorProcess, name: &str) -> Option<Value> {
+    all_vms(emulator).await.into_iter().find(|v| v["name"] == name)
+}
+
+#[tokio::test]
+async fn orphans_are_marked_then_deleted_and_nothing_else_is_touched() {
+    let (client, ns) = common::setup("gc-orphans").await;
+    let emulator = EmulatorProcess::start(&["--operation-delay", "100ms", "--boot-delay", "50ms"]);
+    let controller = ControllerProcess::start(
+        common::control_plane_kubeconfig(),
+        &ns,
+        &emulator.url,
+        &["--gc-interval", "700ms", "--gc-grace", "0s"],
+    );
+    // A live run whose VM must survive every scan.
+    let runs: Api<TestRun> = Api::namespaced(client.clone(), &ns);
+    let run: TestRun = serde_json::from_value(json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun", "metadata": { "name": "alive" },
+        "spec": { "command": ["sleep", "300"], "vm": { "zones": ["us-central1-a"], "machineType": "e2-small", "image": "img" } }
+    }))
+    .expect("TestRun");
+    runs.create(&PostParams::default(), &run).await.expect("create");
+
+    let compute = emulator.compute("local").await;
+    compute.insert(&stray("orphan-1", &ns)).await.expect("insert behind the controller's back");
+    compute.insert(&stray("foreign-1", "another-installation")).await.expect("insert another installation's VM");
+
+    let mut marked = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match find(&emulator, "orphan-1").await {
+            Some(vm) => marked |= vm["labels"]["orphan-found-at"].is_string(),
+            None => break,
+        }
+        assert!(Instant::now() < deadline, "the orphan was not deleted; log:\n{}", controller.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(marked, "the orphan was marked before it was deleted");
+
+    // Several more scans later: the other installation's VM and the live run's VM are untouched.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let foreign = find(&emulator, "foreign-1").await.expect("another installation's VM is never deleted");
+    assert!(foreign["labels"].get("orphan-found-at").is_none(), "{foreign}");
+    let running = runs.get("alive").await.expect("get");
+    assert_eq!(running.status.as_ref().and_then(|s| s.phase), Some(TestRunPhase::Running));
+    let instance = running.status.and_then(|s| s.shards[0].instance.clone()).expect("instance");
+    let vm = find(&emulator, &instance).await.expect("the live run's VM is kept");
+    assert!(vm["labels"].get("orphan-found-at").is_none(), "{vm}");
+
+    let metrics = controller.metrics().await;
+    assert!(metrics.contains("testrun_controller_orphans_deleted_total 1"), "{metrics}");
+    assert!(metrics.contains("testrun_controller_orphans_found_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_dry_run_only_reports() {
+    let (_client, ns) = common::setup("gc-dry-run").await;
+    let emulator = EmulatorProcess::start(&["--operation-delay", "0"]);
+    let controller = ControllerProcess::start(
+        common::control_plane_kubeconfig(),
+        &ns,
+        &emulator.url,
+        &["--gc-interval", "300ms", "--gc-grace", "0s", "--gc-dry-run"],
+    );
+    emulator.compute("local").await.insert(&stray("orphan-2", &ns)).await.expect("insert");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = controller.metrics().await;
+        let found = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("testrun_controller_orphans_found_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if found >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dry run never reported the orphan:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let vm = find(&emulator, "orphan-2").await.expect("a dry run deletes nothing");
+    assert!(vm["labels"].get("orphan-found-at").is_none(), "a dry run marks nothing: {vm}");
+}
