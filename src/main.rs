@@ -103,6 +103,11 @@ struct RunArgs {
     /// the attempt counts as failed.
     #[arg(long, default_value = "10m", value_parser = duration)]
     registration_timeout: Duration,
+    /// First wait before retrying a failed VM delete; it doubles with every
+    /// try, up to 5 minutes. After 5 failed tries the owner shows a
+    /// DeletionFailing condition.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    delete_retry_base: Duration,
     /// TestRuns reconciled at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
@@ -237,6 +242,7 @@ async fn controller(args: RunArgs) -> Result<(), String> {
         agent_url,
         agent_command,
         registration_timeout: args.registration_timeout,
+        delete_retry_base: args.delete_retry_base.max(Duration::from_millis(10)),
         started_at: jiff::Timestamp::now(),
     };
     let config = RunConfig {

@@ -442,3 +442,60 @@ async fn a_finished_run_is_deleted_after_its_ttl() {
     }
     assert!(env.vms().await.is_empty());
 }
+
+#[tokio::test]
+async fn failing_deletes_are_retried_reported_and_finally_verified() {
+    let env =
+        setup("delete-retries", &["--fault", "call=delete,kind=fail,count=6"], &["--delete-retry-base", "100ms"]).await;
+    env.create(testrun("sticky", 1, &["true"])).await;
+    env.wait_phase("sticky", TestRunPhase::Succeeded).await;
+    let failing = env
+        .wait_for("sticky", "a DeletionFailing condition", Duration::from_secs(60), |r| {
+            r.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "DeletionFailing" && c.status == testrun_controller::api::ConditionStatus::True)
+            })
+        })
+        .await;
+    let condition = failing
+        .status
+        .expect("status")
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "DeletionFailing")
+        .expect("condition");
+    assert!(condition.message.contains("failed 5 times"), "{}", condition.message);
+    assert_eq!(env.vms().await.len(), 1, "the VM is still there while deletes fail");
+    // The seventh try goes through; the delete is verified and the alarm clears.
+    env.wait_for("sticky", "the alarm to clear", Duration::from_secs(60), |r| {
+        r.status.as_ref().is_some_and(|s| {
+            s.operations.is_empty()
+                && s.conditions.iter().any(|c| {
+                    c.type_ == "DeletionFailing" && c.status == testrun_controller::api::ConditionStatus::False
+                })
+        })
+    })
+    .await;
+    env.wait_no_vms().await;
+    let events = env.events().await;
+    assert!(events.iter().any(|(r, _)| r == "DeletionFailing"), "{events:?}");
+    let metrics = env.controller.metrics().await;
+    assert!(metrics.contains("testrun_controller_events_total{reason=\"DeleteFailed\"}"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_vanished_delete_is_noticed_and_repeated() {
+    let env =
+        setup("vanished-delete", &["--fault", "call=delete,kind=vanish,count=1"], &["--delete-retry-base", "100ms"])
+            .await;
+    env.create(testrun("ghost", 1, &["true"])).await;
+    env.wait_phase("ghost", TestRunPhase::Succeeded).await;
+    env.wait_no_vms().await;
+    let run = env
+        .wait_for("ghost", "no operation left", Duration::from_secs(30), |r| {
+            r.status.as_ref().is_some_and(|s| s.operations.is_empty())
+        })
+        .await;
+    assert_eq!(run.status.expect("status").phase, Some(TestRunPhase::Succeeded));
+}

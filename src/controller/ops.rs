@@ -87,12 +87,12 @@ pub enum DeleteRetry {
     Reissue,
 }
 
-/// Backs off a failed delete (2 s, 4 s, … up to [`DELETE_RETRY_MAX`]) and,
-/// when due, turns it into a new intent with a new request id.
-pub fn retry_delete(op: &mut TrackedOperation, now: jiff::Timestamp) -> DeleteRetry {
+/// Backs off a failed delete (`base`, doubling, up to [`DELETE_RETRY_MAX`])
+/// and, when due, turns it into a new intent with a new request id.
+pub fn retry_delete(op: &mut TrackedOperation, now: jiff::Timestamp, base: std::time::Duration) -> DeleteRetry {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     let tries = u32::try_from(op.tries.max(1)).unwrap_or(1);
-    let wait = std::time::Duration::from_secs(2u64.saturating_pow(tries.min(9))).min(DELETE_RETRY_MAX);
+    let wait = base.saturating_mul(2u32.saturating_pow(tries.saturating_sub(1).min(16))).min(DELETE_RETRY_MAX);
     let since = op.started_at.as_ref().map(|t| t.0).unwrap_or(now);
     let due = since + jiff::SignedDuration::try_from(wait).unwrap_or(jiff::SignedDuration::MAX);
     if now < due {

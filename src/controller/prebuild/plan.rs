@@ -318,7 +318,7 @@ impl Pool<'_> {
                         self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
                         continue;
                     }
-                    match retry_delete(&mut op, self.obs.now) {
+                    match retry_delete(&mut op, self.obs.now, self.obs.settings.delete_retry_base) {
                         DeleteRetry::Wait(wait) => self.wake_within(wait),
                         DeleteRetry::Reissue => {
                             self.event(
@@ -748,6 +748,7 @@ mod tests {
                     agent_url: "http://agent".into(),
                     agent_command: "agent".into(),
                     registration_timeout: Duration::from_secs(600),
+                    delete_retry_base: Duration::from_secs(2),
                     started_at: now,
                 },
                 key: LeaseKey::from_bytes(&[2; 32]).expect("key"),

@@ -50,6 +50,8 @@ pub struct Settings {
     pub agent_command: String,
     /// How long a VM may take from request to agent registration.
     pub registration_timeout: Duration,
+    /// First wait before retrying a failed delete (it doubles per try).
+    pub delete_retry_base: Duration,
     /// When this controller process started: no lease is judged lost on
     /// heartbeats it could not have heard.
     pub started_at: Timestamp,
@@ -394,7 +396,7 @@ impl Planner<'_> {
                 if code == Some(ErrorCode::NotFound) {
                     return None;
                 }
-                match retry_delete(&mut op, self.obs.now) {
+                match retry_delete(&mut op, self.obs.now, self.obs.settings.delete_retry_base) {
                     DeleteRetry::Wait(wait) => self.wake_within(wait),
                     DeleteRetry::Reissue => {
                         self.event(
@@ -988,6 +990,7 @@ mod tests {
                     agent_url: "http://agent".into(),
                     agent_command: "agent".into(),
                     registration_timeout: Duration::from_secs(600),
+                    delete_retry_base: Duration::from_secs(2),
                     started_at: now,
                 },
                 key: LeaseKey::from_bytes(&[1; 32]).expect("key"),
