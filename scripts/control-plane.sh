@@ -8,11 +8,14 @@
 #   scripts/control-plane.sh down   stop the processes this script started
 #   scripts/control-plane.sh env    print `export KUBECONFIG=...`
 #   scripts/control-plane.sh status say what runs
+#   scripts/control-plane.sh restart-apiserver   stop and start kube-apiserver only
 #
 # Settings (environment):
 #   TESTRUN_STATE_DIR        state folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/testrun-controller)
 #   TESTRUN_APISERVER_PORT   kube-apiserver secure port (default 16443)
 #   TESTRUN_ETCD_PORT        etcd client port (default 12379; peer port is +1)
+#   TESTRUN_BIN_DIR          where the built kube-apiserver is kept (default STATE/bin),
+#                            so a second control plane can share one build
 set -euo pipefail
 
 STATE="${TESTRUN_STATE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/testrun-controller}"
@@ -21,7 +24,7 @@ ETCD_PORT="${TESTRUN_ETCD_PORT:-12379}"
 ETCD_PEER_PORT=$((ETCD_PORT + 1))
 K8S_VERSION_WANTED="1.20"
 
-BIN="$STATE/bin"
+BIN="${TESTRUN_BIN_DIR:-$STATE/bin}"
 RUN="$STATE/run"
 LOGS="$STATE/logs"
 PKI="$STATE/pki"
@@ -281,8 +284,9 @@ case "${1:-}" in
   env) echo "export KUBECONFIG=$KUBECONFIG_FILE" ;;
   status) status ;;
   reset) down; rm -rf "$STATE/etcd"; step "etcd data removed" ;;
+  restart-apiserver) stop_one kube-apiserver; up ;;
   -h|--help|help|"")
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     [ -n "${1:-}" ] || exit 2 ;;
-  *) echo "control-plane: unknown command '$1' (use up, down, env, status, reset)" >&2; exit 2 ;;
+  *) echo "control-plane: unknown command '$1' (use up, down, env, status, reset, restart-apiserver)" >&2; exit 2 ;;
 esac

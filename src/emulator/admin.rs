@@ -58,6 +58,7 @@ pub fn router(emulator: Arc<Emulator>) -> Router {
         .route("/emulator/v1/faults", get(list_faults).post(add_fault).put(replace_faults).delete(clear_faults))
         .route("/emulator/v1/faults/{id}", delete(remove_fault))
         .route("/emulator/v1/instances", get(instances))
+        .route("/emulator/v1/history", get(history))
         .with_state(emulator)
 }
 
@@ -126,4 +127,9 @@ async fn instances(State(emulator): State<Arc<Emulator>>) -> Json<Vec<VmRow>> {
         })
         .collect();
     Json(rows)
+}
+
+/// Every VM ever created, with the process group it booted.
+async fn history(State(emulator): State<Arc<Emulator>>) -> Json<Vec<super::state::HistoryRow>> {
+    Json(emulator.lock().history.clone())
 }

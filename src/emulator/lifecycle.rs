@@ -218,6 +218,15 @@ impl Emulator {
                 ("insert", None, Some(record)) if !record.deleting => {
                     record.status = Status::Running;
                     boot = Some(boot_info(&target, record));
+                    let row = super::state::HistoryRow {
+                        project: target.project.clone(),
+                        zone: target.zone.clone(),
+                        name: target.name.clone(),
+                        id: record.id,
+                        labels: record.labels.clone(),
+                        pid: None,
+                    };
+                    state.history.push(row);
                 }
                 ("delete", None, Some(_)) => {
                     if let Some(mut gone) = state.instances.remove(&target)
@@ -269,7 +278,13 @@ impl Emulator {
                 let mut state = self.lock();
                 match state.instances.get_mut(&key).filter(|r| r.id == id && !r.deleting && r.status == Status::Running)
                 {
-                    Some(record) => record.process = Some(process),
+                    Some(record) => {
+                        let pid = process.pid;
+                        record.process = Some(process);
+                        if let Some(row) = state.history.iter_mut().rev().find(|r| r.id == id) {
+                            row.pid = Some(pid);
+                        }
+                    }
                     None => process.kill_now(),
                 }
             }

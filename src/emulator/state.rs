@@ -140,6 +140,24 @@ pub struct OperationRecord {
     pub end_time: Option<String>,
 }
 
+/// A VM that was created (its insert succeeded), kept after it is gone.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryRow {
+    /// Project.
+    pub project: String,
+    /// Zone.
+    pub zone: String,
+    /// Name.
+    pub name: String,
+    /// Numeric id.
+    pub id: u64,
+    /// Labels at creation.
+    pub labels: BTreeMap<String, String>,
+    /// Process group of its startup script, once booted.
+    pub pid: Option<i32>,
+}
+
 /// Everything the emulator holds, behind one lock.
 pub struct State {
     /// Instances by key.
@@ -150,6 +168,8 @@ pub struct State {
     pub request_ids: HashMap<(String, String), OperationKey>,
     /// Fault rules.
     pub faults: Faults,
+    /// Every VM ever created, in order.
+    pub history: Vec<HistoryRow>,
     next_id: u64,
 }
 
@@ -161,6 +181,7 @@ impl State {
             operations: HashMap::new(),
             request_ids: HashMap::new(),
             faults: Faults::new(seed),
+            history: Vec::new(),
             next_id: 1_000_000_000_000,
         }
     }
