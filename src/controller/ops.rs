@@ -161,3 +161,24 @@ pub fn deletion_condition(
         }
     }
 }
+
+/// A new intent: an operation recorded before its call is made.
+pub fn intent(
+    kind: OperationKind,
+    instance: &str,
+    zone: &str,
+    request_id: &str,
+    now: jiff::Timestamp,
+) -> TrackedOperation {
+    TrackedOperation {
+        kind,
+        instance: instance.to_string(),
+        zone: zone.to_string(),
+        request_id: request_id.to_string(),
+        operation: None,
+        state: crate::api::OperationState::Intended,
+        tries: 0,
+        started_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+        last_error: None,
+    }
+}

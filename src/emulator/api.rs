@@ -88,6 +88,24 @@ fn request_id(params: &Params) -> Result<Option<String>, GceError> {
     }
 }
 
+/// How a mutation starts.
+enum Begin {
+    /// The request id already started an operation: answer with it,
+    /// untouched by faults, as Compute Engine does for a repeated call.
+    Replay(Value),
+    /// A new call, with its request id and what the faults decided.
+    Fresh(Option<String>, Verdict),
+}
+
+async fn begin(emulator: &Emulator, project: &str, zone: &str, params: &Params, call: Call) -> Result<Begin, GceError> {
+    check_zone(zone)?;
+    let rid = request_id(params)?;
+    if let Some(op) = emulator.existing_operation(project, rid.as_deref()) {
+        return Ok(Begin::Replay(op));
+    }
+    Ok(Begin::Fresh(rid, judge(emulator, call, Some(zone)).await?))
+}
+
 fn ok(value: Value) -> Answer {
     Ok(Json(value).into_response())
 }
@@ -156,12 +174,10 @@ async fn insert(
     Query(params): Query<Params>,
     body: Bytes,
 ) -> Answer {
-    check_zone(&zone)?;
-    let rid = request_id(&params)?;
-    if let Some(op) = emulator.existing_operation(&project, rid.as_deref()) {
-        return ok(op);
-    }
-    let verdict = judge(&emulator, Call::Insert, Some(&zone)).await?;
+    let (rid, verdict) = match begin(&emulator, &project, &zone, &params, Call::Insert).await? {
+        Begin::Replay(op) => return ok(op),
+        Begin::Fresh(rid, verdict) => (rid, verdict),
+    };
     let resource: model::Instance = parse_body(&body)?;
     validate_instance(&resource)?;
     let key = InstanceKey { project, zone, name: resource.name.clone().unwrap_or_default() };
@@ -173,12 +189,10 @@ async fn delete(
     Path((project, zone, name)): Path<(String, String, String)>,
     Query(params): Query<Params>,
 ) -> Answer {
-    check_zone(&zone)?;
-    let rid = request_id(&params)?;
-    if let Some(op) = emulator.existing_operation(&project, rid.as_deref()) {
-        return ok(op);
-    }
-    let verdict = judge(&emulator, Call::Delete, Some(&zone)).await?;
+    let (rid, verdict) = match begin(&emulator, &project, &zone, &params, Call::Delete).await? {
+        Begin::Replay(op) => return ok(op),
+        Begin::Fresh(rid, verdict) => (rid, verdict),
+    };
     ok(emulator.start(InstanceKey { project, zone, name }, rid, Mutation::Delete, verdict)?)
 }
 
@@ -188,12 +202,10 @@ async fn set_labels(
     Query(params): Query<Params>,
     body: Bytes,
 ) -> Answer {
-    check_zone(&zone)?;
-    let rid = request_id(&params)?;
-    if let Some(op) = emulator.existing_operation(&project, rid.as_deref()) {
-        return ok(op);
-    }
-    let verdict = judge(&emulator, Call::SetLabels, Some(&zone)).await?;
+    let (rid, verdict) = match begin(&emulator, &project, &zone, &params, Call::SetLabels).await? {
+        Begin::Replay(op) => return ok(op),
+        Begin::Fresh(rid, verdict) => (rid, verdict),
+    };
     let request: model::InstancesSetLabelsRequest = parse_body(&body)?;
     for (key, value) in &request.labels {
         if !is_label_key(key) || !is_label_value(value) {

@@ -33,7 +33,9 @@ use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperatio
 use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
 use crate::compute::{ErrorCode, Instance, InstanceSpec, OperationStatus};
 use crate::controller::conditions;
-use crate::controller::ops::{CloudCall, DeleteRetry, PlannedEvent, Seen, deletion_condition, describe, retry_delete};
+use crate::controller::ops::{
+    CloudCall, DeleteRetry, PlannedEvent, Seen, deletion_condition, describe, intent, retry_delete,
+};
 use crate::controller::testrun::plan::{Settings, startup_script};
 
 /// How long a pool VM may live before Compute Engine deletes it; the pool
@@ -437,17 +439,7 @@ impl Pool<'_> {
             return;
         }
         let rid = request_id(&format!("delete/{zone}/{name}"), 0);
-        self.status.operations.push(TrackedOperation {
-            kind: OperationKind::Delete,
-            instance: name.to_string(),
-            zone: zone.to_string(),
-            request_id: rid.clone(),
-            operation: None,
-            state: OperationState::Intended,
-            tries: 0,
-            started_at: Some(Time(self.obs.now)),
-            last_error: None,
-        });
+        self.status.operations.push(intent(OperationKind::Delete, name, zone, &rid, self.obs.now));
         self.calls.push(CloudCall::Delete { zone: zone.to_string(), name: name.to_string(), request_id: rid });
         self.wake_within(OPERATION_POLL);
     }
@@ -570,17 +562,7 @@ impl Pool<'_> {
                 claimed_by: None,
                 created_at: Some(Time(self.obs.now)),
             });
-            self.status.operations.push(TrackedOperation {
-                kind: OperationKind::Insert,
-                instance: name.clone(),
-                zone: zone.clone(),
-                request_id: rid.clone(),
-                operation: None,
-                state: OperationState::Intended,
-                tries: 0,
-                started_at: Some(Time(self.obs.now)),
-                last_error: None,
-            });
+            self.status.operations.push(intent(OperationKind::Insert, &name, &zone, &rid, self.obs.now));
             let spec = self.instance_spec(&name, &zone, &job.template_version, &rid);
             self.calls.push(CloudCall::Insert(Box::new(spec)));
             self.wake_within(OPERATION_POLL);

@@ -37,7 +37,7 @@ use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
 use crate::compute::{ComputeError, ErrorCode, Instance, InstanceSpec, OperationStatus, RetryClass};
 use crate::controller::conditions;
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
-use crate::controller::ops::{DeleteRetry, deletion_condition, retry_delete};
+use crate::controller::ops::{DeleteRetry, deletion_condition, intent, retry_delete};
 
 /// Settings of the installation that shape every plan.
 #[derive(Clone, Debug)]
@@ -528,17 +528,7 @@ impl Planner<'_> {
         let uid = self.uid();
         let rid = request_id(&format!("insert/{uid}/{index}/{attempt}/{zone}"), 0);
         let spec = self.instance_spec(index, attempt, zone, vm, &rid);
-        self.status.operations.push(TrackedOperation {
-            kind: OperationKind::Insert,
-            instance: spec.name.clone(),
-            zone: zone.to_string(),
-            request_id: rid,
-            operation: None,
-            state: OperationState::Intended,
-            tries: 0,
-            started_at: Some(Time(self.obs.now)),
-            last_error: None,
-        });
+        self.status.operations.push(intent(OperationKind::Insert, &spec.name, zone, &rid, self.obs.now));
         self.calls.push(CloudCall::Insert(Box::new(spec)));
         self.wake_within(OPERATION_POLL);
     }
@@ -760,17 +750,7 @@ impl Planner<'_> {
                 continue;
             }
             let rid = request_id(&format!("delete/{zone}/{name}"), 0);
-            let op = TrackedOperation {
-                kind: OperationKind::Delete,
-                instance: name.clone(),
-                zone: zone.clone(),
-                request_id: rid.clone(),
-                operation: None,
-                state: OperationState::Intended,
-                tries: 0,
-                started_at: Some(Time(self.obs.now)),
-                last_error: None,
-            };
+            let op = intent(OperationKind::Delete, &name, &zone, &rid, self.obs.now);
             self.status.operations.push(op);
             self.calls.push(CloudCall::Delete { zone, name, request_id: rid });
             self.wake_within(OPERATION_POLL);
