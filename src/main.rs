@@ -35,8 +35,9 @@ enum Command {
     /// subset the controller uses, VMs that run their startup script as
     /// local processes, per-VM metadata servers, and fault injection.
     Emulator(EmulatorArgs),
-    /// Run the controller: reconcile TestRuns, create and delete their VMs,
-    /// and serve the agent API that VMs report to.
+    /// Run the controller: reconcile TestRuns and PrebuildPresets, create,
+    /// claim and delete their VMs, scan for orphaned VMs, and serve the agent
+    /// API that VMs report to and the metrics.
     Run(RunArgs),
     /// Run the agent on a VM: read settings from the metadata server,
     /// register, run the assigned command with heartbeats, report the result.

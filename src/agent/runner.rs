@@ -197,7 +197,7 @@ async fn register(http: &reqwest::Client, url: &str, request: &RegisterRequest) 
                 Ok(assignment) => return Ok(assignment),
                 Err(e) => tracing::warn!(error = %e, "unreadable assignment; retrying"),
             },
-            Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE || r.status().is_server_error() => {
+            Ok(r) if r.status().is_server_error() => {
                 tracing::info!(status = %r.status(), "agent API not ready; retrying");
             }
             Ok(r) => {
