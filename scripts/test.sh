@@ -22,6 +22,8 @@ fi
 
 step "starting the local control plane"
 bash scripts/control-plane.sh up
+step "making sure Helm is available"
+bash scripts/ensure-helm.sh
 
 if [ "${TESTRUN_SKIP_LINT:-0}" != 1 ]; then
   if cargo fmt --version >/dev/null 2>&1; then
