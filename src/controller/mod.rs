@@ -76,6 +76,14 @@ pub enum Error {
         /// Why.
         source: kube::Error,
     },
+    /// Reading the TestRun that claimed a pool VM failed.
+    #[error("reading TestRun {testrun}, which claimed a pool VM: {source}")]
+    ReadClaimer {
+        /// `namespace/name` of the TestRun.
+        testrun: String,
+        /// Why.
+        source: kube::Error,
+    },
     /// Adding or removing the finalizer failed.
     #[error("updating the finalizer of {name}: {source}")]
     Finalizer {

@@ -11,9 +11,13 @@ use kube::{Resource, ResourceExt};
 use tracing::Instrument as _;
 
 use super::plan::{PoolObserved, PoolPlan, plan, plan_cleanup};
+use std::collections::BTreeSet;
+
 use crate::api::FINALIZER;
-use crate::api::prebuild::PrebuildPreset;
+use crate::api::prebuild::{PrebuildPreset, PresetInstanceState};
+use crate::api::testrun::TestRun;
 use crate::compute::Compute;
+use crate::controller::claims::Claim;
 use crate::controller::execute::{make_calls, owned_vms, publish, read_operations, set_finalizer, write_status};
 use crate::controller::{Context, Error};
 
@@ -47,12 +51,14 @@ async fn reconcile_inner<C: Compute>(preset: &PrebuildPreset, ctx: &Context<C>) 
     let tracked = preset.status.as_ref().map(|s| s.operations.clone()).unwrap_or_default();
     let operations = read_operations(&ctx.compute, &tracked).await;
     let registered = ctx.pool.snapshot(&uid);
+    let abandoned = abandoned_claims(ctx, preset).await?;
     let observed = PoolObserved {
         preset,
         now: Timestamp::now(),
         vms: &vms,
         operations: &operations,
         registered: &registered,
+        abandoned_claims: &abandoned,
         settings: &ctx.settings,
         key: &ctx.key,
     };
@@ -79,6 +85,27 @@ async fn reconcile_inner<C: Compute>(preset: &PrebuildPreset, ctx: &Context<C>) 
         return Ok(Action::await_change());
     }
     Ok(Action::requeue(requeue.min(std::time::Duration::from_secs(300))))
+}
+
+/// Claimed pool VMs whose claiming TestRun no longer exists.
+async fn abandoned_claims<C: Compute>(ctx: &Context<C>, preset: &PrebuildPreset) -> Result<BTreeSet<String>, Error> {
+    let mut abandoned = BTreeSet::new();
+    let claimed = preset.status.iter().flat_map(|s| &s.instances).filter(|i| i.state == PresetInstanceState::Claimed);
+    for instance in claimed {
+        let Some(claim) = instance.claimed_by.as_deref().and_then(Claim::parse) else {
+            abandoned.insert(instance.name.clone());
+            continue;
+        };
+        let runs: Api<TestRun> = Api::namespaced(ctx.client.clone(), &claim.namespace);
+        let run = runs.get_opt(&claim.testrun).await.map_err(|source| Error::ReadClaimer {
+            testrun: format!("{}/{}", claim.namespace, claim.testrun),
+            source,
+        })?;
+        if run.is_none() {
+            abandoned.insert(instance.name.clone());
+        }
+    }
+    Ok(abandoned)
 }
 
 fn record_metrics<C: Compute>(ctx: &Context<C>, preset: &PrebuildPreset, plan: &PoolPlan, gone: bool) {

@@ -56,6 +56,9 @@ pub struct PoolObserved<'a> {
     pub operations: &'a BTreeMap<String, Seen>,
     /// Pool VMs whose agent registered, with when it was last heard.
     pub registered: &'a BTreeMap<String, Timestamp>,
+    /// Claimed pool VMs whose claiming TestRun no longer exists: they will
+    /// never be relabelled, so the pool deletes them.
+    pub abandoned_claims: &'a BTreeSet<String>,
     /// Installation settings.
     pub settings: &'a Settings,
     /// The key VM tokens are made with.
@@ -172,6 +175,7 @@ pub fn plan_cleanup(obs: &PoolObserved<'_>) -> PoolPlan {
     };
     p.status.pending_jobs.clear();
     p.follow_operations();
+    p.sync_instances();
     p.status.operations.retain(|op| !(op.kind == OperationKind::Insert && op.state == OperationState::Intended));
     p.collect_strays(true);
     p.count();
@@ -392,6 +396,7 @@ impl Pool<'_> {
         let mut lost = Vec::new();
         let mut late = Vec::new();
         let mut handed_over = Vec::new();
+        let mut abandoned = Vec::new();
         for i in &mut self.status.instances {
             let exists = self.obs.vms.iter().any(|v| v.name == i.name && v.zone == i.zone);
             let creating =
@@ -411,10 +416,21 @@ impl Pool<'_> {
                 PresetInstanceState::Ready if !exists => lost.push(i.name.clone()),
                 // A claimed VM leaves the pool once relabelled to its TestRun.
                 PresetInstanceState::Claimed if !exists => handed_over.push(i.name.clone()),
+                PresetInstanceState::Claimed if self.obs.abandoned_claims.contains(&i.name) => {
+                    abandoned.push((i.zone.clone(), i.name.clone()));
+                }
                 _ => {}
             }
         }
         self.status.instances.retain(|i| !handed_over.contains(&i.name));
+        for (zone, name) in abandoned {
+            self.event(
+                true,
+                "ClaimAbandoned",
+                format!("pool VM {name} was claimed by a TestRun that no longer exists; deleting it"),
+            );
+            self.retire(&zone, &name);
+        }
         for name in lost {
             self.status.instances.retain(|i| i.name != name);
             self.event(true, "VmVanished", format!("pool VM {name} disappeared"));
@@ -571,11 +587,17 @@ impl Pool<'_> {
 
     /// Deletes every VM of the preset it does not keep (all when `everything`).
     fn collect_strays(&mut self, everything: bool) {
-        let known: BTreeSet<(String, String)> = if everything {
-            BTreeSet::new()
-        } else {
-            self.status.instances.iter().map(|i| (i.zone.clone(), i.name.clone())).collect()
-        };
+        // Even when everything goes, a VM claimed by a live TestRun is kept:
+        // it is that run's as soon as it is relabelled.
+        let known: BTreeSet<(String, String)> = self
+            .status
+            .instances
+            .iter()
+            .filter(|i| {
+                !everything || (i.state == PresetInstanceState::Claimed && !self.obs.abandoned_claims.contains(&i.name))
+            })
+            .map(|i| (i.zone.clone(), i.name.clone()))
+            .collect();
         let strays: Vec<(String, String)> =
             self.obs.vms.iter().map(|v| (v.zone.clone(), v.name.clone())).filter(|key| !known.contains(key)).collect();
         for (zone, name) in strays {
@@ -711,6 +733,7 @@ mod tests {
         vms: Vec<Instance>,
         ops: BTreeMap<String, (String, String, OperationKind, bool)>,
         registered: BTreeMap<String, Timestamp>,
+        abandoned: BTreeSet<String>,
         settings: Settings,
         key: LeaseKey,
         next: u32,
@@ -725,6 +748,7 @@ mod tests {
                 vms: Vec::new(),
                 ops: BTreeMap::new(),
                 registered: BTreeMap::new(),
+                abandoned: BTreeSet::new(),
                 settings: Settings {
                     installation: "t".into(),
                     agent_url: "http://agent".into(),
@@ -772,6 +796,7 @@ mod tests {
                 vms: &self.vms,
                 operations: &seen,
                 registered: &self.registered,
+                abandoned_claims: &self.abandoned,
                 settings: &self.settings,
                 key: &self.key,
             });
@@ -938,6 +963,38 @@ mod tests {
         let plan = w.reconcile();
         assert_eq!(plan.calls.len(), 1, "a spec change starts over");
         assert_eq!(plan.status.consecutive_failures, 0);
+    }
+
+    #[test]
+    fn claimed_vms_stay_until_relabelled_unless_their_claimer_is_gone() {
+        let mut w = World::new(preset(1, "v1", 1));
+        w.reconcile();
+        w.finish(false);
+        w.boot();
+        w.reconcile();
+        let mut status = w.status();
+        status.instances[0].state = PresetInstanceState::Claimed;
+        status.instances[0].claimed_by = Some("ns/run/0".into());
+        let claimed = status.instances[0].name.clone();
+        w.preset.status = Some(status);
+        // Deleting the preset while the claimed VM still carries its labels: kept.
+        let cleanup = plan_cleanup(&PoolObserved {
+            preset: &w.preset,
+            now: w.now,
+            vms: &w.vms,
+            operations: &BTreeMap::new(),
+            registered: &w.registered,
+            abandoned_claims: &BTreeSet::new(),
+            settings: &w.settings,
+            key: &w.key,
+        });
+        assert!(!cleanup.calls.iter().any(|c| matches!(c, CloudCall::Delete { name, .. } if *name == claimed)));
+        assert!(!cleanup.cleanup_done, "the finalizer waits for the relabel");
+        // Its claimer is gone: the pool deletes it.
+        w.abandoned.insert(claimed.clone());
+        let plan = w.reconcile();
+        assert!(plan.calls.iter().any(|c| matches!(c, CloudCall::Delete { name, .. } if *name == claimed)));
+        assert!(plan.events.iter().any(|e| e.reason == "ClaimAbandoned"));
     }
 
     #[test]
