@@ -109,6 +109,13 @@ struct RunArgs {
     /// DeletionFailing condition.
     #[arg(long, default_value = "2s", value_parser = duration)]
     delete_retry_base: Duration,
+    /// Compute API calls per second, all kinds together (Compute Engine's
+    /// default per-project quota is 20 per second for most calls).
+    #[arg(long, env = "TESTRUN_COMPUTE_QPS", default_value_t = 20)]
+    compute_qps: u32,
+    /// Compute mutations (insert, delete, setLabels) in flight at once.
+    #[arg(long, env = "TESTRUN_COMPUTE_MAX_MUTATIONS", default_value_t = 32)]
+    compute_max_mutations: usize,
     /// TestRuns reconciled at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
@@ -228,6 +235,8 @@ async fn controller(args: RunArgs) -> Result<(), String> {
     let mut gce = GceConfig::new(project);
     gce.endpoint = args.compute_endpoint.clone();
     let compute = GceCompute::connect(gce).await.map_err(|e| e.to_string())?;
+    let compute =
+        testrun_controller::compute::limit::Limited::new(compute, args.compute_qps, args.compute_max_mutations);
     let client = kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {e}"))?;
     let agent_url = args.agent_url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", args.agent_listen.port()));
     let agent_command = match (&args.agent_command, &args.compute_endpoint) {

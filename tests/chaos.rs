@@ -162,7 +162,18 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
         plane.kubeconfig.clone(),
         &ns,
         &emulator.url,
-        &["--delete-retry-base", "200ms", "--gc-interval", "3s", "--gc-grace", "20s", "--registration-timeout", "60s"],
+        &[
+            "--delete-retry-base",
+            "200ms",
+            "--gc-interval",
+            "3s",
+            "--gc-grace",
+            "20s",
+            "--registration-timeout",
+            "60s",
+            "--compute-qps",
+            "100",
+        ],
     );
     let presets: Api<PrebuildPreset> = Api::namespaced(client.clone(), &ns);
     for i in 0..2 {

@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod gce;
+pub mod limit;
 pub mod messages;
 pub mod naming;
 
