@@ -25,7 +25,7 @@ use super::protocol::{
 use super::tokens::{LeaseKey, LeaseScope};
 use crate::api::duration::DurationString;
 use crate::api::prebuild::PrebuildPreset;
-use crate::api::testrun::{ShardResult, ShardStatus, TestRun, TestRunPhase};
+use crate::api::testrun::{ShardResult, ShardStatus, TestRun};
 use crate::compute::naming::testrun_instance_name;
 
 /// Seconds between heartbeats the agent is told to keep.
@@ -316,9 +316,4 @@ fn claimed_work(api: &AgentApi, hello: &PoolHello) -> Option<(Arc<TestRun>, Shar
             .clone();
         (!shard.phase.is_finished()).then_some((run, shard))
     })
-}
-
-/// The phase a run's shard takes from an accepted result.
-pub fn phase_of(result: &ShardResult) -> TestRunPhase {
-    if result.exit_code == 0 { TestRunPhase::Succeeded } else { TestRunPhase::Failed }
 }

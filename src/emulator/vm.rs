@@ -73,7 +73,7 @@ pub async fn boot(emulator: &Arc<Emulator>, info: BootInfo) -> Result<VmProcess,
     });
 
     let dir = emulator.config.work_dir.join("vms").join(&info.key.zone).join(format!("{}-{}", info.key.name, info.id));
-    let started = start_script(&dir, &info, &metadata_host, &emulator.config.work_dir);
+    let started = start_script(&dir, &info, &metadata_host);
     let pid = match started {
         Ok(pid) => pid,
         Err(e) => {
@@ -84,7 +84,7 @@ pub async fn boot(emulator: &Arc<Emulator>, info: BootInfo) -> Result<VmProcess,
     Ok(VmProcess { pid, metadata_host, dir, metadata_server })
 }
 
-fn start_script(dir: &Path, info: &BootInfo, metadata_host: &str, _work_dir: &Path) -> Result<i32, BootError> {
+fn start_script(dir: &Path, info: &BootInfo, metadata_host: &str) -> Result<i32, BootError> {
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BootError::Write { path, source }

@@ -34,7 +34,7 @@ use crate::api::testrun::{ShardResult, ShardStatus, TestRun, TestRunPhase, TestR
 use crate::api::validation::validate_testrun;
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation, VmSpec};
 use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
-use crate::compute::{ComputeError, ErrorCode, Instance, InstanceSpec, OperationStatus, RetryClass};
+use crate::compute::{ErrorCode, Instance, InstanceSpec, OperationStatus, RetryClass};
 use crate::controller::conditions;
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
 use crate::controller::ops::{DeleteRetry, deletion_condition, intent, retry_delete};
@@ -322,7 +322,7 @@ impl Planner<'_> {
                     },
                     Some(error) => {
                         op.state = OperationState::Failed;
-                        op.last_error = Some(self.describe(error, &op, vm));
+                        op.last_error = Some(describe(error, &op, vm));
                         if let Some(op) = self.after_failure(op, vm, is_wanted) {
                             kept.push(op);
                         }
@@ -331,7 +331,7 @@ impl Planner<'_> {
                 Some(Seen::Error(error)) if error.code() == ErrorCode::OperationVanished => {
                     // Compute Engine forgot it: look at the VM and try again.
                     op.state = OperationState::Failed;
-                    op.last_error = Some(self.describe(error, &op, vm));
+                    op.last_error = Some(describe(error, &op, vm));
                     let exists = self.obs.vms.iter().any(|v| v.name == op.instance && v.zone == op.zone);
                     match op.kind {
                         OperationKind::Insert if exists => {}
@@ -352,10 +352,6 @@ impl Planner<'_> {
         // Operations started while following (a retry in the next zone) come after.
         kept.append(&mut self.status.operations);
         self.status.operations = kept;
-    }
-
-    fn describe(&self, error: &ComputeError, op: &TrackedOperation, vm: &VmSpec) -> String {
-        describe(error, op, vm)
     }
 
     /// Re-issues a recorded intent (same request id: Compute Engine runs it
@@ -921,6 +917,7 @@ mod tests {
     //! the test says, agents register, beat and report when the test says.
     use super::*;
     use crate::api::testrun::TestRunSpec;
+    use crate::compute::ComputeError;
     use proptest::prelude::*;
 
     const UID: &str = "6b0c3f1e-2a4d-4b8e-9c1f-0d2e3f4a5b6c";
