@@ -184,7 +184,7 @@ async fn heartbeat(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<Stat
     }
     let now = Timestamp::now();
     if let (Some(start), Ok(timeout)) = (shard.start_time.as_ref(), run.spec.timeout.parse()) {
-        let limit = jiff::SignedDuration::try_from(timeout).unwrap_or(jiff::SignedDuration::MAX);
+        let limit = crate::controller::ops::signed(timeout);
         if now.duration_since(start.0) > limit {
             let _ = api.wake.send(ObjectRef::from_obj(run.as_ref()));
             return Err(Refusal(

@@ -65,7 +65,7 @@ pub enum GcAction {
 
 /// Decides, for every VM of the installation, what the scan does. Pure.
 pub fn plan_sweep(vms: &[Instance], live_uids: &BTreeSet<String>, now: Timestamp, grace: Duration) -> Vec<GcAction> {
-    let grace = jiff::SignedDuration::try_from(grace).unwrap_or(jiff::SignedDuration::MAX);
+    let grace = super::ops::signed(grace);
     let mut actions = Vec::new();
     for vm in vms {
         let owned = vm.labels.get(LABEL_OWNER_UID).is_some_and(|uid| live_uids.contains(uid));

@@ -72,6 +72,16 @@ pub fn describe(error: &ComputeError, op: &TrackedOperation, vm: &VmSpec) -> Str
     format!("{}: {}", error.code(), explain(error, action, cx).message)
 }
 
+/// A std duration as a signed one (saturating).
+pub fn signed(d: std::time::Duration) -> jiff::SignedDuration {
+    jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX)
+}
+
+/// Time from `now` until `at`; zero when `at` is past.
+pub fn until(now: jiff::Timestamp, at: jiff::Timestamp) -> std::time::Duration {
+    std::time::Duration::try_from(at.duration_since(now)).unwrap_or(std::time::Duration::ZERO)
+}
+
 /// Failed tries after which a delete that keeps failing is reported in a
 /// `DeletionFailing` condition (it is still retried, every few minutes).
 pub const DELETE_TRIES_BEFORE_ALARM: i32 = 5;
@@ -94,9 +104,9 @@ pub fn retry_delete(op: &mut TrackedOperation, now: jiff::Timestamp, base: std::
     let tries = u32::try_from(op.tries.max(1)).unwrap_or(1);
     let wait = base.saturating_mul(2u32.saturating_pow(tries.saturating_sub(1).min(16))).min(DELETE_RETRY_MAX);
     let since = op.started_at.as_ref().map(|t| t.0).unwrap_or(now);
-    let due = since + jiff::SignedDuration::try_from(wait).unwrap_or(jiff::SignedDuration::MAX);
+    let due = since + signed(wait);
     if now < due {
-        return DeleteRetry::Wait(std::time::Duration::try_from(due.duration_since(now)).unwrap_or(wait));
+        return DeleteRetry::Wait(until(now, due));
     }
     op.request_id = crate::compute::naming::request_id(&format!("delete/{}/{}", op.zone, op.instance), tries);
     op.state = crate::api::OperationState::Intended;

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::agent::protocol::{
@@ -34,7 +34,7 @@ use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
 use crate::compute::{ErrorCode, Instance, InstanceSpec, OperationStatus};
 use crate::controller::conditions;
 use crate::controller::ops::{
-    CloudCall, DeleteRetry, PlannedEvent, Seen, deletion_condition, describe, intent, retry_delete,
+    CloudCall, DeleteRetry, PlannedEvent, Seen, deletion_condition, describe, intent, retry_delete, signed, until,
 };
 use crate::controller::testrun::plan::{Settings, startup_script};
 
@@ -92,10 +92,6 @@ struct Pool<'a> {
     cancelled: u32,
     failures: Vec<String>,
     wake: Duration,
-}
-
-fn to_signed(d: Duration) -> SignedDuration {
-    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
 }
 
 /// The wait after `failures` failed provisions in a row: `base`, doubling,
@@ -392,7 +388,7 @@ impl Pool<'_> {
     /// Brings the instance list in line with the cloud and the agents.
     fn sync_instances(&mut self) {
         let now = self.obs.now;
-        let timeout = to_signed(self.obs.settings.registration_timeout);
+        let timeout = signed(self.obs.settings.registration_timeout);
         let mut lost = Vec::new();
         let mut late = Vec::new();
         let mut handed_over = Vec::new();
@@ -549,9 +545,9 @@ impl Pool<'_> {
             let base = spec.failure_backoff.base.parse().unwrap_or(Duration::from_secs(10));
             let max = spec.failure_backoff.max.parse().unwrap_or(Duration::from_secs(300));
             let since = self.status.last_failure_time.as_ref().map(|t| t.0).unwrap_or(self.obs.now);
-            let due = since + to_signed(backoff(base, max, failures));
+            let due = since + signed(backoff(base, max, failures));
             if self.obs.now < due {
-                self.wake_within(Duration::try_from(due.duration_since(self.obs.now)).unwrap_or(OPERATION_POLL));
+                self.wake_within(until(self.obs.now, due));
                 return;
             }
         }
@@ -708,6 +704,7 @@ mod tests {
     use super::*;
     use crate::api::prebuild::PrebuildPresetSpec;
     use crate::compute::{ComputeError, Operation};
+    use jiff::SignedDuration;
     use proptest::prelude::*;
 
     fn preset(instances: i32, version: &str, slots: i32) -> PrebuildPreset {

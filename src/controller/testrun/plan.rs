@@ -37,7 +37,7 @@ use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
 use crate::compute::{ErrorCode, Instance, InstanceSpec, OperationStatus, RetryClass};
 use crate::controller::conditions;
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
-use crate::controller::ops::{DeleteRetry, deletion_condition, intent, retry_delete};
+use crate::controller::ops::{DeleteRetry, deletion_condition, intent, retry_delete, signed, until};
 
 /// Settings of the installation that shape every plan.
 #[derive(Clone, Debug)]
@@ -117,14 +117,6 @@ struct Planner<'a> {
     exhausted: Vec<String>,
     wake: Duration,
     degraded: Option<(String, String)>,
-}
-
-fn to_signed(d: Duration) -> SignedDuration {
-    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
-}
-
-fn until(now: Timestamp, at: Timestamp) -> Duration {
-    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
 }
 
 /// Plans one reconcile of a run that is not being deleted.
@@ -436,7 +428,7 @@ impl Planner<'_> {
                         let backoff =
                             Duration::from_secs(base * 2u64.saturating_pow(tries.min(6))).min(Duration::from_secs(300));
                         let since = op.started_at.as_ref().map(|t| t.0).unwrap_or(self.obs.now);
-                        let due = since + to_signed(backoff);
+                        let due = since + signed(backoff);
                         if tries >= 5 {
                             self.fail_attempt(index, &format!("creating the VM kept failing: {message}"), vm);
                             return None;
@@ -609,8 +601,8 @@ impl Planner<'_> {
         let vm_seen = self.obs.vms.iter().any(|v| v.name == name && v.zone == zone);
         let creating = self.in_flight(OperationKind::Insert, &zone, &name);
 
-        let timeout = to_signed(run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600)));
-        let heartbeat_timeout = to_signed(run.spec.heartbeat_timeout.parse().unwrap_or(Duration::from_secs(60)));
+        let timeout = signed(run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600)));
+        let heartbeat_timeout = signed(run.spec.heartbeat_timeout.parse().unwrap_or(Duration::from_secs(60)));
 
         // The agent registered: its lease began.
         if shard.phase == TestRunPhase::Provisioning
@@ -655,7 +647,7 @@ impl Planner<'_> {
                 return;
             }
             let requested = shard.requested_time.as_ref().map(|t| t.0).unwrap_or(now);
-            let deadline = requested + to_signed(self.obs.settings.registration_timeout);
+            let deadline = requested + signed(self.obs.settings.registration_timeout);
             if now >= deadline {
                 self.fail_attempt(
                     index,
@@ -707,7 +699,7 @@ impl Planner<'_> {
         // Heartbeats alone are written at most every HEARTBEAT_WRITE_INTERVAL.
         if let Some(beat) = heard.and_then(|h| h.last_heartbeat) {
             let written = shard.last_heartbeat.as_ref().map(|t| t.0);
-            if written.is_none_or(|w| beat.duration_since(w) >= to_signed(HEARTBEAT_WRITE_INTERVAL)) {
+            if written.is_none_or(|w| beat.duration_since(w) >= signed(HEARTBEAT_WRITE_INTERVAL)) {
                 self.status.shards[index].last_heartbeat = Some(Time(beat));
             }
         }
