@@ -56,6 +56,26 @@ pub struct PlainError {
     pub retry: RetryClass,
 }
 
+/// The condition reason for an error code.
+pub fn reason(code: &ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::ZoneResourcePoolExhausted => "ZoneExhausted",
+        ErrorCode::QuotaExceeded => "QuotaExceeded",
+        ErrorCode::RateLimitExceeded => "RateLimited",
+        ErrorCode::AlreadyExists => "AlreadyExists",
+        ErrorCode::NotFound => "NotFound",
+        ErrorCode::ConditionNotMet => "Conflict",
+        ErrorCode::ResourceNotReady => "ResourceNotReady",
+        ErrorCode::Unavailable => "CloudUnavailable",
+        ErrorCode::Timeout => "CloudTimeout",
+        ErrorCode::Invalid => "InvalidRequest",
+        ErrorCode::PermissionDenied => "PermissionDenied",
+        ErrorCode::OperationVanished => "OperationLost",
+        ErrorCode::Transport => "CloudUnreachable",
+        ErrorCode::Other(_) => "CloudError",
+    }
+}
+
 /// Maps an error to its reason, sentence and retry class.
 pub fn explain(error: &ComputeError, action: Action, cx: ErrorContext<'_>) -> PlainError {
     let code = error.code();
@@ -67,46 +87,33 @@ pub fn explain(error: &ComputeError, action: Action, cx: ErrorContext<'_>) -> Pl
         Some(next) => format!("trying {next}"),
         None => "no other zone to try, retrying later".to_string(),
     };
-    let (reason, message) = match &code {
-        ErrorCode::ZoneResourcePoolExhausted => {
-            ("ZoneExhausted", format!("zone {zone} has no capacity for {machine}; {next}"))
-        }
-        ErrorCode::QuotaExceeded => ("QuotaExceeded", format!("the quota for {machine} in {zone} is used up; {next}")),
+    let message = match &code {
+        ErrorCode::ZoneResourcePoolExhausted => format!("zone {zone} has no capacity for {machine}; {next}"),
+        ErrorCode::QuotaExceeded => format!("the quota for {machine} in {zone} is used up; {next}"),
         ErrorCode::RateLimitExceeded => {
-            ("RateLimited", "Compute Engine is rate limiting the controller's calls; retrying with backoff".to_string())
+            "Compute Engine is rate limiting the controller's calls; retrying with backoff".to_string()
         }
-        ErrorCode::AlreadyExists => ("AlreadyExists", format!("{vm} already exists in {zone}")),
-        ErrorCode::NotFound => ("NotFound", format!("{vm} was not found in {zone}")),
-        ErrorCode::ConditionNotMet => ("Conflict", format!("{vm} changed while the controller updated it; retrying")),
-        ErrorCode::ResourceNotReady => ("ResourceNotReady", format!("{vm} is busy with another operation; retrying")),
-        ErrorCode::Unavailable => {
-            ("CloudUnavailable", "Compute Engine is temporarily unavailable; retrying".to_string())
+        ErrorCode::AlreadyExists => format!("{vm} already exists in {zone}"),
+        ErrorCode::NotFound => format!("{vm} was not found in {zone}"),
+        ErrorCode::ConditionNotMet => format!("{vm} changed while the controller updated it; retrying"),
+        ErrorCode::ResourceNotReady => format!("{vm} is busy with another operation; retrying"),
+        ErrorCode::Unavailable => "Compute Engine is temporarily unavailable; retrying".to_string(),
+        ErrorCode::Timeout => "the call to Compute Engine timed out; retrying".to_string(),
+        ErrorCode::Invalid => format!(
+            "Compute Engine refused to {} {vm}: the request is invalid; check spec.vm (zones, machineType, image)",
+            action.verb()
+        ),
+        ErrorCode::PermissionDenied => format!(
+            "the controller is not allowed to {} VMs; grant its service account roles/compute.instanceAdmin.v1",
+            action.verb()
+        ),
+        ErrorCode::OperationVanished => {
+            format!("Compute Engine lost track of the operation on {vm}; checking the VM and retrying")
         }
-        ErrorCode::Timeout => ("CloudTimeout", "the call to Compute Engine timed out; retrying".to_string()),
-        ErrorCode::Invalid => (
-            "InvalidRequest",
-            format!(
-                "Compute Engine refused to {} {vm}: the request is invalid; check spec.vm (zones, machineType, image)",
-                action.verb()
-            ),
-        ),
-        ErrorCode::PermissionDenied => (
-            "PermissionDenied",
-            format!(
-                "the controller is not allowed to {} VMs; grant its service account roles/compute.instanceAdmin.v1",
-                action.verb()
-            ),
-        ),
-        ErrorCode::OperationVanished => (
-            "OperationLost",
-            format!("Compute Engine lost track of the operation on {vm}; checking the VM and retrying"),
-        ),
-        ErrorCode::Transport => ("CloudUnreachable", "Compute Engine could not be reached; retrying".to_string()),
-        ErrorCode::Other(code) => {
-            ("CloudError", format!("Compute Engine failed to {} {vm} with error code {code}", action.verb()))
-        }
+        ErrorCode::Transport => "Compute Engine could not be reached; retrying".to_string(),
+        ErrorCode::Other(code) => format!("Compute Engine failed to {} {vm} with error code {code}", action.verb()),
     };
-    PlainError { reason, message, retry }
+    PlainError { reason: reason(&code), message, retry }
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ use crate::agent::tokens::LeaseKey;
 use crate::api::testrun::{ShardResult, ShardStatus, TestRun, TestRunPhase, TestRunStatus};
 use crate::api::validation::validate_testrun;
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation, VmSpec};
+use crate::compute::messages::reason;
 use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
 use crate::compute::{ErrorCode, Instance, InstanceSpec, OperationStatus, RetryClass};
 use crate::controller::conditions;
@@ -405,7 +406,7 @@ impl Planner<'_> {
                     s.instance.as_deref() == Some(op.instance.as_str()) && s.zone.as_deref() == Some(op.zone.as_str())
                 })?;
                 let retry = code.as_ref().map(|c| c.retry_class()).unwrap_or(RetryClass::RetrySoon);
-                self.degraded = Some((reason_for(code.as_ref()).to_string(), message.clone()));
+                self.degraded = Some((code.as_ref().map_or("CloudError", reason).to_string(), message.clone()));
                 match retry {
                     RetryClass::TryAnotherZone => {
                         self.exhausted.push(op.zone.clone());
@@ -879,15 +880,6 @@ fn phase_reason(phase: TestRunPhase) -> &'static str {
         TestRunPhase::TimedOut => "TimedOut",
         TestRunPhase::Cancelled => "Cancelled",
         TestRunPhase::Error => "Error",
-    }
-}
-
-fn reason_for(code: Option<&ErrorCode>) -> &'static str {
-    match code {
-        Some(ErrorCode::ZoneResourcePoolExhausted) => "ZoneExhausted",
-        Some(ErrorCode::QuotaExceeded) => "QuotaExceeded",
-        Some(ErrorCode::RateLimitExceeded) => "RateLimited",
-        _ => "CloudError",
     }
 }
 
