@@ -59,6 +59,36 @@ pub fn metadata_host() -> String {
     std::env::var("GCE_METADATA_HOST").unwrap_or_else(|_| "metadata.google.internal".to_string())
 }
 
+/// Waits between retries that double from `first` up to `max`.
+struct Backoff {
+    first: Duration,
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Self {
+        Self { first, next: first, max }
+    }
+
+    /// Sleeps for the current wait, then doubles it.
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+
+    /// The next wait is `first` again.
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// The error for a 4xx answer that retrying cannot fix.
+async fn refused(response: reqwest::Response) -> AgentError {
+    let status = response.status().as_u16();
+    AgentError::Refused { status, body: response.text().await.unwrap_or_default() }
+}
+
 struct Metadata {
     http: reqwest::Client,
     base: String,
@@ -67,7 +97,7 @@ struct Metadata {
 impl Metadata {
     async fn get(&self, path: &str) -> Result<String, AgentError> {
         let fail = |message: String| AgentError::Metadata { key: path.to_string(), message };
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         for _ in 0..20 {
             let response =
                 self.http.get(format!("{}/{path}", self.base)).header("Metadata-Flavor", "Google").send().await;
@@ -77,8 +107,7 @@ impl Metadata {
                 Ok(r) => tracing::warn!(status = %r.status(), key = path, "metadata server answered with an error"),
                 Err(e) => tracing::warn!(error = %e, key = path, "metadata server unreachable"),
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+            backoff.wait().await;
         }
         Err(fail("the metadata server did not answer".into()))
     }
@@ -159,7 +188,7 @@ async fn work(http: &reqwest::Client, url: &str, assignment: &Assignment) -> Res
 /// the agent API answers that there is none yet.
 async fn wait_in_pool(http: &reqwest::Client, url: &str, hello: &PoolHello) -> Result<i32, AgentError> {
     let mut path = POOL_REGISTER_PATH;
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         match http.post(format!("{url}{path}")).timeout(Duration::from_secs(60)).json(hello).send().await {
             Ok(r) if r.status() == StatusCode::OK && path == POOL_WAIT_PATH => match r.json::<Assignment>().await {
@@ -172,25 +201,21 @@ async fn wait_in_pool(http: &reqwest::Client, url: &str, hello: &PoolHello) -> R
                     tracing::info!("registered with the pool; waiting for work");
                 }
                 path = POOL_WAIT_PATH;
-                delay = Duration::from_millis(200);
+                backoff.reset();
                 continue;
             }
             Ok(r) if r.status().is_server_error() => {
                 tracing::info!(status = %r.status(), "agent API not ready; retrying")
             }
-            Ok(r) => {
-                let status = r.status().as_u16();
-                return Err(AgentError::Refused { status, body: r.text().await.unwrap_or_default() });
-            }
+            Ok(r) => return Err(refused(r).await),
             Err(e) => tracing::warn!(error = %e, "agent API unreachable; retrying"),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
+        backoff.wait().await;
     }
 }
 
 async fn register(http: &reqwest::Client, url: &str, request: &RegisterRequest) -> Result<Assignment, AgentError> {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         match http.post(format!("{url}{REGISTER_PATH}")).json(request).send().await {
             Ok(r) if r.status().is_success() => match r.json::<Assignment>().await {
@@ -200,14 +225,10 @@ async fn register(http: &reqwest::Client, url: &str, request: &RegisterRequest) 
             Ok(r) if r.status().is_server_error() => {
                 tracing::info!(status = %r.status(), "agent API not ready; retrying");
             }
-            Ok(r) => {
-                let status = r.status().as_u16();
-                return Err(AgentError::Refused { status, body: r.text().await.unwrap_or_default() });
-            }
+            Ok(r) => return Err(refused(r).await),
             Err(e) => tracing::warn!(error = %e, "agent API unreachable; retrying"),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
+        backoff.wait().await;
     }
 }
 
@@ -364,12 +385,13 @@ async fn heartbeat(http: &reqwest::Client, url: &str, claim: &LeaseClaim) -> Opt
 /// The same report is sent each time, so it can be counted only once.
 async fn report(http: &reqwest::Client, url: &str, report: ResultReport) -> Result<(), AgentError> {
     let deadline = Instant::now() + Duration::from_secs(3600);
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     while Instant::now() < deadline {
         match http.post(format!("{url}{RESULT_PATH}")).json(&report).send().await {
             Ok(r) if r.status().is_success() => match r.json::<ResultAck>().await {
                 Ok(ResultAck { acknowledged: true }) => return Ok(()),
-                Ok(_) => delay = Duration::from_millis(300),
+                // Received, not yet stored: ask again soon.
+                Ok(_) => backoff.reset(),
                 Err(e) => tracing::warn!(error = %e, "unreadable acknowledgement"),
             },
             Ok(r) if r.status().is_client_error() && r.status() != StatusCode::TOO_MANY_REQUESTS => {
@@ -379,8 +401,7 @@ async fn report(http: &reqwest::Client, url: &str, report: ResultReport) -> Resu
             Ok(r) => tracing::warn!(status = %r.status(), "result not taken; retrying"),
             Err(e) => tracing::warn!(error = %e, "agent API unreachable; retrying"),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
+        backoff.wait().await;
     }
     Err(AgentError::Undelivered("no acknowledgement within an hour".into()))
 }
