@@ -5,6 +5,11 @@
 //! Modules, one concern each:
 //! - [`api`]: the custom resources and their cross-field checks.
 //! - [`crd`]: the CustomResourceDefinitions generated from [`api`].
+//! - [`controller`]: the reconcilers (pure planners and thin executors).
+//! - [`inventory`]: the one view of the installation's VMs.
+//! - [`tracker`]: follows every cloud operation and wakes its owner.
+//! - [`compute`] and [`emulator`]: the cloud, and a local stand-in for it.
+//! - [`agent`]: the agent on each VM and the API it reports to.
 
 pub mod agent;
 pub mod api;
@@ -12,5 +17,7 @@ pub mod compute;
 pub mod controller;
 pub mod crd;
 pub mod emulator;
+pub mod inventory;
 pub mod metrics;
 pub mod telemetry;
+pub mod tracker;

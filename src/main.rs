@@ -38,7 +38,7 @@ enum Command {
     /// Run the controller: reconcile TestRuns and PrebuildPresets, create,
     /// claim and delete their VMs, scan for orphaned VMs, and serve the agent
     /// API that VMs report to and the metrics.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the agent on a VM: read settings from the metadata server,
     /// register, run the assigned command with heartbeats, report the result.
     /// Started by the startup script the controller gives every VM.
@@ -109,10 +109,31 @@ struct RunArgs {
     /// DeletionFailing condition.
     #[arg(long, default_value = "2s", value_parser = duration)]
     delete_retry_base: Duration,
-    /// Compute API calls per second, all kinds together (Compute Engine's
-    /// default per-project quota is 20 per second for most calls).
+    /// Compute API calls per second in each of Compute Engine's quota
+    /// classes (mutations, reads, operation reads), each limited on its own,
+    /// as Compute Engine counts them (its default quota is 1,500 calls a
+    /// minute per class and project). The next three flags set one class.
     #[arg(long, env = "TESTRUN_COMPUTE_QPS", default_value_t = 20)]
     compute_qps: u32,
+    /// Inserts, deletes and label changes per second (default: --compute-qps).
+    #[arg(long, env = "TESTRUN_COMPUTE_MUTATION_QPS")]
+    compute_mutation_qps: Option<u32>,
+    /// Instance gets and lists per second (default: --compute-qps).
+    #[arg(long, env = "TESTRUN_COMPUTE_READ_QPS")]
+    compute_read_qps: Option<u32>,
+    /// Operation reads per second (default: --compute-qps).
+    #[arg(long, env = "TESTRUN_COMPUTE_OPERATION_READ_QPS")]
+    compute_operation_read_qps: Option<u32>,
+    /// Time between lists of every VM of the installation while any exists
+    /// (the inventory); with none, only the orphan scan lists, every
+    /// --gc-interval. Reconciles never list.
+    #[arg(long, env = "TESTRUN_INVENTORY_RESYNC", default_value = "30s", value_parser = duration)]
+    inventory_resync: Duration,
+    /// Longest time a cloud operation is followed; one still unfinished
+    /// then is settled by looking at its VM (a delete whose VM is gone is
+    /// done, otherwise it is made again; an insert whose VM exists is done).
+    #[arg(long, env = "TESTRUN_OPERATION_TIMEOUT", default_value = "10m", value_parser = duration)]
+    operation_timeout: Duration,
     /// Compute mutations (insert, delete, setLabels) in flight at once.
     #[arg(long, env = "TESTRUN_COMPUTE_MAX_MUTATIONS", default_value_t = 32)]
     compute_max_mutations: usize,
@@ -166,7 +187,7 @@ fn main() -> ExitCode {
         Command::Crdgen { out_dir: None } => crdgen(),
         Command::Crdgen { out_dir: Some(dir) } => crdgen_to(&dir),
         Command::Emulator(args) => run_async(emulator(args)),
-        Command::Run(args) => run_async(controller(args)),
+        Command::Run(args) => run_async(controller(*args)),
         Command::Agent { log_format } => {
             telemetry::init(log_format);
             run_async(async {
@@ -235,8 +256,14 @@ async fn controller(args: RunArgs) -> Result<(), String> {
     let mut gce = GceConfig::new(project);
     gce.endpoint = args.compute_endpoint.clone();
     let compute = GceCompute::connect(gce).await.map_err(|e| e.to_string())?;
+    let metrics = std::sync::Arc::new(testrun_controller::metrics::Metrics::new());
+    let rates = testrun_controller::compute::limit::Rates {
+        mutations: args.compute_mutation_qps.unwrap_or(args.compute_qps),
+        reads: args.compute_read_qps.unwrap_or(args.compute_qps),
+        operation_reads: args.compute_operation_read_qps.unwrap_or(args.compute_qps),
+    };
     let compute =
-        testrun_controller::compute::limit::Limited::new(compute, args.compute_qps, args.compute_max_mutations);
+        testrun_controller::compute::limit::Limited::new(compute, rates, args.compute_max_mutations, metrics.clone());
     let client = kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {e}"))?;
     let agent_url = args.agent_url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", args.agent_listen.port()));
     let agent_command = match (&args.agent_command, &args.compute_endpoint) {
@@ -267,8 +294,17 @@ async fn controller(args: RunArgs) -> Result<(), String> {
             grace: args.gc_grace,
             dry_run: args.gc_dry_run,
         },
+        inventory: testrun_controller::inventory::InventoryConfig {
+            resync: args.inventory_resync.max(Duration::from_secs(1)),
+            ..Default::default()
+        },
+        patience: testrun_controller::tracker::decide::Patience {
+            deadline: args.operation_timeout.max(Duration::from_secs(4)),
+            ..Default::default()
+        },
+        operation_reads: 16,
     };
-    run(client, compute, settings, config).await.map_err(|e| e.to_string())
+    run(client, compute, settings, config, metrics).await.map_err(|e| e.to_string())
 }
 
 /// Completes on SIGINT or SIGTERM.

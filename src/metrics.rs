@@ -52,6 +52,46 @@ pub struct ReconcileLabels {
     pub result: String,
 }
 
+/// Labels of a compute call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodCodeLabels {
+    /// The API method, e.g. `instances.insert`.
+    pub method: String,
+    /// `OK` or the error code.
+    pub code: String,
+}
+
+/// Labels naming a compute API method.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// The API method, e.g. `instances.insert`.
+    pub method: String,
+}
+
+/// Labels naming a quota class.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// `mutation`, `read` or `operation_read`.
+    pub class: String,
+}
+
+/// Labels of a resolved operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResolvedLabels {
+    /// `insert`, `delete` or `setLabels`.
+    pub kind: String,
+    /// How the outcome was learned: `evidence` (the inventory or an agent
+    /// showed it), `read` (the operation was read), `deadline` (the
+    /// operation did not end in time and the VM was looked at).
+    pub how: String,
+}
+
+type LatencyFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
 /// Every metric the controller exports.
 pub struct Metrics {
     registry: Registry,
@@ -81,6 +121,22 @@ pub struct Metrics {
     pub forged_requests: Counter,
     /// Agent calls with a body that could not be read.
     pub malformed_requests: Counter,
+    /// Compute API calls by method and outcome.
+    pub compute_requests: Family<MethodCodeLabels, Counter>,
+    /// Compute API call latency by method, in seconds (after the rate limiter).
+    pub compute_latency: LatencyFamily,
+    /// Compute API calls waiting for a token of their quota class.
+    pub compute_waiting: Family<ClassLabels, Gauge>,
+    /// VMs of this installation the inventory knows.
+    pub inventory_vms: Gauge,
+    /// Zones the last list could not see.
+    pub inventory_unreachable_zones: Gauge,
+    /// Inventory lists by result (`ok`, `partial`, `error`).
+    pub inventory_lists: Family<ReasonLabels, Counter>,
+    /// Cloud operations being followed.
+    pub operations_tracked: Gauge,
+    /// Cloud operations whose outcome is known, by kind and how it was learned.
+    pub operations_resolved: Family<ResolvedLabels, Counter>,
     ready: AtomicBool,
 }
 
@@ -132,8 +188,48 @@ impl Metrics {
             "Agent calls with an unreadable body",
             malformed_requests.clone(),
         );
+        let compute_requests = Family::default();
+        registry.register("compute_requests", "Compute API calls by method and outcome", compute_requests.clone());
+        let compute_latency: LatencyFamily = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "compute_request_duration_seconds",
+            "Compute API call latency by method",
+            compute_latency.clone(),
+        );
+        let compute_waiting = Family::default();
+        registry.register(
+            "compute_calls_waiting",
+            "Compute API calls waiting for a token of their quota class",
+            compute_waiting.clone(),
+        );
+        let inventory_vms = Gauge::default();
+        registry.register("inventory_vms", "VMs of this installation in the inventory", inventory_vms.clone());
+        let inventory_unreachable_zones = Gauge::default();
+        registry.register(
+            "inventory_unreachable_zones",
+            "Zones the last inventory list could not see",
+            inventory_unreachable_zones.clone(),
+        );
+        let inventory_lists = Family::default();
+        registry.register("inventory_lists", "Inventory lists by result", inventory_lists.clone());
+        let operations_tracked = Gauge::default();
+        registry.register("operations_tracked", "Cloud operations being followed", operations_tracked.clone());
+        let operations_resolved = Family::default();
+        registry.register(
+            "operations_resolved",
+            "Cloud operations whose outcome is known, by kind and how it was learned",
+            operations_resolved.clone(),
+        );
         Self {
             registry,
+            compute_requests,
+            compute_latency,
+            compute_waiting,
+            inventory_vms,
+            inventory_unreachable_zones,
+            inventory_lists,
+            operations_tracked,
+            operations_resolved,
             pool_vms,
             pending_jobs,
             jobs_cancelled,
@@ -157,7 +253,12 @@ impl Metrics {
         self.reconciles.get_or_create(&ReconcileLabels { kind: kind.into(), result: result.into() }).inc();
     }
 
-    /// Marks the controller ready (its watches are running).
+    /// Whether the controller is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Marks the controller ready (its caches and the inventory synced).
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }

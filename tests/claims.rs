@@ -7,7 +7,7 @@ mod common;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use testrun_controller::api::prebuild::{PrebuildPreset, PresetInstanceState};
-use testrun_controller::controller::claims::{Claim, claim_ready_vm, held};
+use testrun_controller::controller::claims::{Claim, claim_ready_vms, held};
 
 #[tokio::test]
 async fn concurrent_claimers_never_take_the_same_vm() {
@@ -46,7 +46,10 @@ async fn concurrent_claimers_never_take_the_same_vm() {
             let client = common::client_from(&kubeconfig).await;
             let api: Api<PrebuildPreset> = Api::namespaced(client, &ns);
             let claim = Claim { namespace: ns.clone(), testrun: format!("run-{i}"), shard: 0 };
-            (claim.clone(), claim_ready_vm(&api, "pool", &claim).await.expect("claiming"))
+            // Each starts from the preset as read before anyone claimed.
+            let read = api.get("pool").await.expect("reading the preset");
+            let claimed = claim_ready_vms(&api, &read, std::slice::from_ref(&claim)).await.expect("claiming");
+            (claim, claimed.taken.get(&0).cloned())
         }));
     }
     let mut won = Vec::new();
@@ -73,4 +76,38 @@ async fn concurrent_claimers_never_take_the_same_vm() {
     assert_eq!(untouched("vm-old"), Some(PresetInstanceState::Ready), "outdated VMs are never claimed");
     assert_eq!(untouched("vm-new"), Some(PresetInstanceState::Provisioning));
     assert_eq!(status.claimed, 3);
+}
+
+#[tokio::test]
+async fn a_multi_shard_run_takes_its_vms_in_one_write() {
+    let (client, ns) = common::setup("claims-batch").await;
+    let presets: Api<PrebuildPreset> = Api::namespaced(client.clone(), &ns);
+    let preset: PrebuildPreset = serde_json::from_value(json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "PrebuildPreset",
+        "metadata": { "name": "pool" },
+        "spec": { "templateVersion": "v1", "instances": 2,
+                  "vm": { "zones": ["us-central1-a"], "machineType": "e2-small", "image": "img" } }
+    }))
+    .expect("preset");
+    presets.create(&PostParams::default(), &preset).await.expect("create");
+    let instance =
+        |name: &str| json!({ "name": name, "zone": "us-central1-a", "templateVersion": "v1", "state": "Ready" });
+    let status = json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "PrebuildPreset",
+        "status": { "ready": 2, "instances": [instance("vm-a"), instance("vm-b")] }
+    });
+    presets.patch_status("pool", &PatchParams::apply("test").force(), &Patch::Apply(&status)).await.expect("status");
+    let read = presets.get("pool").await.expect("get");
+    let claims: Vec<Claim> =
+        (0..3).map(|shard| Claim { namespace: ns.clone(), testrun: "run".into(), shard }).collect();
+    let claimed = claim_ready_vms(&presets, &read, &claims).await.expect("claiming");
+    assert_eq!(claimed.taken.len(), 2, "two ready VMs for three shards");
+    let written = claimed.written.expect("one write");
+    let version = |p: &PrebuildPreset| p.metadata.resource_version.clone().and_then(|v| v.parse::<u64>().ok());
+    let stored = presets.get("pool").await.expect("get");
+    assert_eq!(version(&written), version(&stored), "nothing else wrote after the claim");
+    assert_eq!(stored.status.expect("status").claimed, 2);
+    // Claiming again with the stale copy: the shards keep what they hold, and no VM is left for the third.
+    let again = claim_ready_vms(&presets, &read, &claims).await.expect("claiming again");
+    assert!(again.taken.is_empty() && again.written.is_none(), "{again:?}");
 }

@@ -120,7 +120,7 @@ async fn request_ids_make_inserts_and_deletes_idempotent() {
     wait_done(&compute, &first).await;
     let after_done = compute.insert(&vm).await.expect("still the same operation after it finished");
     assert_eq!(after_done.name, first.name);
-    assert_eq!(compute.list_by_labels(&BTreeMap::new()).await.expect("list").len(), 1);
+    assert_eq!(compute.list_by_labels(&BTreeMap::new()).await.expect("list").instances.len(), 1);
 
     let mut other = vm.clone();
     other.request_id = request_id("insert/other", 0);
@@ -160,7 +160,10 @@ async fn aggregated_list_filters_by_label_across_zones_and_pages() {
         ("managed-by".to_string(), "testrun-controller".to_string()),
         ("installation".to_string(), "mine".to_string()),
     ]);
-    let found = compute.list_by_labels(&selector).await.expect("aggregated list");
+    let listing = compute.list_by_labels(&selector).await.expect("aggregated list");
+    assert_eq!(listing.pages, 2, "200 matching VMs at 100 a page");
+    assert!(listing.unreachable.is_empty());
+    let found = listing.instances;
     let got: std::collections::BTreeSet<_> = found.iter().map(|i| (i.zone.clone(), i.name.clone())).collect();
     assert_eq!(found.len(), 200, "every page read, no VM twice");
     assert_eq!(got, expected);
@@ -238,7 +241,7 @@ async fn http_faults_surface_with_status_code_and_retry_class() {
         (err.code(), err.http_status(), err.retry_class()),
         (ErrorCode::Unavailable, Some(503), RetryClass::RetrySoon)
     );
-    assert!(compute.list_by_labels(&BTreeMap::new()).await.expect("recovered").is_empty());
+    assert!(compute.list_by_labels(&BTreeMap::new()).await.expect("recovered").instances.is_empty());
 }
 
 #[tokio::test]
@@ -339,7 +342,7 @@ async fn invalid_requests_are_refused_like_compute_engine() {
     bad = spec("vm-1", ZONE);
     bad.labels.insert("Team".into(), "x".into());
     assert_eq!(compute.insert(&bad).await.expect_err("bad label").code(), ErrorCode::Invalid);
-    assert!(compute.list_by_labels(&BTreeMap::new()).await.expect("list").is_empty(), "nothing was created");
+    assert!(compute.list_by_labels(&BTreeMap::new()).await.expect("list").instances.is_empty(), "nothing was created");
 }
 
 #[tokio::test]
@@ -471,4 +474,50 @@ async fn startup_script_boots_reads_metadata_and_dies_with_its_vm() {
     assert!(group_alive(pid2));
     emulator.stop();
     eventually("vm-2's processes to die with the emulator", async || !group_alive(pid2)).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_zone_is_named_by_the_aggregated_list_and_its_calls_fail() {
+    let emulator = EmulatorProcess::start(&["--operation-delay", "0"]);
+    let compute = emulator.compute("proj-unreachable").await;
+    for (name, zone) in [("vm-a", "us-central1-a"), ("vm-b", "us-central1-b")] {
+        wait_done(&compute, &compute.insert(&spec(name, zone)).await.expect("insert")).await;
+    }
+    let faults = format!("{}/emulator/v1/faults", emulator.url);
+    let rule = serde_json::json!({ "zone": "us-central1-a", "kind": "unreachable", "count": 2 });
+    let added = reqwest::Client::new().post(&faults).json(&rule).send().await.expect("admin API");
+    assert_eq!(added.status(), 201);
+
+    let listing = compute.list_by_labels(&BTreeMap::new()).await.expect("a partial list still answers");
+    let names: Vec<&str> = listing.instances.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, vec!["vm-b"], "the unreachable zone's VM is not listed");
+    assert_eq!(listing.unreachable, std::collections::BTreeSet::from(["us-central1-a".to_string()]));
+    let err = compute.get("us-central1-a", "vm-a").await.expect_err("the zone cannot be reached");
+    assert_eq!(err.code(), ErrorCode::Unavailable);
+    // The rule's count is used up: the zone answers again, with its VM.
+    let listing = compute.list_by_labels(&BTreeMap::new()).await.expect("list");
+    assert_eq!(listing.instances.len(), 2);
+    assert!(listing.unreachable.is_empty());
+}
+
+#[tokio::test]
+async fn the_emulator_counts_calls_by_method() {
+    let emulator = EmulatorProcess::start(&["--operation-delay", "0"]);
+    let compute = emulator.compute("proj-count").await;
+    let op = compute.insert(&spec("vm-1", ZONE)).await.expect("insert");
+    compute.insert(&spec("vm-1", ZONE)).await.expect("a repeated insert is a call too");
+    compute.get_operation(ZONE, &op.name).await.expect("operation");
+    compute.list_by_labels(&BTreeMap::new()).await.expect("list");
+    compute.get(ZONE, "vm-1").await.expect("get");
+    let url = format!("{}/emulator/v1/calls", emulator.url);
+    let calls: BTreeMap<String, u64> = reqwest::get(&url).await.expect("admin API").json().await.expect("JSON");
+    let expected: BTreeMap<String, u64> =
+        [("instances.aggregatedList", 1), ("instances.get", 1), ("instances.insert", 2), ("zoneOperations.get", 1)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+    assert_eq!(calls, expected);
+    reqwest::Client::new().delete(&url).send().await.expect("reset");
+    let calls: BTreeMap<String, u64> = reqwest::get(&url).await.expect("admin API").json().await.expect("JSON");
+    assert!(calls.is_empty(), "{calls:?}");
 }

@@ -147,7 +147,10 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
     let log = controller.log();
     assert!(!log.to_lowercase().contains("forbidden"), "a call was forbidden:\n{log}");
     let events = common::events(&client, &ns).await;
-    assert!(events.iter().any(|(r, _)| r == "VmClaimed"), "Events are written: {events:?}");
+    assert!(
+        events.iter().any(|(r, n)| r == "RunFinished" && n.contains("warm pool")),
+        "Events are written: {events:?}"
+    );
 
     let (ok, out) = run_helm(&["uninstall", &release, "--namespace", &ns]);
     assert!(ok, "{out}");

@@ -321,7 +321,8 @@ async fn ten_runs_claim_from_a_pool_of_three_and_the_rest_fall_back() {
         .await;
     assert_eq!(p.status.expect("status").instances.len(), 3);
     let events = common::events(&env.client, &env.ns).await;
-    assert!(events.iter().any(|(r, _)| r == "VmClaimed"), "{events:?}");
+    let warm_runs = events.iter().filter(|(r, n)| r == "RunFinished" && n.contains("1 on a warm pool VM")).count();
+    assert_eq!(warm_runs, 3, "{events:?}");
     let metrics = env.controller.metrics().await;
     assert!(metrics.contains("testrun_controller_pool_claims_total{reason=\"claimed\"} 3"), "{metrics}");
     assert!(metrics.contains("testrun_controller_pool_claim_duration_seconds_count"), "{metrics}");

@@ -15,9 +15,8 @@ use bytes::Bytes;
 use jiff::Timestamp;
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc::UnboundedSender;
 
-use super::book::{LeaseBook, PoolBook};
+use super::book::{LeaseBook, PoolBook, PoolWaiters};
 use super::protocol::{
     ApiError, Assignment, EnvVar, HEARTBEAT_PATH, LeaseClaim, MAX_BODY_BYTES, OUTPUT_TAIL_BYTES, POOL_REGISTER_PATH,
     POOL_WAIT_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
@@ -27,6 +26,9 @@ use crate::api::duration::DurationString;
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::{ShardResult, ShardStatus, TestRun};
 use crate::compute::naming::testrun_instance_name;
+use crate::controller::claims::Claim;
+use crate::controller::fresh::Fresh;
+use crate::controller::wake::Wakers;
 
 /// Seconds between heartbeats the agent is told to keep.
 pub fn heartbeat_interval(heartbeat_timeout: &DurationString) -> u64 {
@@ -39,16 +41,20 @@ pub struct AgentApi {
     pub key: LeaseKey,
     /// The controller's cache of TestRuns.
     pub runs: Store<TestRun>,
+    /// TestRuns as the controller last wrote them, until the cache has them.
+    pub fresh_runs: Arc<Fresh<TestRun>>,
     /// The controller's cache of PrebuildPresets.
     pub presets: Store<PrebuildPreset>,
+    /// PrebuildPresets as last written (claims), until the cache has them.
+    pub fresh_presets: Arc<Fresh<PrebuildPreset>>,
     /// What was heard from agents.
     pub book: Arc<LeaseBook>,
     /// Pool VMs whose agent registered.
     pub pool: Arc<PoolBook>,
-    /// Asks the controller to reconcile a run now.
-    pub wake: UnboundedSender<ObjectRef<TestRun>>,
-    /// Asks the controller to reconcile a preset now.
-    pub wake_presets: UnboundedSender<ObjectRef<PrebuildPreset>>,
+    /// Asks the controllers to reconcile an object now.
+    pub wakers: Arc<Wakers>,
+    /// Pool VMs waiting for an assignment.
+    pub pool_waiters: Arc<PoolWaiters>,
     /// Metrics (refusal counts).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -84,7 +90,7 @@ fn parse<T: DeserializeOwned>(api: &AgentApi, body: &Bytes) -> Result<T, Refusal
 }
 
 fn lookup(api: &AgentApi, namespace: &str, name: &str) -> Result<Arc<TestRun>, Refusal> {
-    api.runs.get(&ObjectRef::new(name).within(namespace)).ok_or_else(|| {
+    api.runs.get(&ObjectRef::new(name).within(namespace)).map(|run| api.fresh_runs.latest(run)).ok_or_else(|| {
         Refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "NotReady",
@@ -134,7 +140,7 @@ async fn register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<Assig
     }
     let uid = request.owner_uid.as_str();
     api.book.register(uid, shard.index, shard.lease_id, Timestamp::now());
-    let _ = api.wake.send(ObjectRef::from_obj(run.as_ref()));
+    api.wakers.wake_run(ObjectRef::from_obj(run.as_ref()));
     tracing::info!(testrun = %request.testrun, namespace = %request.namespace, shard = shard.index, attempt = shard.attempt, lease = shard.lease_id, "agent registered");
     Ok(Json(assignment(&api.key, &run, shard)))
 }
@@ -186,7 +192,7 @@ async fn heartbeat(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<Stat
     if let (Some(start), Ok(timeout)) = (shard.start_time.as_ref(), run.spec.timeout.parse()) {
         let limit = crate::controller::ops::signed(timeout);
         if now.duration_since(start.0) > limit {
-            let _ = api.wake.send(ObjectRef::from_obj(run.as_ref()));
+            api.wakers.wake_run(ObjectRef::from_obj(run.as_ref()));
             return Err(Refusal(
                 StatusCode::CONFLICT,
                 "TimedOut",
@@ -235,7 +241,7 @@ async fn result(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<ResultA
             "a different result was already reported for this lease".into(),
         )),
         Ok(_) => {
-            let _ = api.wake.send(ObjectRef::from_obj(run.as_ref()));
+            api.wakers.wake_run(ObjectRef::from_obj(run.as_ref()));
             Ok(Json(ResultAck { acknowledged: false }))
         }
     }
@@ -249,13 +255,17 @@ fn check_pool_vm(api: &AgentApi, hello: &PoolHello) -> Result<Arc<PrebuildPreset
     if !api.key.verify_vm(&hello.instance, &hello.owner_uid, &hello.vm_token) {
         return Err(forged(api, "VM"));
     }
-    let preset = api.presets.get(&ObjectRef::new(&hello.preset).within(&hello.namespace)).ok_or_else(|| {
-        Refusal(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "NotReady",
-            format!("PrebuildPreset {}/{} is not known (yet); retry", hello.namespace, hello.preset),
-        )
-    })?;
+    let preset = api
+        .presets
+        .get(&ObjectRef::new(&hello.preset).within(&hello.namespace))
+        .map(|p| api.fresh_presets.latest(p))
+        .ok_or_else(|| {
+            Refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NotReady",
+                format!("PrebuildPreset {}/{} is not known (yet); retry", hello.namespace, hello.preset),
+            )
+        })?;
     if preset.metadata.uid.as_deref() != Some(hello.owner_uid.as_str()) {
         return Err(Refusal(
             StatusCode::GONE,
@@ -270,50 +280,58 @@ async fn pool_register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<
     let hello: PoolHello = parse(&api, &body)?;
     let preset = check_pool_vm(&api, &hello)?;
     api.pool.heard(&hello.owner_uid, &hello.instance, Timestamp::now());
-    let _ = api.wake_presets.send(ObjectRef::from_obj(preset.as_ref()));
+    api.wakers.wake_preset(ObjectRef::from_obj(preset.as_ref()));
     tracing::info!(prebuildpreset = %hello.preset, namespace = %hello.namespace, instance = %hello.instance, "pool VM ready");
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// A pool VM waits for work: 200 with an assignment as soon as a TestRun
 /// claimed it and recorded the claim, or 204 after at most [`POOL_WAIT`]
-/// (nothing yet, ask again).
+/// (nothing yet, ask again). The wait is woken by the claim itself (a
+/// notification for this VM), with a slow look every second as a backstop.
 async fn pool_wait(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<Response, Refusal> {
     let hello: PoolHello = parse(&api, &body)?;
     check_pool_vm(&api, &hello)?;
     let deadline = tokio::time::Instant::now() + POOL_WAIT;
-    loop {
+    let notify = api.pool_waiters.waiter(&hello.instance);
+    let answer = loop {
+        let notified = notify.notified();
         api.pool.heard(&hello.owner_uid, &hello.instance, Timestamp::now());
         if let Some((run, shard)) = claimed_work(&api, &hello) {
             let uid = run.metadata.uid.clone().unwrap_or_default();
             api.book.register(&uid, shard.index, shard.lease_id, Timestamp::now());
-            let _ = api.wake.send(ObjectRef::from_obj(run.as_ref()));
+            api.wakers.wake_run(ObjectRef::from_obj(run.as_ref()));
             tracing::info!(instance = %hello.instance, testrun = %run.metadata.name.clone().unwrap_or_default(), shard = shard.index, lease = shard.lease_id, "claimed pool VM received its assignment");
-            return Ok(Json(assignment(&api.key, &run, &shard)).into_response());
+            break Json(assignment(&api.key, &run, &shard)).into_response();
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(StatusCode::NO_CONTENT.into_response());
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            break StatusCode::NO_CONTENT.into_response();
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+        let _ = tokio::time::timeout((deadline - now).min(std::time::Duration::from_secs(1)), notified).await;
+    };
+    api.pool_waiters.done(&hello.instance, notify);
+    Ok(answer)
 }
 
-/// The TestRun shard that claimed this pool VM: a run of the preset's
-/// namespace naming the preset whose current attempt is this VM.
+/// The TestRun shard that claimed this pool VM: the claim recorded in the
+/// preset's status names the run and shard, whose current attempt must be
+/// this VM.
 fn claimed_work(api: &AgentApi, hello: &PoolHello) -> Option<(Arc<TestRun>, ShardStatus)> {
-    api.runs.state().into_iter().find_map(|run| {
-        let mine = run.metadata.namespace.as_deref() == Some(hello.namespace.as_str())
-            && run.spec.preset_ref.as_ref().is_some_and(|r| r.name == hello.preset);
-        if !mine {
-            return None;
-        }
-        let shard = run
-            .status
-            .as_ref()?
-            .shards
-            .iter()
-            .find(|s| s.instance.as_deref() == Some(hello.instance.as_str()))?
-            .clone();
-        (!shard.phase.is_finished()).then_some((run, shard))
-    })
+    let preset = api.presets.get(&ObjectRef::new(&hello.preset).within(&hello.namespace))?;
+    let preset = api.fresh_presets.latest(preset);
+    let instance = preset.status.as_ref()?.instances.iter().find(|i| i.name == hello.instance)?;
+    let claim = Claim::parse(instance.claimed_by.as_deref()?)?;
+    if claim.namespace != hello.namespace {
+        return None;
+    }
+    let run = lookup(api, &claim.namespace, &claim.testrun).ok()?;
+    let shard = run
+        .status
+        .as_ref()?
+        .shards
+        .iter()
+        .find(|s| s.index == claim.shard && s.instance.as_deref() == Some(hello.instance.as_str()))?
+        .clone();
+    (!shard.phase.is_finished()).then_some((run, shard))
 }

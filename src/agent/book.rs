@@ -142,6 +142,40 @@ impl PoolBook {
     }
 }
 
+/// Pool VMs whose agent waits (long poll) for an assignment, by instance
+/// name: a claim for the VM wakes exactly its waiter.
+#[derive(Default)]
+pub struct PoolWaiters {
+    waiting: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Notify>>>,
+}
+
+impl PoolWaiters {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<String, std::sync::Arc<tokio::sync::Notify>>> {
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The notification of a VM's waiter (made when none exists).
+    pub fn waiter(&self, instance: &str) -> std::sync::Arc<tokio::sync::Notify> {
+        self.waiting().entry(instance.to_string()).or_default().clone()
+    }
+
+    /// Wakes the waiter of a VM, if one waits (or will ask next).
+    pub fn notify(&self, instance: &str) {
+        if let Some(notify) = self.waiting().get(instance) {
+            notify.notify_one();
+        }
+    }
+
+    /// A waiter is done: forget it unless another one waits too.
+    pub fn done(&self, instance: &str, notify: std::sync::Arc<tokio::sync::Notify>) {
+        let mut waiting = self.waiting();
+        // One reference here, one in the map: nobody else holds it.
+        if std::sync::Arc::strong_count(&notify) <= 2 {
+            waiting.remove(instance);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use google_cloud_gax::paginator::Paginator as _;
 use google_cloud_gax::retry_policy::NeverRetry;
 
 use super::error::{ComputeError, ErrorCode};
-use super::{Compute, Instance, InstanceSpec, InstanceStatus, Operation, OperationStatus};
+use super::{Compute, Instance, InstanceSpec, InstanceStatus, Listing, Operation, OperationStatus};
 
 /// Where and as whom to reach Compute Engine.
 #[derive(Clone, Debug)]
@@ -130,7 +130,7 @@ impl Compute for GceCompute {
         }
     }
 
-    async fn list_by_labels(&self, labels: &BTreeMap<String, String>) -> Result<Vec<Instance>, ComputeError> {
+    async fn list_by_labels(&self, labels: &BTreeMap<String, String>) -> Result<Listing, ComputeError> {
         let mut pages = self
             .instances
             .aggregated_list()
@@ -138,17 +138,27 @@ impl Compute for GceCompute {
             .set_filter(label_filter(labels))
             .set_max_results(self.config.page_size)
             .by_page();
-        let mut found = Vec::new();
+        let mut listing = Listing::default();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| api_error("instances.aggregatedList", e))?;
-            for (_scope, scoped) in page.items {
-                found.extend(scoped.instances.into_iter().map(instance));
+            listing.pages += 1;
+            listing.unreachable.extend(page.unreachables.iter().filter_map(|scope| zone_of_scope(scope)));
+            for (scope, scoped) in page.items {
+                let unreachable = scoped
+                    .warning
+                    .as_ref()
+                    .and_then(|w| w.code.as_ref())
+                    .is_some_and(|c| *c == model::instances_scoped_list::warning::Code::Unreachable);
+                if unreachable && let Some(zone) = zone_of_scope(&scope) {
+                    listing.unreachable.insert(zone);
+                }
+                listing.instances.extend(scoped.instances.into_iter().map(instance));
             }
         }
         // The filter already selects; checking again keeps a lenient server
         // from handing back VMs of another installation.
-        found.retain(|i| labels.iter().all(|(k, v)| i.labels.get(k) == Some(v)));
-        Ok(found)
+        listing.instances.retain(|i| labels.iter().all(|(k, v)| i.labels.get(k) == Some(v)));
+        Ok(listing)
     }
 
     async fn get_operation(&self, zone: &str, name: &str) -> Result<Operation, ComputeError> {
@@ -244,6 +254,13 @@ fn instance_resource(spec: &InstanceSpec) -> model::Instance {
             .set_scopes(["https://www.googleapis.com/auth/cloud-platform"])]);
     }
     resource
+}
+
+/// The zone of an aggregated list scope (`zones/us-central1-a`); none for
+/// regions and other scopes.
+fn zone_of_scope(scope: &str) -> Option<String> {
+    let zone = scope.rsplit_once("zones/").map(|(_, z)| z)?;
+    (!zone.is_empty() && !zone.contains('/')).then(|| zone.to_string())
 }
 
 /// The last path segment of a Compute Engine URL (`.../zones/us-central1-a`

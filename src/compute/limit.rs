@@ -1,6 +1,8 @@
-//! One rate limiter and one bound on in-flight mutations for every outgoing
+//! Rate limiters per Compute Engine quota class (mutations, reads,
+//! operation reads) and one bound on in-flight mutations for every outgoing
 //! compute call, sized to Compute Engine's default API quotas, so many
-//! reconciles at once queue here instead of being refused by the cloud.
+//! callers at once queue here instead of being refused by the cloud; and
+//! the call metrics (by method and outcome, latency, calls waiting).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,7 +11,8 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
-use super::{Compute, ComputeError, Instance, InstanceSpec, Operation};
+use super::{Compute, ComputeError, Instance, InstanceSpec, Listing, Operation};
+use crate::metrics::{ClassLabels, MethodCodeLabels, MethodLabels, Metrics};
 
 /// Spaces calls evenly: at most `rate` per second, with bursts of `burst`.
 #[derive(Debug)]
@@ -41,52 +44,130 @@ impl RateLimiter {
     }
 }
 
-/// A [`Compute`] whose calls pass the rate limiter, and whose mutations
-/// (insert, delete, setLabels) are bounded in number at once.
-#[derive(Clone, Debug)]
+/// Compute Engine's rate quota groups the controller's calls fall in. Each
+/// group is counted separately by Compute Engine, so each has its own
+/// limiter here: polling can never use up the budget of creating VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuotaClass {
+    /// `instances.insert`, `instances.delete`, `instances.setLabels`.
+    Mutation,
+    /// `instances.get` and `instances.aggregatedList`.
+    Read,
+    /// `zoneOperations.get`.
+    OperationRead,
+}
+
+impl QuotaClass {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Mutation => "mutation",
+            Self::Read => "read",
+            Self::OperationRead => "operation_read",
+        }
+    }
+}
+
+/// Calls per second for each quota class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rates {
+    /// Inserts, deletes, label changes.
+    pub mutations: u32,
+    /// Gets and lists.
+    pub reads: u32,
+    /// Operation reads.
+    pub operation_reads: u32,
+}
+
+impl Rates {
+    /// The same rate for every class.
+    pub fn uniform(rate: u32) -> Self {
+        Self { mutations: rate, reads: rate, operation_reads: rate }
+    }
+}
+
+/// A [`Compute`] whose calls pass the limiter of their quota class, whose
+/// mutations (insert, delete, setLabels) are bounded in number at once, and
+/// which counts every call by method and outcome.
+#[derive(Clone)]
 pub struct Limited<C> {
     inner: C,
-    rate: Arc<RateLimiter>,
-    mutations: Arc<Semaphore>,
+    mutations: Arc<RateLimiter>,
+    reads: Arc<RateLimiter>,
+    operation_reads: Arc<RateLimiter>,
+    in_flight: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl<C: Compute> Limited<C> {
-    /// Wraps `inner` with `rate` calls per second and `max_mutations` at once.
-    pub fn new(inner: C, rate: u32, max_mutations: usize) -> Self {
+    /// Wraps `inner` with a rate per quota class and `max_mutations` at once.
+    pub fn new(inner: C, rates: Rates, max_mutations: usize, metrics: Arc<Metrics>) -> Self {
+        let limiter = |rate: u32| Arc::new(RateLimiter::new(rate, rate));
         Self {
             inner,
-            rate: Arc::new(RateLimiter::new(rate, rate)),
-            mutations: Arc::new(Semaphore::new(max_mutations.max(1))),
+            mutations: limiter(rates.mutations),
+            reads: limiter(rates.reads),
+            operation_reads: limiter(rates.operation_reads),
+            in_flight: Arc::new(Semaphore::new(max_mutations.max(1))),
+            metrics,
         }
+    }
+
+    /// Waits for a token of the call's class, makes the call, counts it.
+    async fn call<T>(
+        &self,
+        class: QuotaClass,
+        method: &'static str,
+        call: impl Future<Output = Result<T, ComputeError>>,
+    ) -> Result<T, ComputeError> {
+        let limiter = match class {
+            QuotaClass::Mutation => &self.mutations,
+            QuotaClass::Read => &self.reads,
+            QuotaClass::OperationRead => &self.operation_reads,
+        };
+        let waiting = self.metrics.compute_waiting.get_or_create(&ClassLabels { class: class.label().into() }).clone();
+        waiting.inc();
+        let slot = match class {
+            QuotaClass::Mutation => self.in_flight.acquire().await.ok(),
+            _ => None,
+        };
+        limiter.acquire().await;
+        waiting.dec();
+        let started = std::time::Instant::now();
+        let result = call.await;
+        drop(slot);
+        let code = match &result {
+            Ok(_) => "OK".to_string(),
+            Err(e) => e.code().as_str().to_string(),
+        };
+        self.metrics.compute_requests.get_or_create(&MethodCodeLabels { method: method.into(), code }).inc();
+        self.metrics
+            .compute_latency
+            .get_or_create(&MethodLabels { method: method.into() })
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 }
 
 impl<C: Compute> Compute for Limited<C> {
     async fn insert(&self, spec: &InstanceSpec) -> Result<Operation, ComputeError> {
-        let _slot = self.mutations.acquire().await;
-        self.rate.acquire().await;
-        self.inner.insert(spec).await
+        self.call(QuotaClass::Mutation, "instances.insert", self.inner.insert(spec)).await
     }
 
     async fn delete(&self, zone: &str, name: &str, request_id: &str) -> Result<Operation, ComputeError> {
-        let _slot = self.mutations.acquire().await;
-        self.rate.acquire().await;
-        self.inner.delete(zone, name, request_id).await
+        self.call(QuotaClass::Mutation, "instances.delete", self.inner.delete(zone, name, request_id)).await
     }
 
     async fn get(&self, zone: &str, name: &str) -> Result<Option<Instance>, ComputeError> {
-        self.rate.acquire().await;
-        self.inner.get(zone, name).await
+        self.call(QuotaClass::Read, "instances.get", self.inner.get(zone, name)).await
     }
 
-    async fn list_by_labels(&self, labels: &BTreeMap<String, String>) -> Result<Vec<Instance>, ComputeError> {
-        self.rate.acquire().await;
-        self.inner.list_by_labels(labels).await
+    async fn list_by_labels(&self, labels: &BTreeMap<String, String>) -> Result<Listing, ComputeError> {
+        self.call(QuotaClass::Read, "instances.aggregatedList", self.inner.list_by_labels(labels)).await
     }
 
     async fn get_operation(&self, zone: &str, name: &str) -> Result<Operation, ComputeError> {
-        self.rate.acquire().await;
-        self.inner.get_operation(zone, name).await
+        self.call(QuotaClass::OperationRead, "zoneOperations.get", self.inner.get_operation(zone, name)).await
     }
 
     async fn set_labels(
@@ -97,9 +178,8 @@ impl<C: Compute> Compute for Limited<C> {
         fingerprint: &str,
         request_id: &str,
     ) -> Result<Operation, ComputeError> {
-        let _slot = self.mutations.acquire().await;
-        self.rate.acquire().await;
-        self.inner.set_labels(zone, name, labels, fingerprint, request_id).await
+        let call = self.inner.set_labels(zone, name, labels, fingerprint, request_id);
+        self.call(QuotaClass::Mutation, "instances.setLabels", call).await
     }
 }
 

@@ -129,6 +129,18 @@ impl Operation {
     }
 }
 
+/// What one aggregated list saw: the VMs, and the zones it could not see.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Every VM that matched, across every zone that answered.
+    pub instances: Vec<Instance>,
+    /// Zones Compute Engine reported as unreachable: a VM missing from
+    /// `instances` in one of these zones may still exist.
+    pub unreachable: std::collections::BTreeSet<String>,
+    /// Pages read.
+    pub pages: u32,
+}
+
 /// The cloud calls the reconcilers make, and nothing else. Every call
 /// returns at once: mutations return the operation to follow, never wait
 /// for it.
@@ -148,11 +160,11 @@ pub trait Compute: Send + Sync + 'static {
     fn get(&self, zone: &str, name: &str) -> impl Future<Output = Result<Option<Instance>, ComputeError>> + Send;
 
     /// Lists every VM, across all zones, that carries all of `labels`,
-    /// reading every page.
+    /// reading every page, and names the zones that could not be listed.
     fn list_by_labels(
         &self,
         labels: &BTreeMap<String, String>,
-    ) -> impl Future<Output = Result<Vec<Instance>, ComputeError>> + Send;
+    ) -> impl Future<Output = Result<Listing, ComputeError>> + Send;
 
     /// Reads a zone operation. An operation Compute Engine no longer knows
     /// is an error with code [`ErrorCode::OperationVanished`].

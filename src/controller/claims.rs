@@ -4,6 +4,8 @@
 //! controller replicas) can never take the same VM: the second write fails
 //! with a conflict and the loser reads again and picks another VM.
 
+use std::collections::BTreeMap;
+
 use kube::api::{Api, PostParams};
 
 use crate::api::prebuild::{PrebuildPreset, PresetInstance, PresetInstanceState};
@@ -46,41 +48,57 @@ pub fn held(preset: &PrebuildPreset, claim: &Claim) -> Option<PresetInstance> {
 /// How many times a claim retries after losing a race.
 const CLAIM_TRIES: usize = 8;
 
-/// Claims a ready VM of the preset's active version for `claim` (or returns
-/// the one it holds). `Ok(None)`: no ready VM.
-pub async fn claim_ready_vm(
+/// What a claim took.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// The VMs taken in this call, by shard.
+    pub taken: BTreeMap<i32, PresetInstance>,
+    /// The preset as written, when a claim was written.
+    pub written: Option<PrebuildPreset>,
+}
+
+/// Claims ready VMs of the preset's active version for each of `claims` that
+/// holds none, as far as there are ready VMs, in one status update guarded
+/// by the preset's resourceVersion: a claim made meanwhile by anyone else
+/// makes the write fail, and the preset is read again and claimed from
+/// afresh. `preset` may be a cached copy; a stale one only costs a retry.
+pub async fn claim_ready_vms(
     api: &Api<PrebuildPreset>,
-    preset_name: &str,
-    claim: &Claim,
-) -> Result<Option<PresetInstance>, kube::Error> {
+    preset: &PrebuildPreset,
+    claims: &[Claim],
+) -> Result<Claimed, kube::Error> {
+    let name = preset.metadata.name.clone().unwrap_or_default();
+    let mut preset = preset.clone();
     for _ in 0..CLAIM_TRIES {
-        let Some(mut preset) = api.get_opt(preset_name).await? else { return Ok(None) };
-        if let Some(instance) = held(&preset, claim) {
-            return Ok(Some(instance));
-        }
         let version = preset.spec.template_version.clone();
-        let Some(status) = preset.status.as_mut() else { return Ok(None) };
-        let Some(instance) = status
-            .instances
-            .iter_mut()
-            .find(|i| i.state == PresetInstanceState::Ready && i.template_version == version && i.claimed_by.is_none())
-        else {
-            return Ok(None);
-        };
-        instance.state = PresetInstanceState::Claimed;
-        instance.claimed_by = Some(claim.to_string());
-        let taken = instance.clone();
-        status.ready = (status.ready - 1).max(0);
-        status.claimed += 1;
-        // The object carries the resourceVersion it was read at: a claim
-        // made meanwhile by anyone else makes this write fail.
-        match api.replace_status(preset_name, &PostParams::default(), &preset).await {
-            Ok(_) => return Ok(Some(taken)),
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+        let wanting: Vec<&Claim> = claims.iter().filter(|c| held(&preset, c).is_none()).collect();
+        let Some(status) = preset.status.as_mut() else { return Ok(Claimed::default()) };
+        let mut taken = BTreeMap::new();
+        for claim in wanting {
+            let Some(instance) = status.instances.iter_mut().find(|i| {
+                i.state == PresetInstanceState::Ready && i.template_version == version && i.claimed_by.is_none()
+            }) else {
+                break;
+            };
+            instance.state = PresetInstanceState::Claimed;
+            instance.claimed_by = Some(claim.to_string());
+            taken.insert(claim.shard, instance.clone());
+            status.ready = (status.ready - 1).max(0);
+            status.claimed += 1;
+        }
+        if taken.is_empty() {
+            return Ok(Claimed::default());
+        }
+        match api.replace_status(&name, &PostParams::default(), &preset).await {
+            Ok(written) => return Ok(Claimed { taken, written: Some(written) }),
+            Err(kube::Error::Api(e)) if e.code == 409 => match api.get_opt(&name).await? {
+                Some(fresh) => preset = fresh,
+                None => return Ok(Claimed::default()),
+            },
             Err(e) => return Err(e),
         }
     }
-    Ok(None)
+    Ok(Claimed::default())
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
-//! The executor steps both controllers share: list an owner's VMs, read its
-//! tracked operations, make planned calls and record what they returned,
-//! write status, manage the finalizer, publish Events.
+//! The executor steps both controllers share: learn what the tracker knows
+//! of an owner's operations, hand it planned calls, write status (guarded),
+//! manage the finalizer, publish Events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use futures::future::join_all;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -13,102 +13,83 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::ops::{CloudCall, PlannedEvent, Seen, describe};
+use super::ops::{CloudCall, PlannedEvent, Seen, until};
 use super::{Error, FIELD_MANAGER};
-use crate::api::{FINALIZER, OperationKind, OperationState, TrackedOperation, VmSpec};
-use crate::compute::naming::{LABEL_OWNER_UID, installation_selector, label_value};
-use crate::compute::{Compute, Instance, OperationStatus};
+use crate::api::{FINALIZER, OperationState, TrackedOperation};
+use crate::compute::Compute;
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::tracker::Tracker;
 
-/// Every VM of this installation that carries the owner's uid.
-pub async fn owned_vms<C: Compute>(compute: &C, installation: &str, uid: &str) -> Result<Vec<Instance>, Error> {
-    let mut selector = installation_selector(installation);
-    selector.insert(LABEL_OWNER_UID.to_string(), label_value(uid));
-    compute.list_by_labels(&selector).await.map_err(Error::ListVms)
+/// Hands the planned calls to the tracker, which makes them in the
+/// background and wakes the owner when their operations end.
+pub fn submit_calls<C: Compute + Clone>(tracker: &Arc<Tracker<C>>, owner: &str, calls: Vec<CloudCall>) {
+    for call in calls {
+        tracker.submit(owner, call);
+    }
 }
 
-/// The state of every tracked operation that is running, by request id.
-pub async fn read_operations<C: Compute>(compute: &C, operations: &[TrackedOperation]) -> BTreeMap<String, Seen> {
-    let running = operations
-        .iter()
-        .filter(|op| op.state == OperationState::Running)
-        .filter_map(|op| Some((op.request_id.clone(), op.zone.clone(), op.operation.clone()?)));
-    join_all(running.map(|(rid, zone, op)| async move {
-        let state = match compute.get_operation(&zone, &op).await {
-            Ok(op) => Seen::Operation(op),
-            Err(e) => Seen::Error(e),
-        };
-        (rid, state)
-    }))
-    .await
-    .into_iter()
-    .collect()
+/// Has the tracker follow every accepted operation in status it does not
+/// know (after a restart), and returns what it knows of every operation.
+pub fn observe_operations<C: Compute + Clone>(
+    tracker: &Tracker<C>,
+    owner: &str,
+    operations: &[TrackedOperation],
+    now: jiff::Timestamp,
+) -> BTreeMap<String, Seen> {
+    let known = tracker.seen(operations.iter().map(|op| op.request_id.as_str()));
+    for op in operations.iter().filter(|op| op.state == OperationState::Running && !known.contains_key(&op.request_id))
+    {
+        let age = op.started_at.as_ref().map(|t| until(t.0, now)).unwrap_or_default();
+        tracker.adopt(owner, op, age);
+    }
+    tracker.seen(operations.iter().map(|op| op.request_id.as_str()))
 }
 
-/// Makes the calls (concurrently) and records in `operations` what each
-/// returned: the operation name, or the error in plain words.
-pub async fn make_calls<C: Compute>(
-    compute: &C,
-    calls: &[CloudCall],
-    operations: &mut [TrackedOperation],
-    vm: &VmSpec,
-) {
-    let results = join_all(calls.iter().map(|call| async move {
-        let result = match call {
-            CloudCall::Insert(spec) => compute.insert(spec).await,
-            CloudCall::Delete { zone, name, request_id } => compute.delete(zone, name, request_id).await,
-        };
-        (call.request_id().to_string(), result)
-    }))
-    .await;
-    for (request_id, result) in results {
-        let Some(op) = operations.iter_mut().find(|o| o.request_id == request_id) else { continue };
-        op.tries += 1;
-        match result {
-            Ok(returned) => {
-                op.operation = Some(returned.name.clone());
-                match (&returned.status, &returned.error) {
-                    (_, Some(error)) => {
-                        op.state = OperationState::Failed;
-                        op.last_error = Some(describe(error, op, vm));
-                    }
-                    (OperationStatus::Done, None) => op.state = OperationState::Done,
-                    _ => op.state = OperationState::Running,
-                }
-            }
-            Err(error) if error.is_not_found() && op.kind == OperationKind::Delete => op.state = OperationState::Done,
-            Err(error) => {
-                tracing::warn!(instance = %op.instance, zone = %op.zone, error = %error, "cloud call failed");
-                op.state = OperationState::Failed;
-                op.last_error = Some(describe(&error, op, vm));
-            }
+/// Writes into the operations of a status about to be written what the
+/// tracker learned of them: an intent whose call was accepted is running,
+/// under its operation name. (News alone never causes a write.)
+pub fn record_accepted<C: Compute + Clone>(tracker: &Tracker<C>, operations: &mut [TrackedOperation]) {
+    let names = tracker.operation_names(operations.iter().map(|op| op.request_id.as_str()));
+    for op in operations.iter_mut() {
+        if let Some(name) = names.get(&op.request_id)
+            && op.state == OperationState::Intended
+        {
+            op.operation = Some(name.clone());
+            op.state = OperationState::Running;
+            op.tries = op.tries.max(1);
         }
     }
 }
 
+/// The request ids a status names (the tracker may forget the others).
+pub fn named_request_ids(operations: &[TrackedOperation]) -> BTreeSet<String> {
+    operations.iter().map(|op| op.request_id.clone()).collect()
+}
+
 /// Writes an object's status with server-side apply on the status
-/// subresource. With `guard`, the write carries the resourceVersion `obj`
-/// was read at and fails with a conflict if anyone wrote since (a claim).
-///
-/// Returns the resourceVersion after the write.
-pub async fn write_status<K, S>(api: &Api<K>, obj: &K, status: &S, guard: bool) -> Result<Option<String>, Error>
+/// subresource, guarded by the resourceVersion `obj` was read at: if anyone
+/// wrote since, the write fails with a conflict ([`Error::is_conflict`]) and
+/// the caller re-reads and plans again. Returns the object as written.
+pub async fn write_status<K, S>(api: &Api<K>, obj: &K, status: &S) -> Result<K, Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
 {
-    let mut patch = json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status });
-    if guard {
-        patch["metadata"] = json!({ "resourceVersion": obj.resource_version() });
-    }
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": { "resourceVersion": obj.resource_version() },
+        "status": status,
+    });
     api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
-        .map(|written| written.resource_version())
         .map_err(|source| Error::WriteStatus { name: obj.name_any(), source })
 }
 
 /// Adds or removes the finalizer with a merge patch guarded by the
-/// resourceVersion, so a concurrent change is never overwritten.
-pub async fn set_finalizer<K>(api: &Api<K>, obj: &K, present: bool) -> Result<(), Error>
+/// resourceVersion, so a concurrent change is never overwritten. Returns
+/// the object as patched.
+pub async fn set_finalizer<K>(api: &Api<K>, obj: &K, present: bool) -> Result<K, Error>
 where
     K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
 {
@@ -119,7 +100,6 @@ where
     let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": obj.resource_version() } });
     api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map(|_| ())
         .map_err(|source| Error::Finalizer { name: obj.name_any(), source })
 }
 

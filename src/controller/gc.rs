@@ -1,24 +1,28 @@
-//! The orphan scan, the last safety net: every `--gc-interval` it lists
-//! every VM carrying this installation's labels (aggregated list, all pages)
-//! and compares them with the live TestRuns and PrebuildPresets in the
-//! API server (listed afresh for each scan, never from a cache that may lag). A VM whose owner is gone and that is older than
-//! `--gc-grace` is first marked (label `orphan-found-at`) and deleted on the
-//! next scan if still unowned. VMs of other installations are never listed,
-//! so never touched. One VM's error never stops the sweep.
+//! The orphan scan, the last safety net: every `--gc-interval` it takes
+//! every VM the inventory listed (asking it for a fresh list when its last
+//! one is older than the interval; VMs of zones the list could not see are
+//! not judged) and compares them with the live TestRuns and PrebuildPresets
+//! in the API server (their metadata, listed page by page afresh for each
+//! scan, never from a cache that may lag). A VM whose owner is gone and that
+//! is older than `--gc-grace` is first marked (label `orphan-found-at`) and
+//! deleted on the next scan if still unowned. VMs of other installations
+//! are never listed, so never touched. One VM's error never stops the sweep.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 
 use super::Context;
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
-use crate::compute::naming::{LABEL_OWNER_UID, installation_selector, label_value, request_id};
+use crate::compute::naming::{LABEL_OWNER_UID, label_value, request_id};
 use crate::compute::{Compute, Instance};
+
+/// Longest wait for the inventory to list for a scan.
+const LIST_WAIT: Duration = Duration::from_secs(120);
 
 /// The label that marks a VM found without an owner: the Unix time it was found.
 pub const LABEL_ORPHAN: &str = "orphan-found-at";
@@ -91,20 +95,40 @@ pub fn plan_sweep(vms: &[Instance], live_uids: &BTreeSet<String>, now: Timestamp
 /// Why a scan could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
-    /// The VMs could not be listed.
-    #[error("listing VMs: {0}")]
-    Cloud(#[from] crate::compute::ComputeError),
+    /// The inventory could not list the VMs in time.
+    #[error("the inventory has no list of the installation's VMs newer than {0:?}")]
+    NoFreshList(Duration),
     /// The owners could not be listed.
     #[error("listing TestRuns and PrebuildPresets: {0}")]
     Kube(#[from] kube::Error),
 }
 
+/// Objects per page when listing owners.
+const OWNER_PAGE: u32 = 500;
+
+/// The uids (as label values) of every object of a kind, from its metadata
+/// only, page by page.
+async fn uids_of<K>(api: &Api<K>, into: &mut BTreeSet<String>) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = ListParams::default().limit(OWNER_PAGE);
+    loop {
+        let page = api.list_metadata(&params).await?;
+        into.extend(page.items.iter().filter_map(|o| o.metadata.uid.as_deref()).map(label_value));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// The uids (as label values) of every live TestRun and PrebuildPreset.
 async fn live_uids(runs: &Api<TestRun>, presets: &Api<PrebuildPreset>) -> Result<BTreeSet<String>, kube::Error> {
-    let params = ListParams::default();
-    let runs = runs.list(&params).await?.items.into_iter().filter_map(|r| r.uid());
-    let presets = presets.list(&params).await?.items.into_iter().filter_map(|p| p.uid());
-    Ok(runs.chain(presets).map(|uid| label_value(&uid)).collect())
+    let mut uids = BTreeSet::new();
+    uids_of(runs, &mut uids).await?;
+    uids_of(presets, &mut uids).await?;
+    Ok(uids)
 }
 
 /// What one sweep did.
@@ -121,15 +145,23 @@ pub struct SweepReport {
 }
 
 /// One scan.
-pub async fn sweep<C: Compute>(
+pub async fn sweep<C: Compute + Clone>(
     ctx: &Context<C>,
     runs: &Api<TestRun>,
     presets: &Api<PrebuildPreset>,
     config: &GcConfig,
 ) -> Result<SweepReport, SweepError> {
-    // Owners first: a VM created after this list is younger than the grace.
+    // The inventory's list, if it is recent enough; otherwise a fresh one.
+    if ctx.inventory.last_list_age().is_none_or(|age| age > config.interval) {
+        let seq = ctx.inventory.want_fresh_list();
+        if !ctx.inventory.wait_list_after(seq, LIST_WAIT).await {
+            return Err(SweepError::NoFreshList(LIST_WAIT));
+        }
+    }
     let live = live_uids(runs, presets).await?;
-    let vms = ctx.compute.list_by_labels(&installation_selector(&ctx.settings.installation)).await?;
+    let (mut vms, unreachable) = ctx.inventory.listed();
+    // What a zone that could not be seen holds is not known now: not judged.
+    vms.retain(|vm| !unreachable.contains(&vm.zone));
     let now = Timestamp::now();
     let actions = plan_sweep(&vms, &live, now, config.grace);
     let by_name: BTreeMap<(String, String), &Instance> =
@@ -162,7 +194,7 @@ pub async fn sweep<C: Compute>(
                     continue;
                 }
                 let rid = request_id(&format!("gc/{zone}/{name}/{found_at}"), 0);
-                match ctx.compute.delete(zone, name, &rid).await {
+                match ctx.tracker.compute().delete(zone, name, &rid).await {
                     Ok(_) => {
                         ctx.metrics.orphans_deleted.inc();
                         Ok(())
@@ -180,7 +212,7 @@ pub async fn sweep<C: Compute>(
     Ok(report)
 }
 
-async fn relabel<C: Compute>(
+async fn relabel<C: Compute + Clone>(
     ctx: &Context<C>,
     vms: &BTreeMap<(String, String), &Instance>,
     zone: &str,
@@ -194,11 +226,16 @@ async fn relabel<C: Compute>(
         None => labels.remove(LABEL_ORPHAN),
     };
     let rid = request_id(&format!("gc-label/{zone}/{name}/{}", vm.label_fingerprint), 0);
-    ctx.compute.set_labels(zone, name, &labels, &vm.label_fingerprint, &rid).await.map(|_| ())
+    ctx.tracker.compute().set_labels(zone, name, &labels, &vm.label_fingerprint, &rid).await.map(|_| ())
 }
 
 /// Runs the orphan scan every `config.interval`.
-pub async fn run<C: Compute>(ctx: Arc<Context<C>>, runs: Api<TestRun>, presets: Api<PrebuildPreset>, config: GcConfig) {
+pub async fn run<C: Compute + Clone>(
+    ctx: Arc<Context<C>>,
+    runs: Api<TestRun>,
+    presets: Api<PrebuildPreset>,
+    config: GcConfig,
+) {
     loop {
         match sweep(&ctx, &runs, &presets, &config).await {
             Ok(report) => tracing::info!(

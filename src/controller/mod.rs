@@ -1,37 +1,47 @@
 //! Wiring: the shared [`Context`], the error policy, the lease key Secret,
-//! and [`run`], which starts the TestRun controller and the agent API.
-//! What happens to a TestRun is in [`testrun::plan`].
+//! and [`run`], which starts the controllers, the inventory, the operation
+//! tracker, the orphan scan and the agent API. What happens to a TestRun is
+//! in [`testrun::plan`]; to a pool, in [`prebuild::plan`].
 
 pub mod claims;
 pub mod conditions;
 pub mod execute;
+pub mod fresh;
 pub mod gc;
 pub mod ops;
 pub mod prebuild;
 pub mod testrun;
+pub mod wake;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Client, Resource, ResourceExt};
 
 use crate::agent::api::AgentApi;
-use crate::agent::book::{LeaseBook, PoolBook};
+use crate::agent::book::{LeaseBook, PoolBook, PoolWaiters};
 use crate::agent::tokens::LeaseKey;
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
-use crate::compute::{Compute, ComputeError};
+use crate::compute::Compute;
+use crate::compute::naming::installation_selector;
+use crate::inventory::{Inventory, InventoryConfig};
 use crate::metrics::Metrics;
+use crate::tracker::Tracker;
+use crate::tracker::decide::Patience;
+use fresh::Fresh;
 use testrun::plan::Settings;
+use wake::Wakers;
 
 /// The field manager of every status write.
 pub const FIELD_MANAGER: &str = "testrun-controller";
@@ -41,9 +51,6 @@ const SECRET_KEY: &str = "lease-key";
 /// Why a reconcile failed; it is retried with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Listing the run's VMs failed.
-    #[error("listing the run's VMs: {0}")]
-    ListVms(#[source] ComputeError),
     /// Writing status failed.
     #[error("writing the status of {name}: {source}")]
     WriteStatus {
@@ -76,11 +83,11 @@ pub enum Error {
         /// Why.
         source: kube::Error,
     },
-    /// Reading the TestRun that claimed a pool VM failed.
-    #[error("reading TestRun {testrun}, which claimed a pool VM: {source}")]
-    ReadClaimer {
-        /// `namespace/name` of the TestRun.
-        testrun: String,
+    /// Reading the object again after a conflict failed.
+    #[error("reading {name} again: {source}")]
+    Read {
+        /// The object.
+        name: String,
         /// Why.
         source: kube::Error,
     },
@@ -92,6 +99,21 @@ pub enum Error {
         /// Why.
         source: kube::Error,
     },
+}
+
+impl Error {
+    /// Whether the error is a conflict: someone wrote the object since it
+    /// was read; read it again and plan again.
+    pub fn is_conflict(&self) -> bool {
+        let source = match self {
+            Self::WriteStatus { source, .. }
+            | Self::Claim { source, .. }
+            | Self::Finalizer { source, .. }
+            | Self::Delete { source, .. } => source,
+            _ => return false,
+        };
+        matches!(source, kube::Error::Api(e) if e.code == 409)
+    }
 }
 
 /// Why the controller could not start.
@@ -192,8 +214,22 @@ impl ExhaustedZones {
 pub struct Context<C: Compute> {
     /// Kubernetes.
     pub client: Client,
-    /// The cloud.
-    pub compute: C,
+    /// The VMs of the installation, as far as known.
+    pub inventory: Arc<Inventory>,
+    /// Makes planned calls and follows their operations.
+    pub tracker: Arc<Tracker<C>>,
+    /// Wakes objects by uid.
+    pub wakers: Arc<Wakers>,
+    /// The TestRun cache.
+    pub runs: Store<TestRun>,
+    /// The PrebuildPreset cache.
+    pub presets: Store<PrebuildPreset>,
+    /// TestRuns as last written, until the cache has them.
+    pub fresh_runs: Arc<Fresh<TestRun>>,
+    /// PrebuildPresets as last written, until the cache has them.
+    pub fresh_presets: Arc<Fresh<PrebuildPreset>>,
+    /// Pool VMs waiting for an assignment.
+    pub pool_waiters: Arc<PoolWaiters>,
     /// Installation settings.
     pub settings: Settings,
     /// Token key.
@@ -214,14 +250,14 @@ pub struct Context<C: Compute> {
 
 /// Retries a failed reconcile with per-object exponential backoff.
 pub fn error_policy<C: Compute>(run: Arc<TestRun>, error: &Error, ctx: Arc<Context<C>>) -> Action {
-    let delay = ctx.backoff.delay(&run.name_any());
+    let delay = ctx.backoff.delay(&format!("testrun/{}", run.uid().unwrap_or_default()));
     tracing::warn!(testrun = %run.name_any(), namespace = %run.namespace().unwrap_or_default(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
 /// Retries a failed preset reconcile with per-object exponential backoff.
 pub fn preset_error_policy<C: Compute>(preset: Arc<PrebuildPreset>, error: &Error, ctx: Arc<Context<C>>) -> Action {
-    let delay = ctx.backoff.delay(&format!("preset/{}", preset.name_any()));
+    let delay = ctx.backoff.delay(&format!("preset/{}", preset.uid().unwrap_or_default()));
     tracing::warn!(prebuildpreset = %preset.name_any(), namespace = %preset.namespace().unwrap_or_default(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
@@ -273,20 +309,51 @@ pub struct RunConfig {
     pub metrics_listen: SocketAddr,
     /// The orphan scan.
     pub gc: gc::GcConfig,
+    /// How the inventory lists.
+    pub inventory: InventoryConfig,
+    /// How patient the operation tracker is.
+    pub patience: Patience,
+    /// Operation reads at once.
+    pub operation_reads: usize,
 }
 
-/// Runs the TestRun controller and the agent API until SIGTERM or SIGINT.
-pub async fn run<C: Compute>(
+/// What wakes a reconcile from the watch: a new generation (a spec change)
+/// or a deletion request. The controller's own status writes do not; what
+/// happens to VMs and agents wakes objects directly.
+fn trigger<K: Resource>(obj: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    obj.meta().generation.hash(&mut hasher);
+    obj.meta().deletion_timestamp.is_some().hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// Cached objects keep no managed fields: they are never read, and they
+/// are a large part of each object.
+fn strip<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
+/// Runs the TestRun and PrebuildPreset controllers, the inventory, the
+/// operation tracker, the orphan scan and the agent API until SIGTERM or SIGINT.
+pub async fn run<C: Compute + Clone>(
     client: Client,
     compute: C,
     settings: Settings,
     config: RunConfig,
+    metrics: Arc<Metrics>,
 ) -> Result<(), StartError> {
-    let runs: Api<TestRun> = match &config.watch_namespace {
+    let runs_api: Api<TestRun> = match &config.watch_namespace {
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
     };
-    runs.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
+    runs_api.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
+    let presets_api: Api<PrebuildPreset> = match &config.watch_namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    presets_api.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
+    let (gc_runs, gc_presets) = (runs_api.clone(), presets_api.clone());
     let key = lease_key(&client, &config.namespace, &config.secret_name).await?;
     let listener = tokio::net::TcpListener::bind(config.agent_listen)
         .await
@@ -294,7 +361,6 @@ pub async fn run<C: Compute>(
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.metrics_listen, source })?;
-    let metrics = Arc::new(Metrics::new());
     let metrics_addr = metrics_listener.local_addr().unwrap_or(config.metrics_listen);
     let served = metrics.clone();
     tokio::spawn(async move {
@@ -303,21 +369,55 @@ pub async fn run<C: Compute>(
         }
     });
 
-    let presets: Api<PrebuildPreset> = match &config.watch_namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    };
-    presets.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
-    let (gc_runs, gc_presets) = (runs.clone(), presets.clone());
     let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
     let wake = futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-    let runs_controller = Controller::new(runs, watcher::Config::default())
+    let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel();
+    let pool_wake = futures::stream::unfold(pool_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let wakers = Wakers::new(wake_tx, pool_tx);
+    let inventory = Inventory::new(installation_selector(&settings.installation), config.inventory, metrics.clone());
+    let tracker = Tracker::new(
+        compute.clone(),
+        inventory.clone(),
+        config.patience,
+        config.operation_reads,
+        metrics.clone(),
+        wakers.as_owner_wake(),
+    );
+    let fresh_runs: Arc<Fresh<TestRun>> = Arc::new(Fresh::default());
+    let fresh_presets: Arc<Fresh<PrebuildPreset>> = Arc::new(Fresh::default());
+    let pool_waiters = Arc::new(PoolWaiters::default());
+
+    let (runs, runs_writer) = reflector::store();
+    let seen_runs = fresh_runs.clone();
+    let waiting = pool_waiters.clone();
+    let run_events = watcher::watcher(runs_api, watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(runs_writer)
+        .applied_objects()
+        .inspect_ok(move |run: &TestRun| {
+            seen_runs.observed(run);
+            if run.spec.preset_ref.is_some() {
+                for instance in run.status.iter().flat_map(|s| &s.shards).filter_map(|s| s.instance.as_deref()) {
+                    waiting.notify(instance);
+                }
+            }
+        })
+        .predicate_filter(trigger, Default::default());
+    let runs_controller = Controller::for_stream(run_events, runs.clone())
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .reconcile_on(wake)
         .shutdown_on_signal();
-    let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel();
-    let pool_wake = futures::stream::unfold(pool_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-    let presets_controller = Controller::new(presets, watcher::Config::default())
+    let (presets, presets_writer) = reflector::store();
+    let seen_presets = fresh_presets.clone();
+    let preset_events = watcher::watcher(presets_api, watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(presets_writer)
+        .applied_objects()
+        .inspect_ok(move |preset: &PrebuildPreset| seen_presets.observed(preset))
+        .predicate_filter(trigger, Default::default());
+    let presets_controller = Controller::for_stream(preset_events, presets.clone())
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .reconcile_on(pool_wake)
         .shutdown_on_signal();
@@ -326,12 +426,14 @@ pub async fn run<C: Compute>(
     let pool = Arc::new(PoolBook::default());
     let agent_api = Arc::new(AgentApi {
         key: key.clone(),
-        runs: runs_controller.store(),
-        presets: presets_controller.store(),
+        runs: runs.clone(),
+        fresh_runs: fresh_runs.clone(),
+        presets: presets.clone(),
+        fresh_presets: fresh_presets.clone(),
         book: book.clone(),
         pool: pool.clone(),
-        wake: wake_tx,
-        wake_presets: pool_tx,
+        wakers: wakers.clone(),
+        pool_waiters: pool_waiters.clone(),
         metrics: metrics.clone(),
     });
     let agent_addr = listener.local_addr().unwrap_or(config.agent_listen);
@@ -342,11 +444,20 @@ pub async fn run<C: Compute>(
     });
     tracing::info!(metrics = %metrics_addr, agent_api = %agent_addr, agent_url = %settings.agent_url, installation = %settings.installation, "controller starting");
 
+    tokio::spawn(inventory.clone().run(compute.clone(), wakers.as_owner_wake()));
+    tokio::spawn(tracker.clone().run());
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
-        compute,
+        inventory: inventory.clone(),
+        tracker,
+        wakers,
+        runs: runs.clone(),
+        presets: presets.clone(),
+        fresh_runs,
+        fresh_presets,
+        pool_waiters,
         settings,
         key,
         book,
@@ -356,6 +467,15 @@ pub async fn run<C: Compute>(
         metrics: metrics.clone(),
     });
     tokio::spawn(gc::run(ctx.clone(), gc_runs, gc_presets, config.gc.clone()));
+    // Ready once both caches are filled and the inventory has listed once.
+    let ready = metrics.clone();
+    tokio::spawn(async move {
+        let _ = runs.wait_until_ready().await;
+        let _ = presets.wait_until_ready().await;
+        inventory.wait_synced().await;
+        ready.set_ready();
+        tracing::info!("caches filled and inventory listed: ready");
+    });
     let runs_done =
         runs_controller.run(testrun::apply::reconcile, error_policy, ctx.clone()).for_each(|result| async move {
             if let Err(e) = result {
@@ -368,7 +488,6 @@ pub async fn run<C: Compute>(
                 tracing::debug!(error = %e, "reconcile did not complete");
             }
         });
-    metrics.set_ready();
     futures::join!(runs_done, presets_done);
     tracing::info!("controller stopped");
     Ok(())

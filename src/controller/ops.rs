@@ -4,15 +4,17 @@
 
 use crate::api::{OperationKind, TrackedOperation, VmSpec};
 use crate::compute::messages::{Action, ErrorContext, explain};
-use crate::compute::{ComputeError, InstanceSpec, Operation};
+use crate::compute::{ComputeError, InstanceSpec};
 
-/// What a tracked operation looks like now.
-#[derive(Clone, Debug)]
+/// What the operation tracker knows of a tracked operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Seen {
-    /// Compute Engine's view of it.
-    Operation(Operation),
-    /// It could not be read.
-    Error(ComputeError),
+    /// The call is queued or in flight, or its operation has not ended.
+    InFlight,
+    /// It finished without error (or its effect was verified).
+    Done,
+    /// The call or the operation failed, or it was lost.
+    Failed(ComputeError),
 }
 
 /// A call to make after the status (with its intent) is written.
@@ -29,6 +31,19 @@ pub enum CloudCall {
         /// Request id.
         request_id: String,
     },
+    /// Replace a VM's labels (a claimed pool VM becomes its TestRun's).
+    SetLabels {
+        /// Zone.
+        zone: String,
+        /// Instance name.
+        name: String,
+        /// The new labels.
+        labels: std::collections::BTreeMap<String, String>,
+        /// The label fingerprint they replace.
+        fingerprint: String,
+        /// Request id.
+        request_id: String,
+    },
 }
 
 impl CloudCall {
@@ -36,7 +51,7 @@ impl CloudCall {
     pub fn request_id(&self) -> &str {
         match self {
             Self::Insert(spec) => &spec.request_id,
-            Self::Delete { request_id, .. } => request_id,
+            Self::Delete { request_id, .. } | Self::SetLabels { request_id, .. } => request_id,
         }
     }
 }
@@ -109,6 +124,9 @@ pub fn retry_delete(op: &mut TrackedOperation, now: jiff::Timestamp, base: std::
         return DeleteRetry::Wait(until(now, due));
     }
     op.request_id = crate::compute::naming::request_id(&format!("delete/{}/{}", op.zone, op.instance), tries);
+    // The new call is one more try (a new request id: the old one would
+    // only replay the failure).
+    op.tries = i32::try_from(tries + 1).unwrap_or(i32::MAX);
     op.state = crate::api::OperationState::Intended;
     op.operation = None;
     op.started_at = Some(Time(now));

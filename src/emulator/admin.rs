@@ -59,6 +59,7 @@ pub fn router(emulator: Arc<Emulator>) -> Router {
         .route("/emulator/v1/faults/{id}", delete(remove_fault))
         .route("/emulator/v1/instances", get(instances))
         .route("/emulator/v1/history", get(history))
+        .route("/emulator/v1/calls", get(calls).delete(reset_calls))
         .with_state(emulator)
 }
 
@@ -127,6 +128,16 @@ async fn instances(State(emulator): State<Arc<Emulator>>) -> Json<Vec<VmRow>> {
         })
         .collect();
     Json(rows)
+}
+
+/// Compute API calls received so far, by method.
+async fn calls(State(emulator): State<Arc<Emulator>>) -> Json<std::collections::BTreeMap<&'static str, u64>> {
+    Json(emulator.lock().calls.clone())
+}
+
+async fn reset_calls(State(emulator): State<Arc<Emulator>>) -> StatusCode {
+    emulator.lock().calls.clear();
+    StatusCode::NO_CONTENT
 }
 
 /// Every VM ever created, with the process group it booted.

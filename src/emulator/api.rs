@@ -64,9 +64,14 @@ fn check_zone(zone: &str) -> Result<(), GceError> {
     }
 }
 
-/// Applies HTTP faults and read delays; returns the verdict for the rest.
+/// Counts a call by method, applies HTTP faults and read delays; returns
+/// the verdict for the rest.
 async fn judge(emulator: &Emulator, call: Call, zone: Option<&str>) -> Result<Verdict, GceError> {
-    let verdict = emulator.lock().faults.judge(call, zone);
+    let verdict = {
+        let mut state = emulator.lock();
+        *state.calls.entry(call.method()).or_default() += 1;
+        state.faults.judge(call, zone)
+    };
     match verdict.http_error {
         Some(FaultKind::RateLimit) => return Err(GceError::rate_limited()),
         Some(_) => return Err(GceError::unavailable()),
@@ -101,6 +106,7 @@ async fn begin(emulator: &Emulator, project: &str, zone: &str, params: &Params, 
     check_zone(zone)?;
     let rid = request_id(params)?;
     if let Some(op) = emulator.existing_operation(project, rid.as_deref()) {
+        *emulator.lock().calls.entry(call.method()).or_default() += 1;
         return Ok(Begin::Replay(op));
     }
     Ok(Begin::Fresh(rid, judge(emulator, call, Some(zone)).await?))
@@ -378,13 +384,31 @@ async fn aggregated_list(
 ) -> Answer {
     judge(&emulator, Call::AggregatedList, None).await?;
     let listing = listing(&params)?;
+    let unreachable = emulator.lock().faults.unreachable_zones();
     let (items, next) = page(&emulator, &project, None, &listing);
     let mut scopes: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for (zone, item) in items {
-        scopes.entry(format!("zones/{zone}")).or_default().push(item);
+        if !unreachable.contains(&zone) {
+            scopes.entry(format!("zones/{zone}")).or_default().push(item);
+        }
     }
-    let scopes: serde_json::Map<String, Value> =
+    let mut scopes: serde_json::Map<String, Value> =
         scopes.into_iter().map(|(scope, instances)| (scope, json!({ "instances": instances }))).collect();
+    // As Compute Engine: a zone that cannot be reached is a scope with a
+    // warning and no instances (on the first page).
+    if listing.after.is_none() {
+        for zone in &unreachable {
+            let scope = format!("zones/{zone}");
+            scopes.insert(
+                scope.clone(),
+                json!({ "warning": {
+                    "code": "UNREACHABLE",
+                    "message": format!("Scope '{scope}' is unreachable; the resources in it are not listed."),
+                    "data": [{ "key": "scope", "value": scope }],
+                } }),
+            );
+        }
+    }
     let mut body = json!({
         "kind": "compute#instanceAggregatedList",
         "id": format!("projects/{project}/aggregated/instances"),

@@ -33,6 +33,20 @@ pub enum Call {
 }
 
 impl Call {
+    /// The Compute Engine method name, e.g. `instances.insert`.
+    pub fn method(self) -> &'static str {
+        match self {
+            Self::Insert => "instances.insert",
+            Self::Delete => "instances.delete",
+            Self::Get => "instances.get",
+            Self::List => "instances.list",
+            Self::AggregatedList => "instances.aggregatedList",
+            Self::SetLabels => "instances.setLabels",
+            Self::OperationGet => "zoneOperations.get",
+            Self::OperationWait => "zoneOperations.wait",
+        }
+    }
+
     /// Whether the call starts an operation.
     pub fn is_mutation(self) -> bool {
         matches!(self, Self::Insert | Self::Delete | Self::SetLabels)
@@ -71,13 +85,19 @@ pub enum FaultKind {
     /// The operation is forgotten right after it is returned and has no
     /// effect: reading it gives 404.
     Vanish,
+    /// The zone cannot be reached: calls in it are answered with HTTP 503,
+    /// and an aggregated list leaves it out with an `UNREACHABLE` warning
+    /// for its scope, as Compute Engine does. Needs `zone`.
+    Unreachable,
 }
 
 impl FromStr for FaultKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
-            format!("unknown fault kind {s:?} (capacity, quota, rateLimit, unavailable, slow, fail, hang, vanish)")
+            format!(
+                "unknown fault kind {s:?} (capacity, quota, rateLimit, unavailable, slow, fail, hang, vanish, unreachable)"
+            )
         })
     }
 }
@@ -120,6 +140,9 @@ impl FaultRule {
     pub fn validate(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.probability) {
             return Err(format!("probability {} is not between 0 and 1", self.probability));
+        }
+        if self.kind == FaultKind::Unreachable && self.zone.is_none() {
+            return Err("an unreachable fault needs zone".into());
         }
         if self.kind == FaultKind::Slow && self.delay_ms == 0 {
             return Err("a slow fault needs delayMs".into());
@@ -244,7 +267,7 @@ impl Faults {
                 continue;
             }
             let applicable = match rule.kind {
-                FaultKind::RateLimit | FaultKind::Unavailable | FaultKind::Slow => true,
+                FaultKind::RateLimit | FaultKind::Unavailable | FaultKind::Slow | FaultKind::Unreachable => true,
                 _ => call.is_mutation(),
             };
             if !applicable || (rule.probability < 1.0 && !self.rng.random_bool(rule.probability)) {
@@ -253,6 +276,10 @@ impl Faults {
             let used = match rule.kind {
                 FaultKind::RateLimit | FaultKind::Unavailable if verdict.http_error.is_none() => {
                     verdict.http_error = Some(rule.kind);
+                    true
+                }
+                FaultKind::Unreachable if verdict.http_error.is_none() => {
+                    verdict.http_error = Some(FaultKind::Unavailable);
                     true
                 }
                 FaultKind::Slow => {
@@ -275,6 +302,28 @@ impl Faults {
             }
         }
         verdict
+    }
+
+    /// The zones an aggregated list cannot see now: every `unreachable`
+    /// rule that hits (each hit uses one of its count).
+    pub fn unreachable_zones(&mut self) -> std::collections::BTreeSet<String> {
+        let mut zones = std::collections::BTreeSet::new();
+        for rule in &mut self.rules {
+            let Some(zone) = rule.zone.clone() else { continue };
+            if rule.kind != FaultKind::Unreachable
+                || rule.count == Some(0)
+                || !rule.call.is_none_or(|c| c == Call::AggregatedList)
+                || (rule.probability < 1.0 && !self.rng.random_bool(rule.probability))
+            {
+                continue;
+            }
+            rule.hits += 1;
+            if let Some(count) = rule.count.as_mut() {
+                *count -= 1;
+            }
+            zones.insert(zone);
+        }
+        zones
     }
 }
 
@@ -300,6 +349,7 @@ mod tests {
             ("kind=boom", "unknown fault kind"),
             ("kind=capacity,call=get", "only to insert"),
             ("kind=slow", "needs delayMs"),
+            ("kind=unreachable", "needs zone"),
             ("kind=fail,probability=2", "between 0 and 1"),
             ("kind=fail,colour=red", "unknown key"),
             ("kind=fail,call=teleport", "unknown call"),
@@ -350,5 +400,16 @@ mod tests {
         assert!(faults.remove(1));
         assert!(!faults.remove(1));
         assert_eq!(faults.judge(Call::Delete, Some("z")), Verdict::default());
+    }
+
+    #[test]
+    fn an_unreachable_zone_fails_its_calls_and_hides_from_aggregated_lists() {
+        let mut faults = Faults::new(0);
+        faults.add("zone=us-central1-a,kind=unreachable,count=2".parse().expect("valid"));
+        assert_eq!(faults.judge(Call::Get, Some("us-central1-b")).http_error, None);
+        assert_eq!(faults.judge(Call::Insert, Some("us-central1-a")).http_error, Some(FaultKind::Unavailable));
+        assert_eq!(faults.judge(Call::AggregatedList, None).http_error, None, "a list of all zones answers");
+        assert_eq!(faults.unreachable_zones(), std::collections::BTreeSet::from(["us-central1-a".to_string()]));
+        assert!(faults.unreachable_zones().is_empty(), "the count is used up");
     }
 }

@@ -225,6 +225,7 @@ impl Emulator {
                         id: record.id,
                         labels: record.labels.clone(),
                         pid: None,
+                        requested_at: record.requested.clone(),
                     };
                     state.history.push(row);
                 }
@@ -379,6 +380,10 @@ fn new_instance(id: u64, resource: model::Instance) -> InstanceRecord {
         resource,
         status: Status::Provisioning,
         created: now_rfc3339(),
+        requested: jiff::Timestamp::now()
+            .round(jiff::Unit::Millisecond)
+            .unwrap_or_else(|_| jiff::Timestamp::now())
+            .to_string(),
         max_run,
         delete_on_expiry,
         process: None,

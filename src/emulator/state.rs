@@ -85,6 +85,8 @@ pub struct InstanceRecord {
     pub label_fingerprint: [u8; 8],
     /// RFC 3339 creation time.
     pub created: String,
+    /// When the insert call was accepted (RFC 3339, milliseconds).
+    pub requested: String,
     /// How long it may run before Compute Engine ends it.
     pub max_run: Option<Duration>,
     /// Whether ending it deletes it (otherwise it stops).
@@ -156,6 +158,8 @@ pub struct HistoryRow {
     pub labels: BTreeMap<String, String>,
     /// Process group of its startup script, once booted.
     pub pid: Option<i32>,
+    /// When its insert call was accepted (RFC 3339, milliseconds).
+    pub requested_at: String,
 }
 
 /// Everything the emulator holds, behind one lock.
@@ -170,6 +174,8 @@ pub struct State {
     pub faults: Faults,
     /// Every VM ever created, in order.
     pub history: Vec<HistoryRow>,
+    /// Compute API calls received, by method (e.g. `instances.insert`).
+    pub calls: BTreeMap<&'static str, u64>,
     next_id: u64,
 }
 
@@ -182,6 +188,7 @@ impl State {
             request_ids: HashMap::new(),
             faults: Faults::new(seed),
             history: Vec::new(),
+            calls: BTreeMap::new(),
             next_id: 1_000_000_000_000,
         }
     }

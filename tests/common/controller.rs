@@ -59,7 +59,7 @@ impl ControllerProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_testrun-controller"))
             .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
+            .env("RUST_LOG", std::env::var("TESTRUN_TEST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()

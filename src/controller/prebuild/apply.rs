@@ -1,32 +1,42 @@
-//! Carries out a pool plan: observe (list the preset's VMs, read its
-//! operations, read which pool agents registered), plan, write the status
-//! with every intent, make the calls, write what they returned, Events.
+//! Carries out a pool plan: observe (the preset's VMs from the inventory,
+//! its operations from the tracker, which pool agents registered, which
+//! claims were abandoned, from the TestRun cache), plan, write the status
+//! (guarded; a conflict, e.g. a claim, means read again and plan again),
+//! hand the calls to the tracker, publish Events.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::Instrument as _;
 
 use super::plan::{PoolObserved, PoolPlan, plan, plan_cleanup};
-use std::collections::BTreeSet;
-
 use crate::api::FINALIZER;
 use crate::api::prebuild::{PrebuildPreset, PresetInstanceState};
 use crate::api::testrun::TestRun;
 use crate::compute::Compute;
+use crate::compute::naming::label_value;
 use crate::controller::claims::Claim;
-use crate::controller::execute::{make_calls, owned_vms, publish, read_operations, set_finalizer, write_status};
+use crate::controller::execute::{
+    named_request_ids, observe_operations, publish, record_accepted, set_finalizer, submit_calls, write_status,
+};
+use crate::controller::wake::Owner;
 use crate::controller::{Context, Error};
 
+/// Times a reconcile re-reads and plans again after a conflicting write.
+const CONFLICT_RETRIES: usize = 4;
+
 /// Reconciles one PrebuildPreset.
-pub async fn reconcile<C: Compute>(preset: Arc<PrebuildPreset>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
+pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     let span = tracing::info_span!("reconcile", prebuildpreset = %preset.name_any(), namespace = %preset.namespace().unwrap_or_default());
     async move {
-        let key = format!("preset/{}", preset.name_any());
-        let result = reconcile_inner(&preset, &ctx).await;
+        let key = format!("preset/{}", preset.uid().unwrap_or_default());
+        let result = reconcile_inner(preset, &ctx).await;
         ctx.backoff.record(&key, result.is_ok());
         ctx.metrics.reconciled("prebuildpreset", result.is_ok());
         result
@@ -35,87 +45,130 @@ pub async fn reconcile<C: Compute>(preset: Arc<PrebuildPreset>, ctx: Arc<Context
     .await
 }
 
-async fn reconcile_inner<C: Compute>(preset: &PrebuildPreset, ctx: &Context<C>) -> Result<Action, Error> {
-    let api: Api<PrebuildPreset> = Api::namespaced(ctx.client.clone(), &preset.namespace().unwrap_or_default());
+async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &Context<C>) -> Result<Action, Error> {
+    let api: Api<PrebuildPreset> = Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
+    let uid = cached.uid().unwrap_or_default();
+    let owner = label_value(&uid);
+    ctx.wakers.register(&owner, Owner::Preset(ObjectRef::from_obj(cached.as_ref())));
+    let mut preset = ctx.fresh_presets.latest(cached).as_ref().clone();
     let has_finalizer = preset.finalizers().iter().any(|f| f == FINALIZER);
     let deleting = preset.meta().deletion_timestamp.is_some();
     if deleting && !has_finalizer {
+        forget(ctx, &uid);
         return Ok(Action::await_change());
     }
-    if !deleting && !has_finalizer {
-        set_finalizer(&api, preset, true).await?;
-        return Ok(Action::await_change());
+    if !has_finalizer {
+        let patched = set_finalizer(&api, &preset, true).await?;
+        ctx.fresh_presets.wrote(&preset, patched.clone());
+        preset = patched;
     }
-    let uid = preset.uid().unwrap_or_default();
-    let vms = owned_vms(&ctx.compute, &ctx.settings.installation, &uid).await?;
-    let tracked = preset.status.as_ref().map(|s| s.operations.clone()).unwrap_or_default();
-    let operations = read_operations(&ctx.compute, &tracked).await;
-    let registered = ctx.pool.snapshot(&uid);
-    let abandoned = abandoned_claims(ctx, preset).await?;
-    let observed = PoolObserved {
-        preset,
-        now: Timestamp::now(),
-        vms: &vms,
-        operations: &operations,
-        registered: &registered,
-        abandoned_claims: &abandoned,
-        settings: &ctx.settings,
-        key: &ctx.key,
-    };
-    let plan = if deleting { plan_cleanup(&observed) } else { plan(&observed) };
-    let (done, requeue) = (plan.cleanup_done, plan.requeue_after);
-    record_metrics(ctx, preset, &plan, deleting && done);
-    let PoolPlan { mut status, calls, events, .. } = plan;
-    let mut current = preset.clone();
-    if preset.status.as_ref() != Some(&status) {
-        current.metadata.resource_version = write_status(&api, &current, &status, true).await?;
-    }
-    if !calls.is_empty() {
-        let before = status.clone();
-        make_calls(&ctx.compute, &calls, &mut status.operations, &preset.spec.vm).await;
-        if status != before {
-            write_status(&api, &current, &status, true).await?;
-        }
-    }
-    publish(&ctx.recorder, &ctx.metrics, preset, events).await;
-    if deleting && done {
-        set_finalizer(&api, preset, false).await?;
-        ctx.pool.forget(&uid);
-        tracing::info!("every pool VM deleted; finalizer removed");
-        return Ok(Action::await_change());
-    }
-    Ok(Action::requeue(requeue.min(std::time::Duration::from_secs(300))))
-}
+    // Which claims are abandoned is read from the TestRun cache: wait until it is filled.
+    let _ = ctx.runs.wait_until_ready().await;
 
-/// Claimed pool VMs whose claiming TestRun no longer exists.
-async fn abandoned_claims<C: Compute>(ctx: &Context<C>, preset: &PrebuildPreset) -> Result<BTreeSet<String>, Error> {
-    let mut abandoned = BTreeSet::new();
-    let claimed = preset.status.iter().flat_map(|s| &s.instances).filter(|i| i.state == PresetInstanceState::Claimed);
-    for instance in claimed {
-        let Some(claim) = instance.claimed_by.as_deref().and_then(Claim::parse) else {
-            abandoned.insert(instance.name.clone());
-            continue;
+    let mut conflicts = 0;
+    let (preset, done, requeue) = loop {
+        let vms = ctx.inventory.view(&owner);
+        let tracked = preset.status.as_ref().map(|s| s.operations.clone()).unwrap_or_default();
+        let now = Timestamp::now();
+        let operations = observe_operations(&ctx.tracker, &owner, &tracked, now);
+        let registered = ctx.pool.snapshot(&uid);
+        let abandoned = abandoned_claims(ctx, &preset);
+        let observed = PoolObserved {
+            preset: &preset,
+            now,
+            vms: &vms,
+            operations: &operations,
+            outstanding: ctx.tracker.outstanding(&owner),
+            registered: &registered,
+            abandoned_claims: &abandoned,
+            settings: &ctx.settings,
+            key: &ctx.key,
         };
-        let runs: Api<TestRun> = Api::namespaced(ctx.client.clone(), &claim.namespace);
-        let run = runs.get_opt(&claim.testrun).await.map_err(|source| Error::ReadClaimer {
-            testrun: format!("{}/{}", claim.namespace, claim.testrun),
-            source,
-        })?;
-        if run.is_none() {
-            abandoned.insert(instance.name.clone());
+        let plan = if deleting { plan_cleanup(&observed) } else { plan(&observed) };
+        match apply(&api, &preset, ctx, plan, &owner, deleting).await {
+            Ok(applied) => break applied,
+            Err(e) if e.is_conflict() && conflicts < CONFLICT_RETRIES => {
+                conflicts += 1;
+                tracing::debug!(conflicts, "the PrebuildPreset changed since it was read; reading it again");
+                preset = api
+                    .get(&preset.name_any())
+                    .await
+                    .map_err(|source| Error::Read { name: preset.name_any(), source })?;
+            }
+            Err(e) => return Err(e),
         }
+    };
+    if deleting && done {
+        set_finalizer(&api, &preset, false).await?;
+        forget(ctx, &uid);
+        tracing::info!("every pool VM verified gone; finalizer removed");
+        return Ok(Action::await_change());
     }
-    Ok(abandoned)
+    Ok(if requeue == Duration::MAX {
+        Action::await_change()
+    } else {
+        Action::requeue(requeue.min(Duration::from_secs(300)))
+    })
 }
 
-fn record_metrics<C: Compute>(ctx: &Context<C>, preset: &PrebuildPreset, plan: &PoolPlan, gone: bool) {
+fn forget<C: Compute + Clone>(ctx: &Context<C>, uid: &str) {
+    ctx.pool.forget(uid);
+    ctx.wakers.forget(&label_value(uid));
+    ctx.fresh_presets.forget(uid);
+    ctx.tracker.forget_except(&label_value(uid), &Default::default());
+}
+
+/// Writes the plan's status if it changed, then hands its calls to the
+/// tracker and publishes its Events. Returns the preset as it now is,
+/// whether its cleanup is done, and when to look again.
+async fn apply<C: Compute + Clone>(
+    api: &Api<PrebuildPreset>,
+    preset: &PrebuildPreset,
+    ctx: &Context<C>,
+    plan: PoolPlan,
+    owner: &str,
+    deleting: bool,
+) -> Result<(PrebuildPreset, bool, Duration), Error> {
+    let (done, requeue) = (plan.cleanup_done, plan.requeue_after);
+    let mut current = preset.clone();
+    let mut status = plan.status.clone();
+    if preset.status.as_ref() != Some(&status) {
+        record_accepted(&ctx.tracker, &mut status.operations);
+        let written = write_status(api, preset, &status).await?;
+        ctx.fresh_presets.wrote(preset, written.clone());
+        current = written;
+    }
+    record_metrics(ctx, preset, &plan, deleting && done);
+    let PoolPlan { calls, events, .. } = plan;
+    ctx.tracker.forget_except(owner, &named_request_ids(&status.operations));
+    submit_calls(&ctx.tracker, owner, calls);
+    publish(&ctx.recorder, &ctx.metrics, &current, events).await;
+    Ok((current, done, requeue))
+}
+
+/// Claimed pool VMs whose claiming TestRun no longer exists (read from the
+/// TestRun cache, which holds every TestRun of the watched namespaces).
+fn abandoned_claims<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPreset) -> BTreeSet<String> {
+    preset
+        .status
+        .iter()
+        .flat_map(|s| &s.instances)
+        .filter(|i| i.state == PresetInstanceState::Claimed)
+        .filter(|i| match i.claimed_by.as_deref().and_then(Claim::parse) {
+            Some(claim) => ctx.runs.get(&ObjectRef::<TestRun>::new(&claim.testrun).within(&claim.namespace)).is_none(),
+            None => true,
+        })
+        .map(|i| i.name.clone())
+        .collect()
+}
+
+fn record_metrics<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPreset, plan: &PoolPlan, gone: bool) {
     use crate::metrics::{PoolStateLabels, PresetLabels, ReasonLabels};
     let namespace = preset.namespace().unwrap_or_default();
     let name = preset.name_any();
     let labels = PresetLabels { namespace: namespace.clone(), preset: name.clone() };
     let s = &plan.status;
-    let deleting =
-        s.instances.iter().filter(|i| i.state == crate::api::prebuild::PresetInstanceState::Deleting).count();
+    let deleting = s.instances.iter().filter(|i| i.state == PresetInstanceState::Deleting).count();
     for (state, count) in [
         ("ready", i64::from(s.ready)),
         ("provisioning", i64::from(s.provisioning)),

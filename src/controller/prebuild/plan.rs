@@ -30,19 +30,18 @@ use crate::agent::tokens::LeaseKey;
 use crate::api::prebuild::{PendingJob, PrebuildPreset, PrebuildPresetStatus, PresetInstance, PresetInstanceState};
 use crate::api::validation::validate_prebuild_preset;
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation};
+use crate::compute::InstanceSpec;
 use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
-use crate::compute::{ErrorCode, Instance, InstanceSpec, OperationStatus};
 use crate::controller::conditions;
 use crate::controller::ops::{
     CloudCall, DeleteRetry, PlannedEvent, Seen, deletion_condition, describe, intent, retry_delete, signed, until,
 };
 use crate::controller::testrun::plan::{Settings, startup_script};
+use crate::inventory::state::VmView;
 
 /// How long a pool VM may live before Compute Engine deletes it; the pool
 /// then replaces it.
 pub const POOL_VM_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-const OPERATION_POLL: Duration = Duration::from_secs(1);
-const IDLE_REQUEUE: Duration = Duration::from_secs(60);
 
 /// Everything the pool planner looks at.
 pub struct PoolObserved<'a> {
@@ -50,10 +49,14 @@ pub struct PoolObserved<'a> {
     pub preset: &'a PrebuildPreset,
     /// The current time.
     pub now: Timestamp,
-    /// VMs labelled with the preset's uid.
-    pub vms: &'a [Instance],
-    /// The state of running tracked operations, by request id.
+    /// The preset's VMs as the inventory knows them, with how far their
+    /// absence can be trusted.
+    pub vms: &'a VmView,
+    /// What the operation tracker knows of tracked operations, by request id.
     pub operations: &'a BTreeMap<String, Seen>,
+    /// Operations of the preset the tracker still follows: cleanup is not
+    /// done while any is.
+    pub outstanding: usize,
     /// Pool VMs whose agent registered, with when it was last heard.
     pub registered: &'a BTreeMap<String, Timestamp>,
     /// Claimed pool VMs whose claiming TestRun no longer exists: they will
@@ -92,6 +95,8 @@ struct Pool<'a> {
     cancelled: u32,
     failures: Vec<String>,
     wake: Duration,
+    /// Planning the cleanup of a preset being deleted: nothing is created.
+    cleanup: bool,
 }
 
 /// The wait after `failures` failed provisions in a row: `base`, doubling,
@@ -111,7 +116,8 @@ pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
         events: Vec::new(),
         cancelled: 0,
         failures: Vec::new(),
-        wake: IDLE_REQUEUE,
+        wake: Duration::MAX,
+        cleanup: false,
     };
     let generation = preset.metadata.generation;
     if let Err(invalid) = validate_prebuild_preset(&preset.spec) {
@@ -167,15 +173,19 @@ pub fn plan_cleanup(obs: &PoolObserved<'_>) -> PoolPlan {
         events: Vec::new(),
         cancelled: 0,
         failures: Vec::new(),
-        wake: OPERATION_POLL,
+        wake: Duration::MAX,
+        cleanup: true,
     };
     p.status.pending_jobs.clear();
     p.follow_operations();
     p.sync_instances();
-    p.status.operations.retain(|op| !(op.kind == OperationKind::Insert && op.state == OperationState::Intended));
     p.collect_strays(true);
     p.count();
-    let done = obs.vms.is_empty() && p.status.operations.is_empty();
+    let done = obs.vms.vms.is_empty()
+        && obs.vms.is_complete()
+        && p.status.operations.is_empty()
+        && p.calls.is_empty()
+        && obs.outstanding == 0;
     p.finish(done)
 }
 
@@ -196,11 +206,21 @@ impl Pool<'_> {
         self.obs.preset.metadata.uid.clone().unwrap_or_default()
     }
 
+    /// Whether an operation of this kind on this VM may still act (a failed
+    /// delete waiting for its retry counts).
     fn in_flight(&self, kind: OperationKind, zone: &str, name: &str) -> bool {
-        self.status
-            .operations
-            .iter()
-            .any(|op| op.kind == kind && op.zone == zone && op.instance == name && op.state != OperationState::Done)
+        self.status.operations.iter().any(|op| {
+            op.kind == kind
+                && op.zone == zone
+                && op.instance == name
+                && match op.state {
+                    OperationState::Done => false,
+                    OperationState::Failed => true,
+                    OperationState::Intended | OperationState::Running => {
+                        !matches!(self.obs.operations.get(&op.request_id), Some(Seen::Done))
+                    }
+                }
+        })
     }
 
     /// Pending jobs of a version that is not the active one are cancelled:
@@ -251,69 +271,69 @@ impl Pool<'_> {
         );
     }
 
+    /// Goes through every tracked operation with what the tracker knows of
+    /// it. News alone (an insert finished while its VM's agent has not
+    /// registered yet) changes nothing in status.
     fn follow_operations(&mut self) {
         let vm = self.obs.preset.spec.vm.clone();
         let ops = std::mem::take(&mut self.status.operations);
         let mut kept = Vec::new();
         for mut op in ops {
-            match op.state {
-                OperationState::Intended => {
-                    if op.kind == OperationKind::Insert
-                        && !self
-                            .status
-                            .instances
-                            .iter()
-                            .any(|i| i.name == op.instance && i.state == PresetInstanceState::Provisioning)
-                    {
+            let provisioning = |p: &Self| {
+                p.status.instances.iter().any(|i| i.name == op.instance && i.state == PresetInstanceState::Provisioning)
+            };
+            match (op.state, self.obs.operations.get(&op.request_id)) {
+                (OperationState::Done, _) => continue,
+                (OperationState::Failed, _) => {}
+                (_, Some(Seen::InFlight)) => {
+                    kept.push(op);
+                    continue;
+                }
+                (_, Some(Seen::Done)) => {
+                    if op.kind == OperationKind::Delete {
+                        self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
+                    } else if op.kind == OperationKind::Insert && !self.cleanup && provisioning(self) {
+                        kept.push(op);
+                    }
+                    continue;
+                }
+                (_, Some(Seen::Failed(error))) => {
+                    op.state = OperationState::Failed;
+                    op.last_error = Some(describe(error, &op, &vm));
+                }
+                (OperationState::Intended, None) => {
+                    if op.kind == OperationKind::Insert && (self.cleanup || !provisioning(self)) {
+                        // Never made again; a VM an earlier process may have
+                        // made is deleted as a stray once the inventory shows it.
+                        let claimed = self.status.instances.iter().any(|i| {
+                            i.name == op.instance
+                                && i.state == PresetInstanceState::Claimed
+                                && !self.obs.abandoned_claims.contains(&i.name)
+                        });
+                        if self.cleanup && !claimed {
+                            self.delete(&op.zone, &op.instance);
+                        }
                         continue;
                     }
                     self.reissue(&op);
                     kept.push(op);
                     continue;
                 }
-                OperationState::Done => continue,
-                OperationState::Failed => {}
-                OperationState::Running => match self.obs.operations.get(&op.request_id) {
-                    Some(Seen::Operation(seen)) if seen.status == OperationStatus::Done => match &seen.error {
-                        None => {
-                            let (reason, verb) = if op.kind == OperationKind::Delete {
-                                ("VmDeleted", "deleted")
-                            } else {
-                                ("VmCreated", "created")
-                            };
-                            self.event(false, reason, format!("pool VM {} in {} {verb}", op.instance, op.zone));
-                            if op.kind == OperationKind::Delete {
-                                self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
-                            }
-                            continue;
-                        }
-                        Some(error) => {
-                            op.state = OperationState::Failed;
-                            op.last_error = Some(describe(error, &op, &vm));
-                        }
-                    },
-                    Some(Seen::Error(error)) if error.code() == ErrorCode::OperationVanished => {
-                        let exists = self.obs.vms.iter().any(|v| v.name == op.instance && v.zone == op.zone);
-                        if (op.kind == OperationKind::Insert) == exists {
-                            continue;
-                        }
-                        op.state = OperationState::Failed;
-                        op.last_error = Some(describe(error, &op, &vm));
-                    }
-                    _ => {
-                        self.wake_within(OPERATION_POLL);
-                        kept.push(op);
-                        continue;
-                    }
-                },
+                // Followed by the tracker from the executor's adoption.
+                (OperationState::Running, None) => {
+                    kept.push(op);
+                    continue;
+                }
             }
             // Failed.
             let message = op.last_error.clone().unwrap_or_default();
             match op.kind {
                 OperationKind::Insert => {
                     self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
-                    let code = message.split_once(": ").map_or("UNKNOWN", |(code, _)| code).to_string();
-                    self.failed_provision(&code, format!("creating pool VM {} failed: {message}", op.instance));
+                    if !self.cleanup {
+                        let code = message.split_once(": ").map_or("UNKNOWN", |(code, _)| code).to_string();
+                        self.failed_provision(&code, format!("creating pool VM {} failed: {message}", op.instance));
+                    }
                 }
                 OperationKind::Delete | OperationKind::SetLabels => {
                     if message.starts_with("RESOURCE_NOT_FOUND") {
@@ -353,7 +373,6 @@ impl Pool<'_> {
             },
         };
         self.calls.push(call);
-        self.wake_within(OPERATION_POLL);
     }
 
     fn instance_spec(&self, name: &str, zone: &str, version: &str, rid: &str) -> InstanceSpec {
@@ -393,25 +412,36 @@ impl Pool<'_> {
         let mut late = Vec::new();
         let mut handed_over = Vec::new();
         let mut abandoned = Vec::new();
+        let creating: BTreeSet<String> = self
+            .status
+            .instances
+            .iter()
+            .filter(|i| self.in_flight(OperationKind::Insert, &i.zone, &i.name))
+            .map(|i| i.name.clone())
+            .collect();
+        let mut deadline: Option<Timestamp> = None;
         for i in &mut self.status.instances {
-            let exists = self.obs.vms.iter().any(|v| v.name == i.name && v.zone == i.zone);
-            let creating =
-                self.status.operations.iter().any(|o| o.kind == OperationKind::Insert && o.instance == i.name);
+            // Only a view that covers the zone can say a VM is gone.
+            let gone = self.obs.vms.absent(&i.zone, &i.name);
+            let creating = creating.contains(&i.name);
             match i.state {
                 PresetInstanceState::Provisioning if self.obs.registered.contains_key(&i.name) => {
                     i.state = PresetInstanceState::Ready;
                     self.status.consecutive_failures = 0;
                 }
-                PresetInstanceState::Provisioning if !exists && !creating => lost.push(i.name.clone()),
+                PresetInstanceState::Provisioning if gone && !creating => lost.push(i.name.clone()),
                 PresetInstanceState::Provisioning => {
                     let created = i.created_at.as_ref().map(|t| t.0).unwrap_or(now);
-                    if now.duration_since(created) > timeout {
+                    let due = created + timeout;
+                    if now > due {
                         late.push((i.name.clone(), i.zone.clone()));
+                    } else {
+                        deadline = Some(deadline.map_or(due, |d| d.min(due)));
                     }
                 }
-                PresetInstanceState::Ready if !exists => lost.push(i.name.clone()),
+                PresetInstanceState::Ready if gone => lost.push(i.name.clone()),
                 // A claimed VM leaves the pool once relabelled to its TestRun.
-                PresetInstanceState::Claimed if !exists => handed_over.push(i.name.clone()),
+                PresetInstanceState::Claimed if gone => handed_over.push(i.name.clone()),
                 PresetInstanceState::Claimed if self.obs.abandoned_claims.contains(&i.name) => {
                     abandoned.push((i.zone.clone(), i.name.clone()));
                 }
@@ -441,8 +471,8 @@ impl Pool<'_> {
             );
             self.delete(&zone, &name);
         }
-        if self.status.instances.iter().any(|i| i.state == PresetInstanceState::Provisioning) {
-            self.wake_within(Duration::from_secs(5));
+        if let Some(due) = deadline {
+            self.wake_within(until(now, due) + Duration::from_millis(100));
         }
     }
 
@@ -453,7 +483,6 @@ impl Pool<'_> {
         let rid = request_id(&format!("delete/{zone}/{name}"), 0);
         self.status.operations.push(intent(OperationKind::Delete, name, zone, &rid, self.obs.now));
         self.calls.push(CloudCall::Delete { zone: zone.to_string(), name: name.to_string(), request_id: rid });
-        self.wake_within(OPERATION_POLL);
     }
 
     fn count_state(&self, state: PresetInstanceState, active: Option<bool>) -> usize {
@@ -534,7 +563,7 @@ impl Pool<'_> {
     /// degraded.
     fn start_jobs(&mut self) {
         let spec = &self.obs.preset.spec;
-        if self.status.pending_jobs.is_empty() {
+        if self.status.pending_jobs.is_empty() || self.cleanup {
             return;
         }
         let failures = self.status.consecutive_failures;
@@ -577,7 +606,6 @@ impl Pool<'_> {
             self.status.operations.push(intent(OperationKind::Insert, &name, &zone, &rid, self.obs.now));
             let spec = self.instance_spec(&name, &zone, &job.template_version, &rid);
             self.calls.push(CloudCall::Insert(Box::new(spec)));
-            self.wake_within(OPERATION_POLL);
         }
     }
 
@@ -594,11 +622,16 @@ impl Pool<'_> {
             })
             .map(|i| (i.zone.clone(), i.name.clone()))
             .collect();
-        let strays: Vec<(String, String)> =
-            self.obs.vms.iter().map(|v| (v.zone.clone(), v.name.clone())).filter(|key| !known.contains(key)).collect();
+        let strays: Vec<(String, String)> = self
+            .obs
+            .vms
+            .vms
+            .iter()
+            .map(|v| (v.zone.clone(), v.name.clone()))
+            .filter(|key| !known.contains(key))
+            .collect();
         for (zone, name) in strays {
             if self.in_flight(OperationKind::Insert, &zone, &name) {
-                self.wake_within(OPERATION_POLL);
                 continue;
             }
             if let Some(i) = self.status.instances.iter_mut().find(|i| i.name == name) {
@@ -703,7 +736,7 @@ mod tests {
     //! The pool planner against a small in-memory cloud.
     use super::*;
     use crate::api::prebuild::PrebuildPresetSpec;
-    use crate::compute::{ComputeError, Operation};
+    use crate::compute::{ComputeError, Instance};
     use jiff::SignedDuration;
     use proptest::prelude::*;
 
@@ -728,12 +761,12 @@ mod tests {
         preset: PrebuildPreset,
         now: Timestamp,
         vms: Vec<Instance>,
+        /// Calls made, by request id: (instance, zone, kind, done).
         ops: BTreeMap<String, (String, String, OperationKind, bool)>,
         registered: BTreeMap<String, Timestamp>,
         abandoned: BTreeSet<String>,
         settings: Settings,
         key: LeaseKey,
-        next: u32,
     }
 
     impl World {
@@ -755,7 +788,6 @@ mod tests {
                     started_at: now,
                 },
                 key: LeaseKey::from_bytes(&[2; 32]).expect("key"),
-                next: 0,
             }
         }
 
@@ -763,56 +795,57 @@ mod tests {
             self.preset.status.clone().unwrap_or_default()
         }
 
-        /// One reconcile, with `failing` inserts finishing in failure.
+        /// What the tracker would say, by request id: an insert that
+        /// finished without its VM failed for capacity.
+        fn seen(&self) -> BTreeMap<String, Seen> {
+            self.ops
+                .iter()
+                .map(|(rid, (instance, _, kind, done))| {
+                    let seen = if !done {
+                        Seen::InFlight
+                    } else if *kind == OperationKind::Insert && !self.vms.iter().any(|v| v.name == *instance) {
+                        Seen::Failed(ComputeError::OperationFailed {
+                            operation: rid.clone(),
+                            code: crate::compute::ErrorCode::ZoneResourcePoolExhausted,
+                            message: String::new(),
+                        })
+                    } else {
+                        Seen::Done
+                    };
+                    (rid.clone(), seen)
+                })
+                .collect()
+        }
+
+        /// One reconcile.
         fn reconcile(&mut self) -> PoolPlan {
-            let mut seen = BTreeMap::new();
-            for op in self.status().operations {
-                if let (OperationState::Running, Some(name)) = (op.state, &op.operation)
-                    && let Some((_, zone, _, done)) = self.ops.get(name)
-                {
-                    let failed =
-                        *done && !self.vms.iter().any(|v| v.name == op.instance) && op.kind == OperationKind::Insert;
-                    seen.insert(
-                        op.request_id.clone(),
-                        Seen::Operation(Operation {
-                            name: name.clone(),
-                            zone: zone.clone(),
-                            status: if *done { OperationStatus::Done } else { OperationStatus::Running },
-                            error: failed.then(|| ComputeError::OperationFailed {
-                                operation: name.clone(),
-                                code: ErrorCode::ZoneResourcePoolExhausted,
-                                message: String::new(),
-                            }),
-                        }),
-                    );
-                }
-            }
+            let seen = self.seen();
+            let view = VmView::complete(self.vms.clone());
             let plan = plan(&PoolObserved {
                 preset: &self.preset,
                 now: self.now,
-                vms: &self.vms,
+                vms: &view,
                 operations: &seen,
+                outstanding: 0,
                 registered: &self.registered,
                 abandoned_claims: &self.abandoned,
                 settings: &self.settings,
                 key: &self.key,
             });
-            let mut status = plan.status.clone();
             for call in &plan.calls {
-                let name = format!("op-{}", self.next);
-                self.next += 1;
+                let rid = call.request_id().to_string();
+                if self.ops.get(&rid).is_some_and(|(_, _, _, done)| !done) {
+                    continue;
+                }
                 let (zone, instance, kind) = match call {
                     CloudCall::Insert(spec) => (spec.zone.clone(), spec.name.clone(), OperationKind::Insert),
-                    CloudCall::Delete { zone, name, .. } => (zone.clone(), name.clone(), OperationKind::Delete),
+                    CloudCall::Delete { zone, name, .. } | CloudCall::SetLabels { zone, name, .. } => {
+                        (zone.clone(), name.clone(), OperationKind::Delete)
+                    }
                 };
-                self.ops.insert(name.clone(), (instance, zone, kind, false));
-                if let Some(op) = status.operations.iter_mut().find(|o| o.request_id == call.request_id()) {
-                    op.operation = Some(name);
-                    op.state = OperationState::Running;
-                    op.tries += 1;
-                }
+                self.ops.insert(rid, (instance, zone, kind, false));
             }
-            self.preset.status = Some(status);
+            self.preset.status = Some(plan.status.clone());
             plan
         }
 
@@ -975,11 +1008,13 @@ mod tests {
         let claimed = status.instances[0].name.clone();
         w.preset.status = Some(status);
         // Deleting the preset while the claimed VM still carries its labels: kept.
+        let view = VmView::complete(w.vms.clone());
         let cleanup = plan_cleanup(&PoolObserved {
             preset: &w.preset,
             now: w.now,
-            vms: &w.vms,
+            vms: &view,
             operations: &BTreeMap::new(),
+            outstanding: 0,
             registered: &w.registered,
             abandoned_claims: &BTreeSet::new(),
             settings: &w.settings,

@@ -1,36 +1,45 @@
-//! Carries out a TestRun plan: observe (list the run's VMs, read its
-//! operations, read the lease book), plan, write the status with every
-//! intent, make the cloud calls, write what they returned, publish Events.
-//! No step waits for a cloud operation to finish.
+//! Carries out a TestRun plan: observe (the run's VMs from the inventory,
+//! its operations from the tracker, what the agent API heard, its preset
+//! from the cache), plan, write the status with every intent (guarded by
+//! the resourceVersion it was planned from; a conflict means read again and
+//! plan again), hand the calls to the tracker, publish Events. No step waits
+//! for a cloud operation, and no step calls the cloud.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::Instrument as _;
 
 use super::plan::{Observed, Plan, plan, plan_cleanup};
-use std::collections::BTreeMap;
-
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
 use crate::api::{FINALIZER, VmSpec};
 use crate::compute::naming::{LABEL_OWNER_UID, LABEL_TEMPLATE_VERSION, label_value, request_id, testrun_labels};
 use crate::compute::{Compute, Instance};
-use crate::controller::claims::{Claim, claim_ready_vm, held};
-use crate::controller::execute::{make_calls, owned_vms, publish, read_operations, set_finalizer, write_status};
+use crate::controller::claims::{Claim, claim_ready_vms, held};
+use crate::controller::execute::{
+    named_request_ids, observe_operations, publish, record_accepted, set_finalizer, submit_calls, write_status,
+};
+use crate::controller::ops::{CloudCall, Seen};
+use crate::controller::wake::Owner;
 use crate::controller::{Context, Error};
 
+/// Times a reconcile re-reads and plans again after a conflicting write.
+const CONFLICT_RETRIES: usize = 4;
+
 /// Reconciles one TestRun.
-pub async fn reconcile<C: Compute>(run: Arc<TestRun>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
+pub async fn reconcile<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     let span =
         tracing::info_span!("reconcile", testrun = %run.name_any(), namespace = %run.namespace().unwrap_or_default());
     async move {
-        let result = reconcile_inner(&run, &ctx).await;
-        ctx.backoff.record(&run.name_any(), result.is_ok());
+        let result = reconcile_inner(run.clone(), &ctx).await;
+        ctx.backoff.record(&format!("testrun/{}", run.uid().unwrap_or_default()), result.is_ok());
         ctx.metrics.reconciled("testrun", result.is_ok());
         result
     }
@@ -38,33 +47,46 @@ pub async fn reconcile<C: Compute>(run: Arc<TestRun>, ctx: Arc<Context<C>>) -> R
     .await
 }
 
-async fn reconcile_inner<C: Compute>(run: &TestRun, ctx: &Context<C>) -> Result<Action, Error> {
-    let api: Api<TestRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+async fn reconcile_inner<C: Compute + Clone>(cached: Arc<TestRun>, ctx: &Context<C>) -> Result<Action, Error> {
+    let api: Api<TestRun> = Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
+    let uid = cached.uid().unwrap_or_default();
+    let owner = label_value(&uid);
+    ctx.wakers.register(&owner, Owner::TestRun(ObjectRef::from_obj(cached.as_ref())));
+    let mut run = ctx.fresh_runs.latest(cached).as_ref().clone();
+    let deleting = run.meta().deletion_timestamp.is_some();
     let has_finalizer = run.finalizers().iter().any(|f| f == FINALIZER);
-
-    if run.meta().deletion_timestamp.is_some() {
-        if !has_finalizer {
-            return Ok(Action::await_change());
-        }
-        let plan = observe_and_plan(run, ctx, true).await?;
-        let (done, requeue) = (plan.cleanup_done, plan.requeue_after);
-        execute(run, ctx, &api, plan).await?;
-        if done {
-            set_finalizer(&api, run, false).await?;
-            ctx.book.forget(&run.uid().unwrap_or_default());
-            tracing::info!("every VM deleted; finalizer removed");
-            return Ok(Action::await_change());
-        }
-        return Ok(Action::requeue(requeue));
+    if deleting && !has_finalizer {
+        forget(ctx, &uid);
+        return Ok(Action::await_change());
     }
     if !has_finalizer {
         // The finalizer goes on before any VM can exist.
-        set_finalizer(&api, run, true).await?;
+        let patched = set_finalizer(&api, &run, true).await?;
+        ctx.fresh_runs.wrote(&run, patched.clone());
+        run = patched;
+    }
+
+    let mut conflicts = 0;
+    let plan = loop {
+        let (plan, preset) = observe_and_plan(&run, ctx, deleting).await?;
+        match apply(&api, &run, ctx, plan, preset, &owner).await {
+            Ok(applied) => break applied,
+            Err(e) if e.is_conflict() && conflicts < CONFLICT_RETRIES => {
+                conflicts += 1;
+                tracing::debug!(conflicts, "the TestRun changed since it was read; reading it again");
+                run = api.get(&run.name_any()).await.map_err(|source| Error::Read { name: run.name_any(), source })?;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let Applied { run, cleanup_done, expired, requeue } = plan;
+
+    if deleting && cleanup_done {
+        set_finalizer(&api, &run, false).await?;
+        forget(ctx, &uid);
+        tracing::info!("every VM verified gone; finalizer removed");
         return Ok(Action::await_change());
     }
-    let plan = observe_and_plan(run, ctx, false).await?;
-    let (requeue, expired) = (plan.requeue_after, plan.expired);
-    execute(run, ctx, &api, plan).await?;
     if expired {
         tracing::info!("ttlSecondsAfterFinished is over; deleting the TestRun");
         api.delete(&run.name_any(), &kube::api::DeleteParams::default())
@@ -79,67 +101,94 @@ async fn reconcile_inner<C: Compute>(run: &TestRun, ctx: &Context<C>) -> Result<
     })
 }
 
+fn forget<C: Compute + Clone>(ctx: &Context<C>, uid: &str) {
+    ctx.book.forget(uid);
+    ctx.wakers.forget(&label_value(uid));
+    ctx.fresh_runs.forget(uid);
+    ctx.tracker.forget_except(&label_value(uid), &Default::default());
+}
+
 /// What a TestRun with `presetRef` sees of its preset: the VM shape, the
-/// pool VMs its shards claimed (claiming for shards that need one), and
-/// those VMs when they are not yet labelled as the run's.
+/// pool VMs its shards claimed (claiming for shards that need one), those
+/// VMs as the inventory holds them, and the label changes that make them
+/// the run's.
 #[derive(Default)]
 struct PresetView {
     vm: Option<VmSpec>,
     claims: BTreeMap<i32, (String, String)>,
     claimed_vms: Vec<Instance>,
+    relabels: Vec<CloudCall>,
+    /// Every relabel request id considered (the tracker keeps their outcome).
+    relabel_ids: BTreeSet<String>,
 }
 
-async fn preset_view<C: Compute>(
-    run: &TestRun,
-    ctx: &Context<C>,
-    vms: &[Instance],
-    cleanup: bool,
-) -> Result<PresetView, Error> {
+async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanup: bool) -> Result<PresetView, Error> {
     let Some(preset_ref) = &run.spec.preset_ref else { return Ok(PresetView::default()) };
     let namespace = run.namespace().unwrap_or_default();
-    let api: Api<PrebuildPreset> = Api::namespaced(ctx.client.clone(), &namespace);
-    let read_error = |source| Error::ReadPreset { preset: preset_ref.name.clone(), source };
-    let Some(preset) = api.get_opt(&preset_ref.name).await.map_err(read_error)? else {
-        return Ok(PresetView::default());
-    };
+    let key = ObjectRef::<PrebuildPreset>::new(&preset_ref.name).within(&namespace);
+    let Some(cached) = ctx.presets.get(&key) else { return Ok(PresetView::default()) };
+    let preset = ctx.fresh_presets.latest(cached);
     let status = run.status.clone().unwrap_or_default();
     let may_claim = !cleanup && !run.spec.cancel && !status.phase.is_some_and(|p| p.is_finished());
+    let claims: Vec<Claim> = (0..run.spec.shards)
+        .map(|shard| Claim { namespace: namespace.clone(), testrun: run.name_any(), shard })
+        .collect();
+    let wanting: Vec<Claim> = claims
+        .iter()
+        .filter(|c| held(&preset, c).is_none())
+        .filter(|c| may_claim && status.shards.iter().find(|s| s.index == c.shard).is_none_or(|s| s.attempt == 0))
+        .cloned()
+        .collect();
+    let mut taken = BTreeMap::new();
+    if !wanting.is_empty() {
+        let presets: Api<PrebuildPreset> = Api::namespaced(ctx.client.clone(), &namespace);
+        let started = std::time::Instant::now();
+        let claimed = claim_ready_vms(&presets, &preset, &wanting)
+            .await
+            .map_err(|source| Error::Claim { preset: preset_ref.name.clone(), source })?;
+        ctx.metrics.claim_seconds.observe(started.elapsed().as_secs_f64());
+        for _ in 0..claimed.taken.len() {
+            ctx.metrics.claims.get_or_create(&crate::metrics::ReasonLabels { reason: "claimed".into() }).inc();
+        }
+        for _ in claimed.taken.len()..wanting.len() {
+            ctx.metrics.claims.get_or_create(&crate::metrics::ReasonLabels { reason: "none".into() }).inc();
+        }
+        if let Some(written) = claimed.written {
+            ctx.fresh_presets.wrote(&preset, written);
+            // The pool backfills what was taken.
+            ctx.wakers.wake_preset(key.clone());
+        }
+        taken = claimed.taken;
+    }
     let mut view = PresetView { vm: Some(preset.spec.vm.clone()), ..PresetView::default() };
-    for shard in 0..run.spec.shards {
-        let claim = Claim { namespace: namespace.clone(), testrun: run.name_any(), shard };
-        let first_attempt_pending = status.shards.iter().find(|s| s.index == shard).is_none_or(|s| s.attempt == 0);
-        let held = match held(&preset, &claim) {
-            Some(instance) => Some(instance),
-            None if may_claim && first_attempt_pending => {
-                let started = std::time::Instant::now();
-                let taken = claim_ready_vm(&api, &preset_ref.name, &claim)
-                    .await
-                    .map_err(|source| Error::Claim { preset: preset_ref.name.clone(), source })?;
-                ctx.metrics.claim_seconds.observe(started.elapsed().as_secs_f64());
-                let result = if taken.is_some() { "claimed" } else { "none" };
-                ctx.metrics.claims.get_or_create(&crate::metrics::ReasonLabels { reason: result.into() }).inc();
-                taken
-            }
-            None => None,
-        };
-        if let Some(instance) = held {
-            view.claims.insert(shard, (instance.name, instance.zone));
+    for claim in &claims {
+        if let Some(instance) = taken.get(&claim.shard).cloned().or_else(|| held(&preset, claim)) {
+            view.claims.insert(claim.shard, (instance.name, instance.zone));
         }
     }
-    // A claimed VM becomes the run's: relabel it, and see it until the list does.
+    // A claimed VM becomes the run's: relabel it; see it until it carries the run's labels.
     let uid = run.uid().unwrap_or_default();
     for (shard, (name, zone)) in &view.claims {
-        if vms.iter().any(|v| &v.name == name && &v.zone == zone) {
-            continue;
-        }
-        let Some(vm) = ctx.compute.get(zone, name).await.map_err(Error::ListVms)? else { continue };
-        if vm.labels.get(LABEL_OWNER_UID) != Some(&label_value(&uid)) {
+        let Some(vm) = ctx.inventory.get(zone, name) else { continue };
+        if vm.labels.get(LABEL_OWNER_UID) != Some(&label_value(&uid)) && !cleanup {
             let mut labels = vm.labels.clone();
             labels.remove(LABEL_TEMPLATE_VERSION);
             labels.extend(testrun_labels(&ctx.settings.installation, &uid, u32::try_from(*shard).unwrap_or(0), 1));
-            let rid = request_id(&format!("claim/{uid}/{shard}/{zone}/{name}"), 0);
-            if let Err(e) = ctx.compute.set_labels(zone, name, &labels, &vm.label_fingerprint, &rid).await {
-                tracing::warn!(instance = %name, error = %e, "relabelling a claimed VM failed; retrying next pass");
+            let rid = request_id(&format!("claim/{uid}/{shard}/{zone}/{name}/{}", vm.label_fingerprint), 0);
+            view.relabel_ids.insert(rid.clone());
+            match ctx.tracker.seen([rid.as_str()]).get(&rid) {
+                // The fingerprint was stale: a fresh list brings the current one.
+                Some(Seen::Failed(_)) => {
+                    ctx.inventory.want_fresh_list();
+                }
+                Some(_) => {}
+                None => view.relabels.push(CloudCall::SetLabels {
+                    zone: zone.clone(),
+                    name: name.clone(),
+                    labels,
+                    fingerprint: vm.label_fingerprint.clone(),
+                    request_id: rid,
+                }),
             }
         }
         view.claimed_vms.push(vm);
@@ -147,21 +196,32 @@ async fn preset_view<C: Compute>(
     Ok(view)
 }
 
-async fn observe_and_plan<C: Compute>(run: &TestRun, ctx: &Context<C>, cleanup: bool) -> Result<Plan, Error> {
+async fn observe_and_plan<C: Compute + Clone>(
+    run: &TestRun,
+    ctx: &Context<C>,
+    cleanup: bool,
+) -> Result<(Plan, PresetView), Error> {
     let uid = run.uid().unwrap_or_default();
-    let mut vms = owned_vms(&ctx.compute, &ctx.settings.installation, &uid).await?;
-    let preset = preset_view(run, ctx, &vms, cleanup).await?;
-    vms.extend(preset.claimed_vms.iter().cloned());
+    let owner = label_value(&uid);
+    let preset = preset_view(run, ctx, cleanup).await?;
+    let mut vms = ctx.inventory.view(&owner);
+    for vm in &preset.claimed_vms {
+        if !vms.has(&vm.zone, &vm.name) {
+            vms.vms.push(vm.clone());
+        }
+    }
+    let now = Timestamp::now();
     let tracked = run.status.as_ref().map(|s| s.operations.clone()).unwrap_or_default();
-    let operations = read_operations(&ctx.compute, &tracked).await;
+    let operations = observe_operations(&ctx.tracker, &owner, &tracked, now);
     let heard = ctx.book.snapshot(&uid);
     let machine = run.spec.vm.as_ref().or(preset.vm.as_ref()).map(|v| v.machine_type.clone()).unwrap_or_default();
     let exhausted = ctx.exhausted_zones.current(&machine);
     let observed = Observed {
         run,
-        now: Timestamp::now(),
+        now,
         vms: &vms,
         operations: &operations,
+        outstanding: ctx.tracker.outstanding(&owner),
         heard: &heard,
         exhausted_zones: &exhausted,
         settings: &ctx.settings,
@@ -173,23 +233,48 @@ async fn observe_and_plan<C: Compute>(run: &TestRun, ctx: &Context<C>, cleanup: 
     for zone in &plan.exhausted {
         ctx.exhausted_zones.mark(zone, &machine);
     }
-    Ok(plan)
+    Ok((plan, preset))
 }
 
-/// Writes the plan's status (intents first), makes its calls, writes what
-/// they returned and publishes its Events.
-async fn execute<C: Compute>(run: &TestRun, ctx: &Context<C>, api: &Api<TestRun>, plan: Plan) -> Result<(), Error> {
-    let Plan { mut status, calls, events, .. } = plan;
+/// What applying a plan left to do.
+struct Applied {
+    run: TestRun,
+    cleanup_done: bool,
+    expired: bool,
+    requeue: Duration,
+}
+
+/// Writes the plan's status (intents first) if it changed, then hands its
+/// calls to the tracker and publishes its Events.
+async fn apply<C: Compute + Clone>(
+    api: &Api<TestRun>,
+    run: &TestRun,
+    ctx: &Context<C>,
+    plan: Plan,
+    preset: PresetView,
+    owner: &str,
+) -> Result<Applied, Error> {
+    let Plan { mut status, calls, events, cleanup_done, expired, requeue_after, .. } = plan;
+    let mut current = run.clone();
     if run.status.as_ref() != Some(&status) {
-        write_status(api, run, &status, false).await?;
-    }
-    if !calls.is_empty() {
-        let before = status.clone();
-        make_calls(&ctx.compute, &calls, &mut status.operations, &run.spec.vm.clone().unwrap_or_default()).await;
-        if status != before {
-            write_status(api, run, &status, false).await?;
+        record_accepted(&ctx.tracker, &mut status.operations);
+        let written = write_status(api, run, &status).await?;
+        ctx.fresh_runs.wrote(run, written.clone());
+        current = written;
+        // A pool VM's agent waiting for this run's claim can have its assignment now.
+        if run.spec.preset_ref.is_some() {
+            for shard in &status.shards {
+                if let Some(instance) = &shard.instance {
+                    ctx.pool_waiters.notify(instance);
+                }
+            }
         }
     }
-    publish(&ctx.recorder, &ctx.metrics, run, events).await;
-    Ok(())
+    let mut keep = named_request_ids(&status.operations);
+    keep.extend(preset.relabel_ids);
+    ctx.tracker.forget_except(owner, &keep);
+    submit_calls(&ctx.tracker, owner, preset.relabels);
+    submit_calls(&ctx.tracker, owner, calls);
+    publish(&ctx.recorder, &ctx.metrics, &current, events).await;
+    Ok(Applied { run: current, cleanup_done, expired, requeue: requeue_after })
 }

@@ -35,10 +35,11 @@ use crate::api::validation::validate_testrun;
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation, VmSpec};
 use crate::compute::messages::reason;
 use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
-use crate::compute::{ErrorCode, Instance, InstanceSpec, OperationStatus, RetryClass};
+use crate::compute::{ErrorCode, InstanceSpec, RetryClass};
 use crate::controller::conditions;
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
 use crate::controller::ops::{DeleteRetry, deletion_condition, intent, retry_delete, signed, until};
+use crate::inventory::state::VmView;
 
 /// Settings of the installation that shape every plan.
 #[derive(Clone, Debug)]
@@ -64,10 +65,14 @@ pub struct Observed<'a> {
     pub run: &'a TestRun,
     /// The current time.
     pub now: Timestamp,
-    /// The VMs labelled with the run's uid.
-    pub vms: &'a [Instance],
-    /// The state of tracked operations that have a name, by request id.
+    /// The run's VMs as the inventory knows them (and its claimed pool
+    /// VMs), with how far their absence can be trusted.
+    pub vms: &'a VmView,
+    /// What the operation tracker knows of tracked operations, by request id.
     pub operations: &'a BTreeMap<String, Seen>,
+    /// Operations of the run the tracker still follows (calls queued or
+    /// in flight included): cleanup is not done while any is.
+    pub outstanding: usize,
     /// What the agent API heard, by shard.
     pub heard: &'a BTreeMap<i32, Heard>,
     /// Zones currently known to be out of capacity for this machine family.
@@ -103,10 +108,8 @@ pub struct Plan {
 
 /// How long heartbeats alone may go unwritten to status.
 pub const HEARTBEAT_WRITE_INTERVAL: Duration = Duration::from_secs(15);
-/// How often to look while an operation is in flight.
-const OPERATION_POLL: Duration = Duration::from_secs(1);
-/// Slowest look at an unfinished run.
-const IDLE_REQUEUE: Duration = Duration::from_secs(60);
+/// How long a run waits before looking for its missing PrebuildPreset again.
+const PRESET_POLL: Duration = Duration::from_secs(15);
 /// Margin added to `timeout` for a VM's `maxRunDuration`.
 const MAX_RUN_MARGIN: Duration = Duration::from_secs(15 * 60);
 
@@ -118,6 +121,10 @@ struct Planner<'a> {
     exhausted: Vec<String>,
     wake: Duration,
     degraded: Option<(String, String)>,
+    /// Planning the cleanup of a run being deleted: nothing is created.
+    cleanup: bool,
+    /// VMs whose insert may have been made and that must be verified gone (cleanup).
+    unverified: BTreeSet<(String, String)>,
 }
 
 /// Plans one reconcile of a run that is not being deleted.
@@ -129,8 +136,10 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         calls: Vec::new(),
         events: Vec::new(),
         exhausted: Vec::new(),
-        wake: IDLE_REQUEUE,
+        wake: Duration::MAX,
         degraded: None,
+        cleanup: false,
+        unverified: BTreeSet::new(),
     };
     p.status.observed_generation = run.metadata.generation;
 
@@ -154,7 +163,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
             run.metadata.generation,
             obs.now,
         );
-        p.wake = Duration::from_secs(15);
+        p.wake = PRESET_POLL;
         return p.finish(false);
     };
     conditions::set(
@@ -198,7 +207,9 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
     plan
 }
 
-/// Plans one reconcile of a run being deleted: delete every VM, verify.
+/// Plans one reconcile of a run being deleted: create nothing, delete every
+/// VM, and be done only when every VM is verified gone, no operation is
+/// open and the inventory can see every zone.
 pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
     let mut p = Planner {
         obs,
@@ -206,16 +217,20 @@ pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
         calls: Vec::new(),
         events: Vec::new(),
         exhausted: Vec::new(),
-        wake: OPERATION_POLL,
+        wake: Duration::MAX,
         degraded: None,
+        cleanup: true,
+        unverified: BTreeSet::new(),
     };
     // Without a VM shape the operations are still followed; the shape only
     // words error messages.
     p.follow_operations(&obs.run.spec.vm.clone().unwrap_or_default());
-    // Pending creations are never issued for a run being deleted.
-    p.status.operations.retain(|op| !(op.kind == OperationKind::Insert && op.state == OperationState::Intended));
     p.collect_strays(true);
-    let done = obs.vms.is_empty() && p.status.operations.is_empty();
+    let done = obs.vms.vms.is_empty()
+        && obs.vms.is_complete()
+        && p.status.operations.is_empty()
+        && p.calls.is_empty()
+        && obs.outstanding == 0;
     p.finish(done)
 }
 
@@ -259,11 +274,47 @@ impl Planner<'_> {
         self.wake = Duration::MAX;
     }
 
+    /// Whether an operation of this kind on this VM may still act: recorded
+    /// and not known to have ended (a failed delete waiting for its retry
+    /// counts: it will be made again).
     fn in_flight(&self, kind: OperationKind, zone: &str, name: &str) -> bool {
-        self.status
-            .operations
-            .iter()
-            .any(|op| op.kind == kind && op.zone == zone && op.instance == name && op.state != OperationState::Done)
+        self.status.operations.iter().any(|op| {
+            op.kind == kind
+                && op.zone == zone
+                && op.instance == name
+                && match op.state {
+                    OperationState::Done => false,
+                    OperationState::Failed => true,
+                    OperationState::Intended | OperationState::Running => {
+                        !(matches!(self.obs.operations.get(&op.request_id), Some(Seen::Done))
+                            || (op.kind == OperationKind::Insert && self.booted(&op.zone, &op.instance)))
+                    }
+                }
+        })
+    }
+
+    /// Whether the VM's agent registered for a shard's current attempt:
+    /// then the VM exists, and its insert is over whatever its operation says.
+    fn booted(&self, zone: &str, name: &str) -> bool {
+        self.status.shards.iter().any(|s| {
+            s.zone.as_deref() == Some(zone)
+                && s.instance.as_deref() == Some(name)
+                && (s.start_time.is_some()
+                    || self
+                        .obs
+                        .heard
+                        .get(&s.index)
+                        .is_some_and(|h| h.lease_id == s.lease_id && h.registered_at.is_some()))
+        })
+    }
+
+    /// Whether a shard still waits on this VM's agent.
+    fn provisioning_on(&self, zone: &str, name: &str) -> bool {
+        self.status.shards.iter().any(|s| {
+            s.phase == TestRunPhase::Provisioning
+                && s.zone.as_deref() == Some(zone)
+                && s.instance.as_deref() == Some(name)
+        })
     }
 
     fn wanted(&self) -> BTreeSet<(String, String)> {
@@ -275,71 +326,54 @@ impl Planner<'_> {
             .collect()
     }
 
-    /// Reads every tracked operation's state and decides what each needs.
+    /// Goes through every tracked operation with what the tracker knows of
+    /// it and decides what each needs. News alone (an insert finished while
+    /// its shard still waits for the agent) changes nothing in status.
     fn follow_operations(&mut self, vm: &VmSpec) {
         let wanted = self.wanted();
         let ops = std::mem::take(&mut self.status.operations);
         let mut kept = Vec::new();
         for mut op in ops {
             let is_wanted = wanted.contains(&(op.zone.clone(), op.instance.clone()));
-            match (op.kind, op.state) {
-                (OperationKind::Insert, OperationState::Intended) if !is_wanted => {
-                    // The attempt was abandoned before its call was confirmed:
-                    // never issue it. A VM it may have made is deleted as a stray.
-                    continue;
-                }
-                (_, OperationState::Intended) => {
-                    self.reissue(&op, vm);
-                    kept.push(op);
-                    continue;
-                }
-                (_, OperationState::Failed) => {
+            match (op.state, self.obs.operations.get(&op.request_id)) {
+                (OperationState::Done, _) => {}
+                (OperationState::Failed, _) => {
                     if let Some(op) = self.after_failure(op, vm, is_wanted) {
                         kept.push(op);
                     }
-                    continue;
                 }
-                (_, OperationState::Done) => continue,
-                (_, OperationState::Running) => {}
-            }
-            match self.obs.operations.get(&op.request_id) {
-                Some(Seen::Operation(seen)) if seen.status == OperationStatus::Done => match &seen.error {
-                    None => match op.kind {
-                        OperationKind::Delete => {
-                            self.event(false, "VmDeleted", format!("VM {} in {} deleted", op.instance, op.zone));
-                        }
-                        OperationKind::Insert => {
-                            self.event(false, "VmCreated", format!("VM {} created in {}", op.instance, op.zone));
-                        }
-                        OperationKind::SetLabels => {}
-                    },
-                    Some(error) => {
-                        op.state = OperationState::Failed;
-                        op.last_error = Some(describe(error, &op, vm));
-                        if let Some(op) = self.after_failure(op, vm, is_wanted) {
-                            kept.push(op);
-                        }
+                // Its agent registered: the VM exists, the insert is over.
+                (_, Some(Seen::InFlight) | None)
+                    if op.kind == OperationKind::Insert && self.booted(&op.zone, &op.instance) => {}
+                (_, Some(Seen::InFlight)) => kept.push(op),
+                (_, Some(Seen::Done)) => {
+                    if op.kind == OperationKind::Insert && !self.cleanup && self.provisioning_on(&op.zone, &op.instance)
+                    {
+                        kept.push(op);
                     }
-                },
-                Some(Seen::Error(error)) if error.code() == ErrorCode::OperationVanished => {
-                    // Compute Engine forgot it: look at the VM and try again.
+                }
+                (_, Some(Seen::Failed(error))) => {
                     op.state = OperationState::Failed;
                     op.last_error = Some(describe(error, &op, vm));
-                    let exists = self.obs.vms.iter().any(|v| v.name == op.instance && v.zone == op.zone);
-                    match op.kind {
-                        OperationKind::Insert if exists => {}
-                        OperationKind::Delete if !exists => {}
-                        _ => {
-                            if let Some(op) = self.after_failure(op, vm, is_wanted) {
-                                kept.push(op);
-                            }
-                        }
+                    if let Some(op) = self.after_failure(op, vm, is_wanted) {
+                        kept.push(op);
                     }
                 }
-                _ => {
-                    self.wake_within(OPERATION_POLL);
+                (OperationState::Intended, None) if op.kind == OperationKind::Insert && self.cleanup => {
+                    // Never made again, but an earlier process may have made
+                    // it: the VM must be verified gone.
+                    self.unverified.insert((op.zone.clone(), op.instance.clone()));
+                }
+                (OperationState::Intended, None) if op.kind == OperationKind::Insert && !is_wanted => {
+                    // The attempt was abandoned before its call was confirmed:
+                    // never issue it. A VM it may have made is deleted as a stray.
+                }
+                (OperationState::Intended, None) => {
+                    self.reissue(&op, vm);
                     kept.push(op);
                 }
+                // Followed by the tracker from the executor's adoption.
+                (OperationState::Running, None) => kept.push(op),
             }
         }
         // Operations started while following (a retry in the next zone) come after.
@@ -372,7 +406,6 @@ impl Planner<'_> {
             },
         };
         self.calls.push(call);
-        self.wake_within(OPERATION_POLL);
     }
 
     /// Decides what follows a failed operation; returns the operation to
@@ -399,7 +432,7 @@ impl Planner<'_> {
                 Some(op)
             }
             OperationKind::Insert => {
-                if !is_wanted {
+                if !is_wanted || self.cleanup {
                     return None;
                 }
                 let index = self.status.shards.iter().position(|s| {
@@ -443,6 +476,7 @@ impl Planner<'_> {
                             &format!("insert/{}/{}/{}/{}", self.uid(), shard.index, shard.attempt, op.zone),
                             tries,
                         );
+                        op.tries = i32::try_from(tries + 1).unwrap_or(i32::MAX);
                         op.state = OperationState::Intended;
                         op.operation = None;
                         op.started_at = Some(Time(self.obs.now));
@@ -514,12 +548,14 @@ impl Planner<'_> {
 
     /// Records the intent to create a shard attempt's VM and asks for the call.
     fn start_insert(&mut self, index: i32, attempt: i32, zone: &str, vm: &VmSpec) {
+        if self.cleanup {
+            return;
+        }
         let uid = self.uid();
         let rid = request_id(&format!("insert/{uid}/{index}/{attempt}/{zone}"), 0);
         let spec = self.instance_spec(index, attempt, zone, vm, &rid);
         self.status.operations.push(intent(OperationKind::Insert, &spec.name, zone, &rid, self.obs.now));
         self.calls.push(CloudCall::Insert(Box::new(spec)));
-        self.wake_within(OPERATION_POLL);
     }
 
     /// Starts the next attempt of a shard with a new lease: on a claimed
@@ -539,7 +575,6 @@ impl Planner<'_> {
             shard.requested_time = Some(Time(self.obs.now));
             shard.message = Some(format!("attempt 1 on pool VM {name} in {zone}"));
             self.status.attempts += 1;
-            self.event(false, "VmClaimed", format!("shard {shard_index} claimed ready pool VM {name} in {zone}"));
             return;
         }
         let zone = self.first_zone(vm);
@@ -599,7 +634,8 @@ impl Planner<'_> {
         }
         let heard = self.obs.heard.get(&shard.index).filter(|h| h.lease_id == shard.lease_id);
         let (zone, name) = (shard.zone.clone().unwrap_or_default(), shard.instance.clone().unwrap_or_default());
-        let vm_seen = self.obs.vms.iter().any(|v| v.name == name && v.zone == zone);
+        // Only a view that covers the zone can say the VM is gone.
+        let vm_gone = self.obs.vms.absent(&zone, &name);
         let creating = self.in_flight(OperationKind::Insert, &zone, &name);
 
         let timeout = signed(run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600)));
@@ -614,12 +650,7 @@ impl Planner<'_> {
             s.start_time = Some(Time(registered));
             s.last_heartbeat = heard.and_then(|h| h.last_heartbeat).map(Time);
             s.message = Some(format!("attempt {} running under lease {}", s.attempt, s.lease_id));
-            let note = format!(
-                "shard {} attempt {} running on VM {name} in {zone} (lease {})",
-                s.index, s.attempt, s.lease_id
-            );
-            self.event(false, "LeaseIssued", note);
-            self.wake_within(Duration::try_from(heartbeat_timeout).unwrap_or(IDLE_REQUEUE));
+            self.wake_within(Duration::try_from(heartbeat_timeout).unwrap_or(Duration::from_secs(60)));
         }
 
         // A result is final: write it, then the agent is told it is stored.
@@ -637,13 +668,21 @@ impl Planner<'_> {
                 output_tail: crate::agent::protocol::tail(&result.output_tail, 4096).to_string(),
                 ..result
             });
-            self.event(phase != TestRunPhase::Succeeded, "ResultAccepted", note);
+            // A success is told once per run (RunFinished); a failure per shard.
+            if phase != TestRunPhase::Succeeded {
+                self.event(true, "ShardFailed", note);
+            }
             return;
         }
 
         let shard = self.status.shards[index].clone();
         if shard.phase == TestRunPhase::Provisioning {
-            if !creating && !vm_seen && !self.status.operations.iter().any(|o| o.instance == name && o.zone == zone) {
+            let any_open = self
+                .status
+                .operations
+                .iter()
+                .any(|o| o.instance == name && o.zone == zone && self.in_flight(o.kind, &zone, &name));
+            if !creating && vm_gone && !any_open {
                 self.fail_attempt(index, &format!("VM {name} disappeared before its agent registered"), vm);
                 return;
             }
@@ -677,7 +716,7 @@ impl Planner<'_> {
             );
             return;
         }
-        if !vm_seen && !creating {
+        if vm_gone && !creating {
             self.fail_attempt(index, &format!("VM {name} disappeared while the test ran"), vm);
             return;
         }
@@ -712,12 +751,13 @@ impl Planner<'_> {
 
     /// Deletes every VM of the run that no unfinished shard's current
     /// attempt uses (all of them when `everything`), once its creation has
-    /// settled.
+    /// settled; in a cleanup, also every VM an earlier process may have made.
     fn collect_strays(&mut self, everything: bool) {
         let wanted = if everything { BTreeSet::new() } else { self.wanted() };
         let mut targets: BTreeSet<(String, String)> =
-            self.obs.vms.iter().map(|v| (v.zone.clone(), v.name.clone())).collect();
-        // A finished shard's VM goes even if the list has not shown it yet.
+            self.obs.vms.vms.iter().map(|v| (v.zone.clone(), v.name.clone())).collect();
+        targets.extend(std::mem::take(&mut self.unverified));
+        // A finished shard's VM goes even if the inventory has not shown it yet.
         for s in &self.status.shards {
             if (s.phase.is_finished() || everything)
                 && let (Some(zone), Some(name)) = (&s.zone, &s.instance)
@@ -731,18 +771,12 @@ impl Planner<'_> {
                 || self.in_flight(OperationKind::Delete, &zone, &name)
                 || self.in_flight(OperationKind::Insert, &zone, &name)
             {
-                if self.in_flight(OperationKind::Insert, &zone, &name)
-                    && !wanted.contains(&(zone.clone(), name.clone()))
-                {
-                    self.wake_within(OPERATION_POLL);
-                }
                 continue;
             }
             let rid = request_id(&format!("delete/{zone}/{name}"), 0);
             let op = intent(OperationKind::Delete, &name, &zone, &rid, self.obs.now);
             self.status.operations.push(op);
             self.calls.push(CloudCall::Delete { zone, name, request_id: rid });
-            self.wake_within(OPERATION_POLL);
         }
     }
 
@@ -762,7 +796,7 @@ impl Planner<'_> {
             self.wake_within(until(self.obs.now, due));
             return false;
         }
-        self.status.operations.is_empty() && self.obs.vms.is_empty()
+        self.status.operations.is_empty() && self.obs.vms.vms.is_empty()
     }
 
     fn derive_phase(&mut self) {
@@ -788,19 +822,27 @@ impl Planner<'_> {
         } else {
             TestRunPhase::Pending
         };
-        let was = self.status.phase;
         self.status.phase = Some(phase);
         if phase.is_finished() && self.status.completion_time.is_none() {
             self.status.completion_time = Some(Time(self.obs.now));
             let done = shards.iter().filter(|s| s.phase == TestRunPhase::Succeeded).count();
-            self.event(
-                phase != TestRunPhase::Succeeded,
-                "RunFinished",
-                format!("{phase:?}: {done} of {} shards succeeded", shards.len()),
-            );
-        }
-        if was != Some(phase) && !phase.is_finished() {
-            self.event(false, "PhaseChanged", format!("{phase:?}"));
+            let mut note = format!("{phase:?}: {done} of {} shards succeeded", shards.len());
+            if let Some(started) = self.status.start_time.as_ref() {
+                let took = self.obs.now.duration_since(started.0).as_secs().max(0);
+                note.push_str(&format!(" in {took}s"));
+            }
+            let uid = self.uid();
+            let warm = shards
+                .iter()
+                .filter(|s| {
+                    let fresh = testrun_instance_name(&uid, s.index.max(0) as u32, s.attempt.max(0) as u32);
+                    s.instance.as_ref().is_some_and(|i| *i != fresh)
+                })
+                .count();
+            if warm > 0 {
+                note.push_str(&format!("; {warm} on a warm pool VM"));
+            }
+            self.event(phase != TestRunPhase::Succeeded, "RunFinished", note);
         }
     }
 
@@ -901,7 +943,7 @@ mod tests {
     //! the test says, agents register, beat and report when the test says.
     use super::*;
     use crate::api::testrun::TestRunSpec;
-    use crate::compute::ComputeError;
+    use crate::compute::{ComputeError, Instance};
     use proptest::prelude::*;
 
     const UID: &str = "6b0c3f1e-2a4d-4b8e-9c1f-0d2e3f4a5b6c";
@@ -928,9 +970,9 @@ mod tests {
         run: TestRun,
         now: Timestamp,
         vms: Vec<Instance>,
+        /// Calls made, by request id: (instance, zone, kind, error, done).
         ops: BTreeMap<String, (String, String, OperationKind, Option<ComputeError>, bool)>,
         heard: BTreeMap<i32, Heard>,
-        next_op: u32,
         settings: Settings,
         key: LeaseKey,
         inserts_after_finish: u32,
@@ -945,7 +987,6 @@ mod tests {
                 vms: Vec::new(),
                 ops: BTreeMap::new(),
                 heard: BTreeMap::new(),
-                next_op: 0,
                 settings: Settings {
                     installation: "test".into(),
                     agent_url: "http://agent".into(),
@@ -964,34 +1005,33 @@ mod tests {
         }
 
         /// One reconcile: observe, plan, write status, make calls, write again.
-        fn reconcile(&mut self) -> Plan {
-            let mut seen = BTreeMap::new();
-            for op in self.status().operations {
-                if let (OperationState::Running, Some(name)) = (op.state, &op.operation) {
-                    let state = match self.ops.get(name) {
-                        Some((_, zone, _, error, done)) => Seen::Operation(crate::compute::Operation {
-                            name: name.clone(),
-                            zone: zone.clone(),
-                            status: if *done { OperationStatus::Done } else { OperationStatus::Running },
-                            error: if *done { error.clone() } else { None },
-                        }),
-                        None => Seen::Error(ComputeError::Api {
-                            call: "zoneOperations.get",
-                            code: ErrorCode::OperationVanished,
-                            status: 404,
-                            message: String::new(),
-                        }),
+        /// What the tracker would say: by request id.
+        fn seen(&self) -> BTreeMap<String, Seen> {
+            self.ops
+                .iter()
+                .map(|(rid, (_, _, _, error, done))| {
+                    let seen = match (done, error) {
+                        (false, _) => Seen::InFlight,
+                        (true, Some(e)) => Seen::Failed(e.clone()),
+                        (true, None) => Seen::Done,
                     };
-                    seen.insert(op.request_id.clone(), state);
-                }
-            }
+                    (rid.clone(), seen)
+                })
+                .collect()
+        }
+
+        /// One reconcile: observe, plan, write status, hand the calls to the "tracker".
+        fn reconcile(&mut self) -> Plan {
+            let seen = self.seen();
             let finished_before = self.status().phase.is_some_and(|p| p.is_finished());
             let exhausted = BTreeSet::new();
+            let view = VmView::complete(self.vms.clone());
             let plan = plan(&Observed {
                 run: &self.run,
                 now: self.now,
-                vms: &self.vms,
+                vms: &view,
                 operations: &seen,
+                outstanding: 0,
                 heard: &self.heard,
                 exhausted_zones: &exhausted,
                 settings: &self.settings,
@@ -999,10 +1039,11 @@ mod tests {
                 claims: &BTreeMap::new(),
                 preset_vm: None,
             });
-            let mut status = plan.status.clone();
             for call in &plan.calls {
-                let name = format!("op-{}", self.next_op);
-                self.next_op += 1;
+                let rid = call.request_id().to_string();
+                if self.ops.get(&rid).is_some_and(|(_, _, _, _, done)| !done) {
+                    continue;
+                }
                 let (zone, instance, kind) = match call {
                     CloudCall::Insert(spec) => {
                         if finished_before {
@@ -1021,16 +1062,13 @@ mod tests {
                         }
                         (spec.zone.clone(), spec.name.clone(), OperationKind::Insert)
                     }
-                    CloudCall::Delete { zone, name: vm, .. } => (zone.clone(), vm.clone(), OperationKind::Delete),
+                    CloudCall::Delete { zone, name: vm, .. } | CloudCall::SetLabels { zone, name: vm, .. } => {
+                        (zone.clone(), vm.clone(), OperationKind::Delete)
+                    }
                 };
-                self.ops.insert(name.clone(), (instance, zone, kind, None, false));
-                if let Some(op) = status.operations.iter_mut().find(|o| o.request_id == call.request_id()) {
-                    op.operation = Some(name);
-                    op.state = OperationState::Running;
-                    op.tries += 1;
-                }
+                self.ops.insert(rid, (instance, zone, kind, None, false));
             }
-            self.run.status = Some(status);
+            self.run.status = Some(plan.status.clone());
             plan
         }
 
@@ -1138,8 +1176,9 @@ mod tests {
         let again = plan(&Observed {
             run: &w.run,
             now: w.now,
-            vms: &[],
+            vms: &VmView::complete(Vec::new()),
             operations: &BTreeMap::new(),
+            outstanding: 0,
             heard: &BTreeMap::new(),
             exhausted_zones: &exhausted,
             settings: &w.settings,

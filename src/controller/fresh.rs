@@ -1,0 +1,99 @@
+//! The object as this controller last wrote it, until the watch catches up.
+//!
+//! After a status write the reflector's copy is stale for a moment; a
+//! reconcile woken in that moment (an operation finished, an agent
+//! reported) would plan from the old status, and its guarded write would
+//! conflict. So each write is remembered with the resourceVersion it
+//! replaced: while the cache still holds that version, the written object
+//! is the truth. Any other version in the cache (the write arrived, or
+//! someone else wrote) ends the entry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kube::{Resource, ResourceExt};
+
+/// A write: the resourceVersion it replaced, and the object written.
+type Written<K> = (Option<String>, Arc<K>);
+
+/// Objects written recently, by uid.
+pub struct Fresh<K> {
+    written: Mutex<HashMap<String, Written<K>>>,
+}
+
+impl<K> Default for Fresh<K> {
+    fn default() -> Self {
+        Self { written: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<K: Resource> Fresh<K> {
+    fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, Written<K>>> {
+        self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The newest known version of an object read from the cache.
+    pub fn latest(&self, cached: Arc<K>) -> Arc<K> {
+        let Some(uid) = cached.uid() else { return cached };
+        let mut written = self.written();
+        match written.get(&uid) {
+            Some((replaced, mine)) if *replaced == cached.resource_version() => mine.clone(),
+            Some(_) => {
+                written.remove(&uid);
+                cached
+            }
+            None => cached,
+        }
+    }
+
+    /// Remembers a write: `before` was replaced by `after`.
+    pub fn wrote(&self, before: &K, after: K) {
+        if let Some(uid) = after.uid() {
+            self.written().insert(uid, (before.resource_version(), Arc::new(after)));
+        }
+    }
+
+    /// The watch delivered a version of an object: an entry whose replaced
+    /// version is not this one is over.
+    pub fn observed(&self, obj: &K) {
+        let Some(uid) = obj.uid() else { return };
+        let mut written = self.written();
+        if written.get(&uid).is_some_and(|(replaced, _)| *replaced != obj.resource_version()) {
+            written.remove(&uid);
+        }
+    }
+
+    /// Forgets an object.
+    pub fn forget(&self, uid: &str) {
+        self.written().remove(uid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::testrun::TestRun;
+
+    fn run(rv: &str) -> TestRun {
+        let mut run: TestRun = serde_json::from_value(serde_json::json!({
+            "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun",
+            "metadata": { "name": "r", "uid": "u", "resourceVersion": rv },
+            "spec": { "command": ["true"], "vm": { "zones": ["us-central1-a"], "machineType": "e2-small", "image": "i" } }
+        }))
+        .expect("TestRun");
+        run.metadata.resource_version = Some(rv.into());
+        run
+    }
+
+    #[test]
+    fn the_written_object_wins_until_the_cache_moves_on() {
+        let fresh = Fresh::default();
+        fresh.wrote(&run("1"), run("2"));
+        assert_eq!(fresh.latest(Arc::new(run("1"))).resource_version().as_deref(), Some("2"));
+        fresh.observed(&run("2"));
+        assert_eq!(fresh.latest(Arc::new(run("1"))).resource_version().as_deref(), Some("1"), "entry over");
+        fresh.wrote(&run("2"), run("3"));
+        assert_eq!(fresh.latest(Arc::new(run("5"))).resource_version().as_deref(), Some("5"), "someone wrote later");
+        assert_eq!(fresh.latest(Arc::new(run("2"))).resource_version().as_deref(), Some("2"), "and the entry is gone");
+    }
+}
