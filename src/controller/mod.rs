@@ -317,6 +317,17 @@ pub struct RunConfig {
     pub operation_reads: usize,
 }
 
+/// Waits until a cache holds its first full list. The store's own wait
+/// wakes only the last of several concurrent waiters, so this one asks again
+/// every 100 ms instead of relying on being woken.
+pub async fn cache_ready<K>(store: &Store<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    while tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await.is_err() {}
+}
+
 /// What wakes a reconcile from the watch: a new generation (a spec change)
 /// or a deletion request. The controller's own status writes do not; what
 /// happens to VMs and agents wakes objects directly.
@@ -470,8 +481,8 @@ pub async fn run<C: Compute + Clone>(
     // Ready once both caches are filled and the inventory has listed once.
     let ready = metrics.clone();
     tokio::spawn(async move {
-        let _ = runs.wait_until_ready().await;
-        let _ = presets.wait_until_ready().await;
+        cache_ready(&runs).await;
+        cache_ready(&presets).await;
         inventory.wait_synced().await;
         ready.set_ready();
         tracing::info!("caches filled and inventory listed: ready");

@@ -63,7 +63,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
         preset = patched;
     }
     // Which claims are abandoned is read from the TestRun cache: wait until it is filled.
-    let _ = ctx.runs.wait_until_ready().await;
+    crate::controller::cache_ready(&ctx.runs).await;
 
     let mut conflicts = 0;
     let (preset, done, requeue) = loop {
