@@ -17,6 +17,18 @@ pub enum Seen {
     Failed(ComputeError),
 }
 
+/// Whether a tracked operation may still act: recorded and not known to
+/// have ended (a failed delete waiting for its retry counts: it will be
+/// made again).
+pub fn may_still_act(op: &crate::api::TrackedOperation, seen: Option<&Seen>) -> bool {
+    use crate::api::OperationState;
+    match op.state {
+        OperationState::Done => false,
+        OperationState::Failed => true,
+        OperationState::Intended | OperationState::Running => !matches!(seen, Some(Seen::Done)),
+    }
+}
+
 /// A call to make after the status (with its intent) is written.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CloudCall {

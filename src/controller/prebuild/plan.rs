@@ -34,7 +34,8 @@ use crate::compute::InstanceSpec;
 use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
 use crate::controller::conditions;
 use crate::controller::ops::{
-    CloudCall, DeleteRetry, PlannedEvent, Seen, deletion_condition, describe, intent, retry_delete, signed, until,
+    CloudCall, DeleteRetry, PlannedEvent, Seen, deletion_condition, describe, intent, may_still_act, retry_delete,
+    signed, until,
 };
 use crate::controller::testrun::plan::{Settings, startup_script};
 use crate::inventory::state::VmView;
@@ -213,13 +214,7 @@ impl Pool<'_> {
             op.kind == kind
                 && op.zone == zone
                 && op.instance == name
-                && match op.state {
-                    OperationState::Done => false,
-                    OperationState::Failed => true,
-                    OperationState::Intended | OperationState::Running => {
-                        !matches!(self.obs.operations.get(&op.request_id), Some(Seen::Done))
-                    }
-                }
+                && may_still_act(op, self.obs.operations.get(&op.request_id))
         })
     }
 

@@ -38,7 +38,7 @@ use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
 use crate::compute::{ErrorCode, InstanceSpec, RetryClass};
 use crate::controller::conditions;
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
-use crate::controller::ops::{DeleteRetry, deletion_condition, intent, retry_delete, signed, until};
+use crate::controller::ops::{DeleteRetry, deletion_condition, intent, may_still_act, retry_delete, signed, until};
 use crate::inventory::state::VmView;
 
 /// Settings of the installation that shape every plan.
@@ -282,14 +282,10 @@ impl Planner<'_> {
             op.kind == kind
                 && op.zone == zone
                 && op.instance == name
-                && match op.state {
-                    OperationState::Done => false,
-                    OperationState::Failed => true,
-                    OperationState::Intended | OperationState::Running => {
-                        !(matches!(self.obs.operations.get(&op.request_id), Some(Seen::Done))
-                            || (op.kind == OperationKind::Insert && self.booted(&op.zone, &op.instance)))
-                    }
-                }
+                && may_still_act(op, self.obs.operations.get(&op.request_id))
+                && !(op.kind == OperationKind::Insert
+                    && op.state != OperationState::Failed
+                    && self.booted(&op.zone, &op.instance))
         })
     }
 
