@@ -20,6 +20,17 @@ use crate::compute::Compute;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::tracker::Tracker;
 
+/// When a planner wants to look again: never (`Duration::MAX`: only a
+/// change or a wake brings it back), or after at most five minutes.
+pub fn next_look(after: std::time::Duration) -> kube::runtime::controller::Action {
+    use kube::runtime::controller::Action;
+    if after == std::time::Duration::MAX {
+        Action::await_change()
+    } else {
+        Action::requeue(after.min(std::time::Duration::from_secs(300)))
+    }
+}
+
 /// Hands the planned calls to the tracker, which makes them in the
 /// background and wakes the owner when their operations end.
 pub fn submit_calls<C: Compute + Clone>(tracker: &Arc<Tracker<C>>, owner: &str, calls: Vec<CloudCall>) {

@@ -23,7 +23,8 @@ use crate::compute::Compute;
 use crate::compute::naming::label_value;
 use crate::controller::claims::Claim;
 use crate::controller::execute::{
-    named_request_ids, observe_operations, publish, record_accepted, set_finalizer, submit_calls, write_status,
+    named_request_ids, next_look, observe_operations, publish, record_accepted, set_finalizer, submit_calls,
+    write_status,
 };
 use crate::controller::wake::Owner;
 use crate::controller::{Context, Error};
@@ -104,11 +105,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
         tracing::info!("every pool VM verified gone; finalizer removed");
         return Ok(Action::await_change());
     }
-    Ok(if requeue == Duration::MAX {
-        Action::await_change()
-    } else {
-        Action::requeue(requeue.min(Duration::from_secs(300)))
-    })
+    Ok(next_look(requeue))
 }
 
 fn forget<C: Compute + Clone>(ctx: &Context<C>, uid: &str) {

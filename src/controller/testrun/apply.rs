@@ -24,7 +24,8 @@ use crate::compute::naming::{LABEL_OWNER_UID, LABEL_TEMPLATE_VERSION, label_valu
 use crate::compute::{Compute, Instance};
 use crate::controller::claims::{Claim, claim_ready_vms, held};
 use crate::controller::execute::{
-    named_request_ids, observe_operations, publish, record_accepted, set_finalizer, submit_calls, write_status,
+    named_request_ids, next_look, observe_operations, publish, record_accepted, set_finalizer, submit_calls,
+    write_status,
 };
 use crate::controller::ops::{CloudCall, Seen};
 use crate::controller::wake::Owner;
@@ -94,11 +95,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<TestRun>, ctx: &Context
             .map_err(|source| Error::Delete { name: run.name_any(), source })?;
         return Ok(Action::await_change());
     }
-    Ok(if requeue == Duration::MAX {
-        Action::await_change()
-    } else {
-        Action::requeue(requeue.min(Duration::from_secs(300)))
-    })
+    Ok(next_look(requeue))
 }
 
 fn forget<C: Compute + Clone>(ctx: &Context<C>, uid: &str) {
