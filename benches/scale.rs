@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt as _;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::WatchStreamExt as _;
 use serde_json::{Value, json};
 use testrun_controller::api::testrun::{TestRun, TestRunPhase};
 
@@ -100,6 +101,41 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/PID/stat (11 and 12 after the state).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds the waited-for children of a process have used (the
+/// emulator's VM processes: each VM's agent).
+fn children_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(13) + ticks(14)) / 100.0
+}
+
+/// Pids of the local control plane's processes, by name.
+fn control_plane_pids() -> Vec<(String, u32)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm == "kube-apiserver" || comm == "etcd" {
+            found.push((comm.to_string(), pid));
+        }
+    }
+    found
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -153,13 +189,27 @@ async fn main() {
 
     let (agent, metrics) = (free_port(), free_port());
     let log = std::fs::File::create(work.join("controller.log")).expect("log");
-    let controller = Command::new(bin)
+    // BENCH_CONTROLLER_WRAP (e.g. `heaptrack -o /tmp/profile`) runs the
+    // controller under a profiler; its RSS and CPU figures are then the
+    // wrapper's.
+    let wrap: Vec<String> = std::env::var("BENCH_CONTROLLER_WRAP")
+        .map(|w| w.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let mut command = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let controller = command
         .args(["run", "--compute-endpoint", &emulator_url, "--watch-namespace", &ns, "--namespace", &ns])
         .args(["--installation-id", &ns, "--agent-listen", &format!("127.0.0.1:{agent}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
         .args(&flags)
         .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("BENCH_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::from(log.try_clone().expect("log")))
         .stderr(Stdio::from(log))
         .spawn()
@@ -178,12 +228,25 @@ async fn main() {
 
     let writes_before = apiserver_writes(&client).await;
     let calls_before = emulator_calls(&emulator_url).await;
+    let plane = control_plane_pids();
+    let plane_before: Vec<f64> = plane.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let emulator_before = cpu_seconds(emulator.0.id());
+    let vms_before = children_cpu_seconds(emulator.0.id());
     let reconciles_before = controller_metric(metrics, "testrun_controller_reconciles_total").await;
     println!("bench-scale: {n} TestRuns; controller flags: {flags:?}");
 
     let runs: Api<TestRun> = Api::namespaced(client.clone(), &ns);
+    // Progress is followed with a watch: a list of every run each half second
+    // would cost kube-apiserver more than the controller's own writes.
+    let (seen, writer) = kube::runtime::reflector::store();
+    let follow = kube::runtime::watcher(runs.clone(), kube::runtime::watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .for_each(|_| async {});
+    tokio::spawn(follow);
+    seen.wait_until_ready().await.expect("watch");
     let start = Instant::now();
-    let created: BTreeMap<String, SystemTime> = futures::stream::iter(0..n)
+    let created: BTreeMap<String, (SystemTime, String)> = futures::stream::iter(0..n)
         .map(|i| {
             let runs = runs.clone();
             async move {
@@ -195,7 +258,7 @@ async fn main() {
                 }))
                 .expect("TestRun");
                 let made = runs.create(&PostParams::default(), &run).await.expect("create");
-                (made.metadata.uid.unwrap_or_default().replace('-', ""), SystemTime::now())
+                (made.metadata.uid.unwrap_or_default().replace('-', ""), (SystemTime::now(), format!("run-{i}")))
             }
         })
         .buffer_unordered(32)
@@ -213,9 +276,8 @@ async fn main() {
         rows.iter().filter(|r| r["labels"]["installation"] == ns.as_str()).count()
     };
     let converged = loop {
-        let list = runs.list(&ListParams::default()).await.expect("list");
-        let done = list
-            .items
+        let done = seen
+            .state()
             .iter()
             .filter(|r| {
                 r.status.as_ref().is_some_and(|s| s.phase == Some(TestRunPhase::Succeeded) && s.operations.is_empty())
@@ -232,22 +294,32 @@ async fn main() {
     let calls_after = emulator_calls(&emulator_url).await;
     let reconciles_after = controller_metric(metrics, "testrun_controller_reconciles_total").await;
     let rss = peak_rss_mib(controller_pid);
+    let mut cpu = vec![
+        format!("controller {:.1}", cpu_seconds(controller_pid)),
+        format!("emulator {:.1}", cpu_seconds(emulator.0.id()) - emulator_before),
+        format!("VM agents {:.1}", children_cpu_seconds(emulator.0.id()) - vms_before),
+    ];
+    for ((name, pid), before) in plane.iter().zip(&plane_before) {
+        cpu.push(format!("{name} {:.1}", cpu_seconds(*pid) - before));
+    }
 
     // create → insert: when the emulator accepted each run's insert.
     let history: Vec<Value> =
         reqwest::get(format!("{emulator_url}/emulator/v1/history")).await.expect("history").json().await.expect("JSON");
-    let mut latency: Vec<f64> = history
+    let mut latency: Vec<(f64, String)> = history
         .iter()
         .filter_map(|row| {
             let name = row["name"].as_str()?;
             let uid = name.strip_prefix("tr-")?.split('-').next()?;
-            let made = created.get(uid)?;
+            let (made, run) = created.get(uid)?;
             let at: jiff::Timestamp = row["requestedAt"].as_str()?.parse().ok()?;
             let made = jiff::Timestamp::try_from(*made).ok()?;
-            Some(at.duration_since(made).as_secs_f64())
+            Some((at.duration_since(made).as_secs_f64(), format!("{run} ({made})")))
         })
-        .collect();
-    latency.sort_by(f64::total_cmp);
+        .collect::<Vec<_>>();
+    latency.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let slowest: Vec<String> = latency.iter().rev().take(3).map(|(s, name)| format!("{name} {s:.2} s")).collect();
+    let latency: Vec<f64> = latency.into_iter().map(|(s, _)| s).collect();
 
     let per_run = |x: f64| x / n as f64;
     println!("  created {n} TestRuns in {:.1} s", burst.as_secs_f64());
@@ -258,6 +330,7 @@ async fn main() {
         percentile(&latency, 0.99),
         latency.len()
     );
+    println!("  slowest inserts: {}; controller log: {}", slowest.join(", "), work.join("controller.log").display());
     let mut total_calls = 0;
     let mut by_method = Vec::new();
     for (method, after) in &calls_after {
@@ -281,6 +354,7 @@ async fn main() {
     }
     println!("  Kubernetes writes per run by the controller: {:.2} ({})", per_run(total_writes), by_verb.join(", "));
     println!("  reconciles per run: {:.2}", per_run(reconciles_after - reconciles_before));
+    println!("  CPU seconds until converged: {}", cpu.join(", "));
     println!("  controller peak RSS: {rss:.1} MiB");
 
     let idle_reconciles = controller_metric(metrics, "testrun_controller_reconciles_total").await;
@@ -301,5 +375,7 @@ async fn main() {
     drop(controller);
     drop(emulator);
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
-    let _ = std::fs::remove_dir_all(&work);
+    if std::env::var_os("BENCH_CONTROLLER_LOG").is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
 }

@@ -303,6 +303,7 @@ async fn controller(args: RunArgs) -> Result<(), String> {
             ..Default::default()
         },
         operation_reads: 16,
+        calls_in_flight: args.compute_max_mutations.max(1),
     };
     run(client, compute, settings, config, metrics).await.map_err(|e| e.to_string())
 }

@@ -36,7 +36,7 @@ pub struct GceConfig {
 impl GceConfig {
     /// Settings for a project, with defaults for the rest.
     pub fn new(project: impl Into<String>) -> Self {
-        Self { project: project.into(), endpoint: None, call_timeout: Duration::from_secs(30), page_size: 500 }
+        Self { project: project.into(), endpoint: None, call_timeout: Duration::from_secs(30), page_size: 200 }
     }
 
     /// The same settings pointed at another endpoint.

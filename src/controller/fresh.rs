@@ -47,7 +47,9 @@ impl<K: Resource> Fresh<K> {
     }
 
     /// Remembers a write: `before` was replaced by `after`.
-    pub fn wrote(&self, before: &K, after: K) {
+    pub fn wrote(&self, before: &K, mut after: K) {
+        // Like the cache, without managedFields (nothing reads them).
+        after.meta_mut().managed_fields = None;
         if let Some(uid) = after.uid() {
             self.written().insert(uid, (before.resource_version(), Arc::new(after)));
         }

@@ -10,9 +10,11 @@ pub mod fresh;
 pub mod gc;
 pub mod ops;
 pub mod prebuild;
+pub mod slots;
 pub mod testrun;
 pub mod wake;
 
+use slots::Slots;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -29,7 +31,7 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource, ResourceExt};
 
 use crate::agent::api::AgentApi;
-use crate::agent::book::{LeaseBook, PoolBook, PoolWaiters};
+use crate::agent::book::{AgentWaiters, LeaseBook, PoolBook};
 use crate::agent::tokens::LeaseKey;
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
@@ -58,6 +60,14 @@ pub enum Error {
         name: String,
         /// Why.
         source: kube::Error,
+    },
+    /// The status could not be encoded as JSON.
+    #[error("encoding the status of {name}: {source}")]
+    EncodeStatus {
+        /// The object.
+        name: String,
+        /// Why.
+        source: serde_json::Error,
     },
     /// Claiming a pool VM failed.
     #[error("claiming a VM from PrebuildPreset {preset}: {source}")]
@@ -229,7 +239,7 @@ pub struct Context<C: Compute> {
     /// PrebuildPresets as last written, until the cache has them.
     pub fresh_presets: Arc<Fresh<PrebuildPreset>>,
     /// Pool VMs waiting for an assignment.
-    pub pool_waiters: Arc<PoolWaiters>,
+    pub agent_waiters: Arc<AgentWaiters>,
     /// Installation settings.
     pub settings: Settings,
     /// Token key.
@@ -246,6 +256,10 @@ pub struct Context<C: Compute> {
     pub backoff: Backoff,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// TestRun reconciles at once (launches first, then in arrival order).
+    pub run_slots: Arc<Slots>,
+    /// PrebuildPreset reconciles at once.
+    pub preset_slots: Arc<Slots>,
 }
 
 /// Retries a failed reconcile with per-object exponential backoff.
@@ -315,6 +329,8 @@ pub struct RunConfig {
     pub patience: Patience,
     /// Operation reads at once.
     pub operation_reads: usize,
+    /// Cloud calls (mutations) in flight at once.
+    pub calls_in_flight: usize,
 }
 
 /// Waits until a cache holds its first full list. The store's own wait
@@ -390,17 +406,18 @@ pub async fn run<C: Compute + Clone>(
         compute.clone(),
         inventory.clone(),
         config.patience,
+        config.calls_in_flight,
         config.operation_reads,
         metrics.clone(),
         wakers.as_owner_wake(),
     );
     let fresh_runs: Arc<Fresh<TestRun>> = Arc::new(Fresh::default());
     let fresh_presets: Arc<Fresh<PrebuildPreset>> = Arc::new(Fresh::default());
-    let pool_waiters = Arc::new(PoolWaiters::default());
+    let agent_waiters = Arc::new(AgentWaiters::default());
 
     let (runs, runs_writer) = reflector::store();
     let seen_runs = fresh_runs.clone();
-    let waiting = pool_waiters.clone();
+    let waiting = agent_waiters.clone();
     let run_events = watcher::watcher(runs_api, watcher::Config::default())
         .default_backoff()
         .modify(strip)
@@ -408,6 +425,7 @@ pub async fn run<C: Compute + Clone>(
         .applied_objects()
         .inspect_ok(move |run: &TestRun| {
             seen_runs.observed(run);
+            waiting.notify(&crate::agent::book::result_key(&run.uid().unwrap_or_default()));
             if run.spec.preset_ref.is_some() {
                 for instance in run.status.iter().flat_map(|s| &s.shards).filter_map(|s| s.instance.as_deref()) {
                     waiting.notify(instance);
@@ -415,8 +433,10 @@ pub async fn run<C: Compute + Clone>(
             }
         })
         .predicate_filter(trigger, Default::default());
+    // The runner starts every due reconcile at once; each waits for one of
+    // `concurrency` slots (see `slots`).
     let runs_controller = Controller::for_stream(run_events, runs.clone())
-        .with_config(ControllerConfig::default().concurrency(config.concurrency))
+        .with_config(ControllerConfig::default().concurrency(0))
         .reconcile_on(wake)
         .shutdown_on_signal();
     let (presets, presets_writer) = reflector::store();
@@ -429,7 +449,7 @@ pub async fn run<C: Compute + Clone>(
         .inspect_ok(move |preset: &PrebuildPreset| seen_presets.observed(preset))
         .predicate_filter(trigger, Default::default());
     let presets_controller = Controller::for_stream(preset_events, presets.clone())
-        .with_config(ControllerConfig::default().concurrency(config.concurrency))
+        .with_config(ControllerConfig::default().concurrency(0))
         .reconcile_on(pool_wake)
         .shutdown_on_signal();
 
@@ -444,7 +464,7 @@ pub async fn run<C: Compute + Clone>(
         book: book.clone(),
         pool: pool.clone(),
         wakers: wakers.clone(),
-        pool_waiters: pool_waiters.clone(),
+        agent_waiters: agent_waiters.clone(),
         metrics: metrics.clone(),
     });
     let agent_addr = listener.local_addr().unwrap_or(config.agent_listen);
@@ -468,7 +488,7 @@ pub async fn run<C: Compute + Clone>(
         presets: presets.clone(),
         fresh_runs,
         fresh_presets,
-        pool_waiters,
+        agent_waiters,
         settings,
         key,
         book,
@@ -476,6 +496,8 @@ pub async fn run<C: Compute + Clone>(
         exhausted_zones: ExhaustedZones::new(Duration::from_secs(300)),
         backoff: Backoff::default(),
         metrics: metrics.clone(),
+        run_slots: Slots::new(usize::from(config.concurrency)),
+        preset_slots: Slots::new(usize::from(config.concurrency)),
     });
     tokio::spawn(gc::run(ctx.clone(), gc_runs, gc_presets, config.gc.clone()));
     // Ready once both caches are filled and the inventory has listed once.

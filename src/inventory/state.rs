@@ -115,7 +115,10 @@ impl InventoryState {
         self.entries.is_empty()
     }
 
-    fn insert_entry(&mut self, key: VmKey, entry: Entry) {
+    fn insert_entry(&mut self, key: VmKey, mut entry: Entry) {
+        // Planners never read a VM's metadata (its startup script and
+        // tokens are the bulk of a VM's size): not kept.
+        entry.instance.metadata = BTreeMap::new();
         if let Some(old) = self.entries.get(&key)
             && let Some(owner) = owner_of(&old.instance)
             && Some(owner) != owner_of(&entry.instance)

@@ -12,7 +12,7 @@
 
 pub mod decide;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -74,6 +74,10 @@ pub struct Tracker<C> {
     inventory: Arc<Inventory>,
     patience: Patience,
     reads: Arc<Semaphore>,
+    /// Calls in flight at once.
+    calls: Arc<Semaphore>,
+    /// Calls waiting for their turn, first submitted first.
+    queue: Mutex<VecDeque<(String, CloudCall)>>,
     metrics: Arc<Metrics>,
     wake: OwnerWake,
 }
@@ -95,12 +99,15 @@ fn lost(why: &ErrorCode, zone: &str, instance: &str, deadline: Duration) -> Comp
 }
 
 impl<C: Compute + Clone> Tracker<C> {
-    /// A tracker making calls on `compute`, keeping `inventory` up to date,
-    /// reading at most `concurrency` operations at once.
+    /// A tracker making calls on `compute` (at most `calls_in_flight` at
+    /// once), keeping `inventory` up to date, reading at most `concurrency`
+    /// operations at once.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         compute: C,
         inventory: Arc<Inventory>,
         patience: Patience,
+        calls_in_flight: usize,
         concurrency: usize,
         metrics: Arc<Metrics>,
         wake: OwnerWake,
@@ -112,6 +119,8 @@ impl<C: Compute + Clone> Tracker<C> {
             inventory,
             patience,
             reads: Arc::new(Semaphore::new(concurrency.max(1))),
+            calls: Arc::new(Semaphore::new(calls_in_flight.max(1))),
+            queue: Mutex::new(VecDeque::new()),
             metrics,
             wake,
         })
@@ -138,7 +147,8 @@ impl<C: Compute + Clone> Tracker<C> {
                     status: InstanceStatus::Provisioning,
                     labels: spec.labels.clone(),
                     label_fingerprint: String::new(),
-                    metadata: spec.metadata.clone(),
+                    // The inventory keeps no metadata.
+                    metadata: BTreeMap::new(),
                     creation_timestamp: None,
                 };
                 (OperationKind::Insert, spec.zone.clone(), spec.name.clone(), None, Some(expected))
@@ -175,18 +185,40 @@ impl<C: Compute + Clone> Tracker<C> {
             );
             self.count(&entries);
         }
-        let me = self.clone();
         tracing::debug!(request_id = %rid, ?kind, "call queued");
-        tokio::spawn(async move {
-            let result = match &call {
-                CloudCall::Insert(spec) => me.compute.insert(spec).await,
-                CloudCall::Delete { zone, name, request_id } => me.compute.delete(zone, name, request_id).await,
-                CloudCall::SetLabels { zone, name, labels, fingerprint, request_id } => {
-                    me.compute.set_labels(zone, name, labels, fingerprint, request_id).await
-                }
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push_back((rid, call));
+        self.dispatch();
+    }
+
+    /// Starts queued calls while there is room in flight. A queued call is
+    /// a small value; the call itself (a large future) exists only for the
+    /// few in flight.
+    fn dispatch(self: &Arc<Self>) {
+        loop {
+            let Ok(turn) = self.calls.clone().try_acquire_owned() else { return };
+            let Some((rid, call)) = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front()
+            else {
+                return;
             };
-            me.accepted(&rid, result);
-        });
+            let me = self.clone();
+            tokio::spawn(async move {
+                let result = Box::pin(async {
+                    match &call {
+                        CloudCall::Insert(spec) => me.compute.insert(spec).await,
+                        CloudCall::Delete { zone, name, request_id } => {
+                            me.compute.delete(zone, name, request_id).await
+                        }
+                        CloudCall::SetLabels { zone, name, labels, fingerprint, request_id } => {
+                            me.compute.set_labels(zone, name, labels, fingerprint, request_id).await
+                        }
+                    }
+                })
+                .await;
+                me.accepted(&rid, result);
+                drop(turn);
+                me.dispatch();
+            });
+        }
     }
 
     /// Follows an operation recorded in status that this process did not
@@ -451,7 +483,7 @@ impl<C: Compute + Clone> Tracker<C> {
         let me = self.clone();
         tokio::spawn(async move {
             let _permit = me.reads.acquire().await;
-            let result = me.compute.get_operation(&zone, &op).await;
+            let result = Box::pin(me.compute.get_operation(&zone, &op)).await;
             tracing::debug!(request_id = %rid, operation = %op, result = ?result.as_ref().map(|o| (o.status, o.error.is_some())), "operation read");
             let now = Instant::now();
             let mut how = None;
@@ -493,7 +525,7 @@ impl<C: Compute + Clone> Tracker<C> {
         let me = self.clone();
         tokio::spawn(async move {
             let _permit = me.reads.acquire().await;
-            let result = me.compute.get(&zone, &instance).await;
+            let result = Box::pin(me.compute.get(&zone, &instance)).await;
             let now = Instant::now();
             let mut resolved = false;
             {

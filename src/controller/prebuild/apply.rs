@@ -26,6 +26,7 @@ use crate::controller::execute::{
     named_request_ids, next_look, observe_operations, publish, record_accepted, set_finalizer, submit_calls,
     write_status,
 };
+use crate::controller::slots::Lane;
 use crate::controller::wake::Owner;
 use crate::controller::{Context, Error};
 
@@ -34,6 +35,15 @@ const CONFLICT_RETRIES: usize = 4;
 
 /// Reconciles one PrebuildPreset.
 pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
+    // Waiting for a slot is a small future; the reconcile itself is boxed.
+    let lane = if preset.status.is_none() { Lane::Launch } else { Lane::Follow };
+    let _slot = ctx.preset_slots.acquire(lane).await;
+    // The cache may have moved on while this waited.
+    let preset = ctx.presets.get(&ObjectRef::from_obj(preset.as_ref())).unwrap_or(preset);
+    Box::pin(reconcile_now(preset, ctx.clone())).await
+}
+
+async fn reconcile_now<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     let span = tracing::info_span!("reconcile", prebuildpreset = %preset.name_any(), namespace = %preset.namespace().unwrap_or_default());
     async move {
         let key = format!("preset/{}", preset.uid().unwrap_or_default());

@@ -17,6 +17,7 @@ use kube::{Resource, ResourceExt};
 use tracing::Instrument as _;
 
 use super::plan::{Observed, Plan, plan, plan_cleanup};
+use crate::agent::book::result_key;
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
 use crate::api::{FINALIZER, VmSpec};
@@ -28,6 +29,7 @@ use crate::controller::execute::{
     write_status,
 };
 use crate::controller::ops::{CloudCall, Seen};
+use crate::controller::slots::Lane;
 use crate::controller::wake::Owner;
 use crate::controller::{Context, Error};
 
@@ -36,6 +38,22 @@ const CONFLICT_RETRIES: usize = 4;
 
 /// Reconciles one TestRun.
 pub async fn reconcile<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
+    // Waiting for a slot is a small future; the reconcile itself is boxed.
+    let _slot = ctx.run_slots.acquire(lane(&run)).await;
+    // The cache may have moved on while this waited.
+    let run = ctx.runs.get(&ObjectRef::from_obj(run.as_ref())).unwrap_or(run);
+    Box::pin(reconcile_now(run, ctx.clone())).await
+}
+
+/// A run that has asked for no VM yet launches; anything else follows.
+fn lane(run: &TestRun) -> Lane {
+    let asked = run.status.as_ref().is_some_and(|s| {
+        !s.operations.is_empty() || s.phase.is_some_and(|p| p.is_finished()) || s.shards.iter().any(|sh| sh.attempt > 0)
+    });
+    if asked || run.meta().deletion_timestamp.is_some() { Lane::Follow } else { Lane::Launch }
+}
+
+async fn reconcile_now<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     let span =
         tracing::info_span!("reconcile", testrun = %run.name_any(), namespace = %run.namespace().unwrap_or_default());
     async move {
@@ -258,11 +276,13 @@ async fn apply<C: Compute + Clone>(
         let written = write_status(api, run, &status).await?;
         ctx.fresh_runs.wrote(run, written.clone());
         current = written;
+        // An agent waiting for its result to be stored can have its answer now.
+        ctx.agent_waiters.notify(&result_key(&run.uid().unwrap_or_default()));
         // A pool VM's agent waiting for this run's claim can have its assignment now.
         if run.spec.preset_ref.is_some() {
             for shard in &status.shards {
                 if let Some(instance) = &shard.instance {
-                    ctx.pool_waiters.notify(instance);
+                    ctx.agent_waiters.notify(instance);
                 }
             }
         }
