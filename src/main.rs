@@ -137,7 +137,8 @@ struct RunArgs {
     /// Compute mutations (insert, delete, setLabels) in flight at once.
     #[arg(long, env = "TESTRUN_COMPUTE_MAX_MUTATIONS", default_value_t = 32)]
     compute_max_mutations: usize,
-    /// TestRuns reconciled at once.
+    /// Reconciles at once, per kind. Waiting ones start in arrival order,
+    /// TestRuns that asked for no VM yet first.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
     /// Log format.

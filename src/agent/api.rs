@@ -16,7 +16,7 @@ use jiff::Timestamp;
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde::de::DeserializeOwned;
 
-use super::book::{AgentWaiters, LeaseBook, PoolBook, result_key};
+use super::book::{AgentWaiters, LeaseBook, PoolBook};
 use super::protocol::{
     ApiError, Assignment, EnvVar, HEARTBEAT_PATH, LeaseClaim, MAX_BODY_BYTES, OUTPUT_TAIL_BYTES, POOL_REGISTER_PATH,
     POOL_WAIT_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
@@ -234,57 +234,19 @@ async fn result(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<ResultA
     }
     let uid = run.metadata.uid.clone().unwrap_or_default();
     match api.book.result(&uid, shard.index, shard.lease_id, offered.clone(), Timestamp::now()) {
-        Err(_) => return Err(stale(&api, "a newer lease holds the shard".into())),
-        Ok(Some(held)) if held != offered => {
-            return Err(Refusal(
-                StatusCode::CONFLICT,
-                "Conflict",
-                "a different result was already reported for this lease".into(),
-            ));
+        Err(_) => Err(stale(&api, "a newer lease holds the shard".into())),
+        Ok(Some(held)) if held != offered => Err(Refusal(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "a different result was already reported for this lease".into(),
+        )),
+        Ok(_) => {
+            api.wakers.wake_run(ObjectRef::from_obj(run.as_ref()));
+            // Received, not yet stored: the agent asks again.
+            Ok(Json(ResultAck { acknowledged: false }))
         }
-        Ok(_) => api.wakers.wake_run(ObjectRef::from_obj(run.as_ref())),
     }
-    // Held open until the result is in the run's status (the write wakes
-    // this), so the agent need not ask again and again.
-    let deadline = tokio::time::Instant::now() + RESULT_WAIT;
-    let key = result_key(&uid);
-    let notify = api.agent_waiters.waiter(&key);
-    let answer = loop {
-        let notified = notify.notified();
-        let (_, shard) = match check_lease(&api, &report.lease) {
-            Ok(current) => current,
-            Err(refusal) => break Err(refusal),
-        };
-        match &shard.result {
-            Some(stored) if *stored == offered => break Ok(Json(ResultAck { acknowledged: true })),
-            Some(_) => {
-                break Err(Refusal(
-                    StatusCode::CONFLICT,
-                    "Conflict",
-                    "a different result is already stored for this lease".into(),
-                ));
-            }
-            None if shard.phase.is_finished() => {
-                break Err(Refusal(
-                    StatusCode::CONFLICT,
-                    "Finished",
-                    format!("the shard ended as {:?} before the result came", shard.phase),
-                ));
-            }
-            None => {}
-        }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            break Ok(Json(ResultAck { acknowledged: false }));
-        }
-        let _ = tokio::time::timeout((deadline - now).min(std::time::Duration::from_secs(1)), notified).await;
-    };
-    api.agent_waiters.done(&key, notify);
-    answer
 }
-
-/// How long a result report is held open waiting for the result to be stored.
-const RESULT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How long a pool VM's wait for work is held open.
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(20);

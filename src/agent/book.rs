@@ -142,18 +142,11 @@ impl PoolBook {
     }
 }
 
-/// Agents waiting (long poll) for the controller: a pool VM for its
-/// assignment, keyed by instance name (a claim for the VM wakes exactly its
-/// waiter), and a shard's agent for its result to be stored, keyed by
-/// [`result_key`] (a status write of the run wakes it).
+/// Pool VMs whose agent waits (long poll) for an assignment, by instance
+/// name: a claim for the VM wakes exactly its waiter.
 #[derive(Default)]
 pub struct AgentWaiters {
     waiting: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Notify>>>,
-}
-
-/// The waiter key of a TestRun's result reports (VM names never contain `/`).
-pub fn result_key(uid: &str) -> String {
-    format!("result/{uid}")
 }
 
 impl AgentWaiters {

@@ -81,6 +81,11 @@ impl Backoff {
     fn reset(&mut self) {
         self.next = self.first;
     }
+
+    /// The next wait is at most `limit`.
+    fn at_most(&mut self, limit: Duration) {
+        self.next = self.next.min(limit);
+    }
 }
 
 /// The error for a 4xx answer that retrying cannot fix.
@@ -120,8 +125,11 @@ impl Metadata {
 /// Runs the agent to the end. Returns the command's exit code once the
 /// controller acknowledged it.
 pub async fn run() -> Result<i32, AgentError> {
+    // No idle connections: between a VM's few requests (register,
+    // heartbeats, result) the controller holds nothing for it.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
+        .pool_max_idle_per_host(0)
         .build()
         .map_err(|e| AgentError::Metadata { key: "-".into(), message: format!("building the HTTP client: {e}") })?;
     let metadata = Metadata { http: http.clone(), base: format!("http://{}/computeMetadata/v1", metadata_host()) };
@@ -390,8 +398,9 @@ async fn report(http: &reqwest::Client, url: &str, report: ResultReport) -> Resu
         match http.post(format!("{url}{RESULT_PATH}")).json(&report).send().await {
             Ok(r) if r.status().is_success() => match r.json::<ResultAck>().await {
                 Ok(ResultAck { acknowledged: true }) => return Ok(()),
-                // Received, not yet stored: ask again soon.
-                Ok(_) => backoff.reset(),
+                // Received, not yet stored: ask again soon (the run's result
+                // is safe with the controller; only this VM's exit waits).
+                Ok(_) => backoff.at_most(Duration::from_secs(2)),
                 Err(e) => tracing::warn!(error = %e, "unreadable acknowledgement"),
             },
             Ok(r) if r.status().is_client_error() && r.status() != StatusCode::TOO_MANY_REQUESTS => {

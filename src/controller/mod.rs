@@ -425,7 +425,6 @@ pub async fn run<C: Compute + Clone>(
         .applied_objects()
         .inspect_ok(move |run: &TestRun| {
             seen_runs.observed(run);
-            waiting.notify(&crate::agent::book::result_key(&run.uid().unwrap_or_default()));
             if run.spec.preset_ref.is_some() {
                 for instance in run.status.iter().flat_map(|s| &s.shards).filter_map(|s| s.instance.as_deref()) {
                     waiting.notify(instance);

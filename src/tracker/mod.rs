@@ -205,9 +205,7 @@ impl<C: Compute + Clone> Tracker<C> {
                 let result = Box::pin(async {
                     match &call {
                         CloudCall::Insert(spec) => me.compute.insert(spec).await,
-                        CloudCall::Delete { zone, name, request_id } => {
-                            me.compute.delete(zone, name, request_id).await
-                        }
+                        CloudCall::Delete { zone, name, request_id } => me.compute.delete(zone, name, request_id).await,
                         CloudCall::SetLabels { zone, name, labels, fingerprint, request_id } => {
                             me.compute.set_labels(zone, name, labels, fingerprint, request_id).await
                         }

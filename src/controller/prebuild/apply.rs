@@ -38,8 +38,11 @@ pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc
     // Waiting for a slot is a small future; the reconcile itself is boxed.
     let lane = if preset.status.is_none() { Lane::Launch } else { Lane::Follow };
     let _slot = ctx.preset_slots.acquire(lane).await;
-    // The cache may have moved on while this waited.
-    let preset = ctx.presets.get(&ObjectRef::from_obj(preset.as_ref())).unwrap_or(preset);
+    // The cache may have moved on while this waited; an object gone from
+    // it is gone from the cluster (kube-runtime reconciles only cached ones).
+    let Some(preset) = ctx.presets.get(&ObjectRef::from_obj(preset.as_ref())) else {
+        return Ok(Action::await_change());
+    };
     Box::pin(reconcile_now(preset, ctx.clone())).await
 }
 

@@ -17,7 +17,6 @@ use kube::{Resource, ResourceExt};
 use tracing::Instrument as _;
 
 use super::plan::{Observed, Plan, plan, plan_cleanup};
-use crate::agent::book::result_key;
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
 use crate::api::{FINALIZER, VmSpec};
@@ -40,8 +39,11 @@ const CONFLICT_RETRIES: usize = 4;
 pub async fn reconcile<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     // Waiting for a slot is a small future; the reconcile itself is boxed.
     let _slot = ctx.run_slots.acquire(lane(&run)).await;
-    // The cache may have moved on while this waited.
-    let run = ctx.runs.get(&ObjectRef::from_obj(run.as_ref())).unwrap_or(run);
+    // The cache may have moved on while this waited; an object gone from
+    // it is gone from the cluster (kube-runtime reconciles only cached ones).
+    let Some(run) = ctx.runs.get(&ObjectRef::from_obj(run.as_ref())) else {
+        return Ok(Action::await_change());
+    };
     Box::pin(reconcile_now(run, ctx.clone())).await
 }
 
@@ -276,8 +278,6 @@ async fn apply<C: Compute + Clone>(
         let written = write_status(api, run, &status).await?;
         ctx.fresh_runs.wrote(run, written.clone());
         current = written;
-        // An agent waiting for its result to be stored can have its answer now.
-        ctx.agent_waiters.notify(&result_key(&run.uid().unwrap_or_default()));
         // A pool VM's agent waiting for this run's claim can have its assignment now.
         if run.spec.preset_ref.is_some() {
             for shard in &status.shards {
