@@ -101,25 +101,24 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> f64 {
+/// Seconds from the clock-tick fields of /proc/PID/stat, counted after the
+/// state (the command name before it may hold spaces).
+fn stat_seconds(pid: u32, fields: [usize; 2]) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at state.
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of /proc/PID/stat (11 and 12 after the state).
-    (ticks(11) + ticks(12)) / 100.0
+    let all: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| all.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(fields[0]) + ticks(fields[1])) / 100.0
+}
+
+/// CPU seconds (user + system) a process has used: utime and stime.
+fn cpu_seconds(pid: u32) -> f64 {
+    stat_seconds(pid, [11, 12])
 }
 
 /// CPU seconds the waited-for children of a process have used (the
-/// emulator's VM processes: each VM's agent).
+/// emulator's VM processes: each VM's agent): cutime and cstime.
 fn children_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(13) + ticks(14)) / 100.0
+    stat_seconds(pid, [13, 14])
 }
 
 /// Pids of the local control plane's processes, by name.

@@ -75,12 +75,14 @@ impl Slots {
     }
 
     /// Slots free now.
-    pub fn free(&self) -> usize {
+    #[cfg(test)]
+    fn free(&self) -> usize {
         self.state().free
     }
 
     /// Reconciles waiting for a slot, by lane.
-    pub fn waiting(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn waiting(&self) -> (usize, usize) {
         let state = self.state();
         (state.launch.len(), state.follow.len())
     }

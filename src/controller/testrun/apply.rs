@@ -164,12 +164,15 @@ async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanu
             .await
             .map_err(|source| Error::Claim { preset: preset_ref.name.clone(), source })?;
         ctx.metrics.claim_seconds.observe(started.elapsed().as_secs_f64());
-        for _ in 0..claimed.taken.len() {
-            ctx.metrics.claims.get_or_create(&crate::metrics::ReasonLabels { reason: "claimed".into() }).inc();
-        }
-        for _ in claimed.taken.len()..wanting.len() {
-            ctx.metrics.claims.get_or_create(&crate::metrics::ReasonLabels { reason: "none".into() }).inc();
-        }
+        let counted = |reason: &str, n: usize| {
+            if n == 0 {
+                return;
+            }
+            let labels = crate::metrics::ReasonLabels { reason: reason.into() };
+            ctx.metrics.claims.get_or_create(&labels).inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+        };
+        counted("claimed", claimed.taken.len());
+        counted("none", wanting.len().saturating_sub(claimed.taken.len()));
         if let Some(written) = claimed.written {
             ctx.fresh_presets.wrote(&preset, written);
             // The pool backfills what was taken.
