@@ -126,12 +126,13 @@ struct RunArgs {
     compute_operation_read_qps: Option<u32>,
     /// Time between lists of every VM of the installation while any exists
     /// (the inventory); with none, only the orphan scan lists, every
-    /// --gc-interval. Reconciles never list.
+    /// --gc-interval. Reconciles never list. At least 1s.
     #[arg(long, env = "TESTRUN_INVENTORY_RESYNC", default_value = "30s", value_parser = duration)]
     inventory_resync: Duration,
     /// Longest time a cloud operation is followed; one still unfinished
     /// then is settled by looking at its VM (a delete whose VM is gone is
     /// done, otherwise it is made again; an insert whose VM exists is done).
+    /// At least 4s.
     #[arg(long, env = "TESTRUN_OPERATION_TIMEOUT", default_value = "10m", value_parser = duration)]
     operation_timeout: Duration,
     /// Compute mutations (insert, delete, setLabels) in flight at once.

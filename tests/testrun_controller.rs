@@ -506,3 +506,106 @@ async fn a_vanished_delete_is_noticed_and_repeated() {
         .await;
     assert_eq!(run.status.expect("status").phase, Some(TestRunPhase::Succeeded));
 }
+
+impl Env {
+    /// Adds a fault rule over the emulator's admin API; returns its id.
+    async fn add_fault(&self, rule: Value) -> u64 {
+        let url = format!("{}/emulator/v1/faults", self.emulator.url);
+        let added = reqwest::Client::new().post(&url).json(&rule).send().await.expect("admin API");
+        assert_eq!(added.status(), 201, "{rule}");
+        let body: Value = added.json().await.expect("json");
+        body["id"].as_u64().expect("an id")
+    }
+
+    async fn remove_fault(&self, id: u64) {
+        let url = format!("{}/emulator/v1/faults/{id}", self.emulator.url);
+        let removed = reqwest::Client::new().delete(&url).send().await.expect("admin API");
+        assert_eq!(removed.status(), 204);
+    }
+
+    /// Calls the emulator has answered, by method.
+    async fn calls(&self) -> Value {
+        let url = format!("{}/emulator/v1/calls", self.emulator.url);
+        reqwest::get(&url).await.expect("admin API").json().await.expect("json")
+    }
+
+    /// Waits until the controller's metrics contain `line`.
+    async fn wait_metric(&self, line: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let metrics = self.controller.metrics().await;
+            if metrics.lines().any(|l| l.starts_with(line)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no metric line {line:?} in:\n{metrics}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_zone_is_never_read_as_a_lost_vm_or_a_finished_delete() {
+    let env = setup("unreachable", &[], &["--inventory-resync", "1s", "--delete-retry-base", "100ms"]).await;
+    let mut body = testrun("cut-off", 1, &["sleep", "6"]);
+    body["spec"]["vm"]["zones"] = json!(["us-central1-a"]);
+    env.create(body).await;
+    env.wait_phase("cut-off", TestRunPhase::Running).await;
+    env.wait_for("cut-off", "the agent to register", Duration::from_secs(60), |r| {
+        r.status.as_ref().is_some_and(|s| s.shards.iter().any(|sh| sh.last_heartbeat.is_some()))
+    })
+    .await;
+    let fault = env.add_fault(json!({ "zone": "us-central1-a", "kind": "unreachable" })).await;
+    env.wait_metric("testrun_controller_inventory_unreachable_zones 1").await;
+    // Lists keep coming back without the zone's VM; the shard keeps its
+    // attempt and its VM, and no second VM is made.
+    let run = env.wait_phase("cut-off", TestRunPhase::Succeeded).await;
+    let status = run.status.expect("status");
+    assert_eq!(status.shards[0].attempt, 1, "a partial list lost no VM: {status:?}");
+    assert_eq!(status.attempts, 1);
+    assert_eq!(env.calls().await["instances.insert"], 1);
+    assert!(
+        env.controller.metrics().await.contains("testrun_controller_inventory_lists_total{reason=\"partial\"}"),
+        "lists were partial while the zone was cut off"
+    );
+
+    // Deleted while the zone is cut off: the finalizer stays, and so does the VM.
+    env.runs.delete("cut-off", &DeleteParams::default()).await.expect("delete");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let kept = env.runs.get("cut-off").await.expect("the TestRun is kept while its VM cannot be verified gone");
+    assert!(kept.metadata.deletion_timestamp.is_some());
+    assert!(kept.metadata.finalizers.unwrap_or_default().contains(&"testrun.dev/cleanup".to_string()));
+    assert_eq!(env.vms().await.len(), 1, "the VM is still there");
+
+    // The zone answers again: the VM is deleted, verified, and the TestRun goes.
+    env.remove_fault(fault).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.runs.get_opt("cut-off").await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "the TestRun was not released; log:\n{}", env.controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.wait_no_vms().await;
+}
+
+#[tokio::test]
+async fn a_hung_delete_is_settled_at_its_deadline_and_made_again() {
+    let env = setup(
+        "hung-delete",
+        &["--fault", "call=delete,kind=hang,count=1"],
+        &["--operation-timeout", "4s", "--delete-retry-base", "100ms"],
+    )
+    .await;
+    env.create(testrun("stuck", 1, &["true"])).await;
+    env.wait_phase("stuck", TestRunPhase::Succeeded).await;
+    env.wait_for("stuck", "the delete to be made again and verified", Duration::from_secs(60), |r| {
+        r.status.as_ref().is_some_and(|s| s.operations.is_empty())
+    })
+    .await;
+    env.wait_no_vms().await;
+    assert_eq!(env.calls().await["instances.delete"], 2, "one hung delete, one that went through");
+    env.wait_metric("testrun_controller_operations_resolved_total{kind=\"delete\",how=\"deadline\"} 1").await;
+    let events = env.events().await;
+    assert!(
+        events.iter().any(|(r, m)| r == "DeleteFailed" && m.contains("did not finish within --operation-timeout")),
+        "the hung delete is surfaced: {events:?}"
+    );
+}

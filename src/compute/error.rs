@@ -34,6 +34,9 @@ pub enum ErrorCode {
     PermissionDenied,
     /// The operation the controller tracks no longer exists.
     OperationVanished,
+    /// The operation had not ended by the controller's deadline
+    /// (`--operation-timeout`), and its VM showed it had no effect.
+    OperationTimedOut,
     /// The request never reached Compute Engine or got no readable answer.
     Transport,
     /// Any other code, kept as written.
@@ -55,6 +58,9 @@ impl ErrorCode {
             "resourceNotReady" | "RESOURCE_NOT_READY" => Self::ResourceNotReady,
             "backendError" | "internalError" | "INTERNAL_ERROR" | "UNAVAILABLE" => Self::Unavailable,
             "TIMEOUT" | "DEADLINE_EXCEEDED" => Self::Timeout,
+            "OPERATION_VANISHED" => Self::OperationVanished,
+            "OPERATION_TIMED_OUT" => Self::OperationTimedOut,
+            "TRANSPORT" => Self::Transport,
             "invalid" | "badRequest" | "INVALID_ARGUMENT" | "invalidParameter" | "required" => Self::Invalid,
             "forbidden" | "PERMISSION_DENIED" | "accessNotConfigured" | "authError" | "UNAUTHENTICATED" => {
                 Self::PermissionDenied
@@ -93,6 +99,7 @@ impl ErrorCode {
             Self::Invalid => "INVALID_ARGUMENT",
             Self::PermissionDenied => "PERMISSION_DENIED",
             Self::OperationVanished => "OPERATION_VANISHED",
+            Self::OperationTimedOut => "OPERATION_TIMED_OUT",
             Self::Transport => "TRANSPORT",
             Self::Other(code) => code,
         }
@@ -108,7 +115,8 @@ impl ErrorCode {
             | Self::Transport
             | Self::ResourceNotReady
             | Self::ConditionNotMet
-            | Self::OperationVanished => RetryClass::RetrySoon,
+            | Self::OperationVanished
+            | Self::OperationTimedOut => RetryClass::RetrySoon,
             Self::AlreadyExists | Self::NotFound | Self::Invalid | Self::PermissionDenied | Self::Other(_) => {
                 RetryClass::Permanent
             }
@@ -242,7 +250,12 @@ mod tests {
             ErrorCode::Timeout,
             ErrorCode::Invalid,
             ErrorCode::PermissionDenied,
+            ErrorCode::OperationVanished,
+            ErrorCode::OperationTimedOut,
+            ErrorCode::Transport,
         ] {
+            // Stored errors are read back by their code: a vanished or timed
+            // out operation must stay retryable after a round trip.
             assert_eq!(ErrorCode::parse(code.as_str()), code);
         }
     }
@@ -254,6 +267,7 @@ mod tests {
         assert_eq!(ErrorCode::RateLimitExceeded.retry_class(), RetryClass::RetryLater);
         assert_eq!(ErrorCode::Unavailable.retry_class(), RetryClass::RetrySoon);
         assert_eq!(ErrorCode::OperationVanished.retry_class(), RetryClass::RetrySoon);
+        assert_eq!(ErrorCode::OperationTimedOut.retry_class(), RetryClass::RetrySoon);
         assert_eq!(ErrorCode::Invalid.retry_class(), RetryClass::Permanent);
         assert_eq!(ErrorCode::Other("X".into()).retry_class(), RetryClass::Permanent);
     }

@@ -71,6 +71,7 @@ pub fn reason(code: &ErrorCode) -> &'static str {
         ErrorCode::Invalid => "InvalidRequest",
         ErrorCode::PermissionDenied => "PermissionDenied",
         ErrorCode::OperationVanished => "OperationLost",
+        ErrorCode::OperationTimedOut => "OperationTimedOut",
         ErrorCode::Transport => "CloudUnreachable",
         ErrorCode::Other(_) => "CloudError",
     }
@@ -110,6 +111,9 @@ pub fn explain(error: &ComputeError, action: Action, cx: ErrorContext<'_>) -> Pl
         ErrorCode::OperationVanished => {
             format!("Compute Engine lost track of the operation on {vm}; checking the VM and retrying")
         }
+        ErrorCode::OperationTimedOut => format!(
+            "the operation on {vm} did not finish within --operation-timeout and the VM shows it had no effect; making the call again"
+        ),
         ErrorCode::Transport => "Compute Engine could not be reached; retrying".to_string(),
         ErrorCode::Other(code) => format!("Compute Engine failed to {} {vm} with error code {code}", action.verb()),
     };

@@ -419,7 +419,12 @@ impl<C: Compute + Clone> Tracker<C> {
                             let after = inventory.seq();
                             list_after = list_after.max(Some(after));
                             tracing::warn!(instance = %t.instance, zone = %t.zone, operation = %op, "operation did not finish in time; looking at the VM");
-                            t.phase = Phase::Settling { run: run.clone(), after, busy: false, why: ErrorCode::Timeout };
+                            t.phase = Phase::Settling {
+                                run: run.clone(),
+                                after,
+                                busy: false,
+                                why: ErrorCode::OperationTimedOut,
+                            };
                         }
                         Next::Wait { until, list_after: wanted } => {
                             next = next.min(until);

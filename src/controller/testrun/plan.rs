@@ -1204,6 +1204,35 @@ mod tests {
     }
 
     #[test]
+    fn an_insert_whose_operation_was_lost_or_timed_out_is_made_again_in_the_same_attempt() {
+        for code in [ErrorCode::OperationVanished, ErrorCode::OperationTimedOut] {
+            let mut w = World::new(run(1, 3));
+            let first = w.reconcile();
+            for (_, _, _, error, done) in w.ops.values_mut() {
+                *done = true;
+                *error = Some(ComputeError::Api {
+                    call: "zoneOperations.get",
+                    code: code.clone(),
+                    status: 404,
+                    message: String::new(),
+                });
+            }
+            w.vms.clear();
+            w.reconcile();
+            w.advance(10);
+            let again = w.reconcile();
+            let shard = w.shard(0);
+            assert_eq!((shard.attempt, shard.phase), (1, TestRunPhase::Provisioning), "{code}: {shard:?}");
+            assert!(
+                matches!(&again.calls[..], [CloudCall::Insert(spec)] if spec.zone == "us-central1-a"),
+                "{code}: made again in the same zone: {:?}",
+                again.calls
+            );
+            assert_ne!(again.calls[0].request_id(), first.calls[0].request_id(), "{code}: with a new request id");
+        }
+    }
+
+    #[test]
     fn a_silent_agent_loses_its_lease_and_attempts_run_out() {
         let mut w = World::new(run(1, 2));
         w.reconcile();
