@@ -192,7 +192,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run_async(controller(*args)),
         Command::Agent { log_format } => {
             telemetry::init(log_format);
-            run_async(async {
+            // One thread: a VM's agent waits on a child process and makes a
+            // few requests; worker threads would only cost start-up time.
+            run_on(tokio::runtime::Builder::new_current_thread(), async {
                 match testrun_controller::agent::runner::run().await {
                     Ok(code) => {
                         tracing::info!(exit_code = code, "result acknowledged");
@@ -206,7 +208,11 @@ fn main() -> ExitCode {
 }
 
 fn run_async(task: impl Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    run_on(tokio::runtime::Builder::new_multi_thread(), task)
+}
+
+fn run_on(mut builder: tokio::runtime::Builder, task: impl Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("testrun-controller: starting the async runtime: {e}");

@@ -257,11 +257,16 @@ async fn forged_stale_and_malformed_agent_calls_are_refused() {
     // A heartbeat with a made-up token.
     let forged = claim(shard.lease_id, 1, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into());
     assert_eq!(post("/agent/v1/heartbeat", serde_json::to_value(&forged).expect("json")).await, 403);
-    // A result from a lease that is not the current one, with a valid token for it.
-    let stale = claim(shard.lease_id + 1, 1, key.lease_token(&scope(shard.lease_id + 1, 1)));
+    // A result from an older lease than the current one, with a valid token for it.
+    let stale = claim(shard.lease_id - 1, 1, key.lease_token(&scope(shard.lease_id - 1, 1)));
     let report = ResultReport { lease: stale.clone(), exit_code: 0, duration_ms: 1, output_tail: "poison".into() };
     assert_eq!(post("/agent/v1/result", serde_json::to_value(&report).expect("json")).await, 409);
     assert_eq!(post("/agent/v1/heartbeat", serde_json::to_value(&stale).expect("json")).await, 409);
+    // A lease newer than the controller's view (only its own write can mint
+    // one, and the view lags behind it): "retry", and nothing is stored.
+    let ahead = claim(shard.lease_id + 1, 1, key.lease_token(&scope(shard.lease_id + 1, 1)));
+    let report = ResultReport { lease: ahead.clone(), exit_code: 0, duration_ms: 1, output_tail: "poison".into() };
+    assert_eq!(post("/agent/v1/result", serde_json::to_value(&report).expect("json")).await, 503);
     // A token for the right lease used by another run's name.
     let mut other = claim(shard.lease_id, 1, key.lease_token(&scope(shard.lease_id, 1)));
     other.testrun = "someone-else".into();

@@ -108,6 +108,13 @@ fn forged(api: &AgentApi, what: &str) -> Refusal {
     Refusal(StatusCode::FORBIDDEN, "Forbidden", format!("the {what} token does not verify"))
 }
 
+/// The request names an attempt or lease newer than the controller's view:
+/// the view lags behind the controller's own write (tokens are only minted
+/// for leases it wrote), so the caller is told to retry, not that it is stale.
+fn view_behind() -> Refusal {
+    Refusal(StatusCode::SERVICE_UNAVAILABLE, "NotReady", "the controller's view of the shard is behind; retry".into())
+}
+
 fn stale(api: &AgentApi, message: String) -> Refusal {
     api.metrics.stale_reports.inc();
     Refusal(StatusCode::CONFLICT, "StaleLease", message)
@@ -132,6 +139,9 @@ async fn register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<Assig
             "the shard is not recorded yet; retry".into(),
         ));
     };
+    if request.attempt > shard.attempt {
+        return Err(view_behind());
+    }
     if shard.attempt != request.attempt || shard.instance.as_deref() != Some(request.instance.as_str()) {
         return Err(stale(&api, format!("attempt {} is not the shard's current attempt", request.attempt)));
     }
@@ -176,6 +186,9 @@ fn check_lease(api: &AgentApi, claim: &LeaseClaim) -> Result<(Arc<TestRun>, Shar
     let Some(shard) = shard_of(&run, claim.shard).cloned() else {
         return Err(stale(api, "the shard has no current lease".into()));
     };
+    if claim.lease_id > shard.lease_id || claim.attempt > shard.attempt {
+        return Err(view_behind());
+    }
     if shard.lease_id != claim.lease_id || shard.attempt != claim.attempt {
         return Err(stale(api, format!("lease {} is not the shard's current lease", claim.lease_id)));
     }

@@ -117,8 +117,25 @@ impl Metadata {
         Err(fail("the metadata server did not answer".into()))
     }
 
-    async fn attribute(&self, key: &str) -> Result<String, AgentError> {
-        self.get(&format!("instance/attributes/{key}")).await
+    /// Every custom attribute of the VM, in one request.
+    async fn attributes(&self) -> Result<Attributes, AgentError> {
+        let text = self.get("instance/attributes/?recursive=true").await?;
+        serde_json::from_str(&text).map(Attributes).map_err(|e| AgentError::Metadata {
+            key: "instance/attributes/".into(),
+            message: format!("not a JSON object of strings: {e}"),
+        })
+    }
+}
+
+/// The VM's custom metadata attributes.
+struct Attributes(std::collections::HashMap<String, String>);
+
+impl Attributes {
+    fn get(&self, key: &str) -> Result<String, AgentError> {
+        self.0.get(key).cloned().ok_or_else(|| AgentError::Metadata {
+            key: format!("instance/attributes/{key}"),
+            message: "not set".into(),
+        })
     }
 }
 
@@ -138,25 +155,26 @@ pub async fn run() -> Result<i32, AgentError> {
             .parse::<i32>()
             .map_err(|_| AgentError::Metadata { key: key.into(), message: format!("{text:?} is not a number") })
     };
-    let url = metadata.attribute(META_AGENT_URL).await?.trim_end_matches('/').to_string();
-    if let Ok(preset) = metadata.attribute(META_PRESET).await {
+    let attributes = metadata.attributes().await?;
+    let url = attributes.get(META_AGENT_URL)?.trim_end_matches('/').to_string();
+    if let Ok(preset) = attributes.get(META_PRESET) {
         let hello = PoolHello {
-            namespace: metadata.attribute(META_NAMESPACE).await?,
+            namespace: attributes.get(META_NAMESPACE)?,
             preset,
-            owner_uid: metadata.attribute(META_OWNER_UID).await?,
+            owner_uid: attributes.get(META_OWNER_UID)?,
             instance: metadata.get("instance/name").await?,
-            vm_token: metadata.attribute(META_VM_TOKEN).await?,
+            vm_token: attributes.get(META_VM_TOKEN)?,
         };
         return wait_in_pool(&http, &url, &hello).await;
     }
     let request = RegisterRequest {
-        namespace: metadata.attribute(META_NAMESPACE).await?,
-        testrun: metadata.attribute(META_NAME).await?,
-        owner_uid: metadata.attribute(META_OWNER_UID).await?,
-        shard: number(META_SHARD, metadata.attribute(META_SHARD).await?)?,
-        attempt: number(META_ATTEMPT, metadata.attribute(META_ATTEMPT).await?)?,
+        namespace: attributes.get(META_NAMESPACE)?,
+        testrun: attributes.get(META_NAME)?,
+        owner_uid: attributes.get(META_OWNER_UID)?,
+        shard: number(META_SHARD, attributes.get(META_SHARD)?)?,
+        attempt: number(META_ATTEMPT, attributes.get(META_ATTEMPT)?)?,
         instance: metadata.get("instance/name").await?,
-        vm_token: metadata.attribute(META_VM_TOKEN).await?,
+        vm_token: attributes.get(META_VM_TOKEN)?,
     };
     let mut assignment = register(&http, &url, &request).await?;
     if assignment.namespace.is_empty() {

@@ -84,13 +84,18 @@ impl DurationString {
     }
 }
 
+/// The longest duration a flag takes: a year (a longer one would overflow
+/// the clock arithmetic it feeds, and means "never" in practice).
+pub const MAX_FLAG: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 /// Reads a duration given on the command line: the same syntax as in specs,
-/// and zero (`0` or `0s`) is allowed.
+/// zero (`0` or `0s`) is allowed, and at most [`MAX_FLAG`].
 pub fn parse_flag(text: &str) -> Result<std::time::Duration, String> {
     if text == "0" {
         return Ok(std::time::Duration::ZERO);
     }
     match DurationString::from(text).parse() {
+        Ok(d) if d > MAX_FLAG => Err(format!("{text:?} is longer than a year (8760h)")),
         Ok(d) => Ok(d),
         Err(DurationError::Zero { .. }) => Ok(std::time::Duration::ZERO),
         Err(e) => Err(e.to_string()),
@@ -139,6 +144,14 @@ mod tests {
         assert_eq!(DurationString::from("1h30m").parse(), Ok(Duration::from_secs(5400)));
         assert_eq!(DurationString::from("250ms").parse(), Ok(Duration::from_millis(250)));
         assert_eq!(DurationString::from("1m1s1ms").parse(), Ok(Duration::from_millis(61_001)));
+    }
+
+    #[test]
+    fn flags_are_at_most_a_year() {
+        assert_eq!(parse_flag("8760h"), Ok(MAX_FLAG));
+        let err = parse_flag("8760h1s").expect_err("too long");
+        assert!(err.contains("longer than a year"), "{err}");
+        assert!(parse_flag("4294967295h4294967295h").is_err());
     }
 
     #[test]

@@ -22,9 +22,11 @@ use crate::tracker::Tracker;
 
 /// When a planner wants to look again: never (`Duration::MAX`: only a
 /// change or a wake brings it back), or after at most five minutes.
-pub fn next_look(after: std::time::Duration) -> kube::runtime::controller::Action {
+pub fn next_look(after: std::time::Duration, operations_open: bool) -> kube::runtime::controller::Action {
     use kube::runtime::controller::Action;
-    if after == std::time::Duration::MAX {
+    // An object with operations in its status is woken by the tracker when
+    // they end; a look within five minutes is the net under a lost wake.
+    if after == std::time::Duration::MAX && !operations_open {
         Action::await_change()
     } else {
         Action::requeue(after.min(std::time::Duration::from_secs(300)))

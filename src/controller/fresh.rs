@@ -3,18 +3,28 @@
 //! After a status write the reflector's copy is stale for a moment; a
 //! reconcile woken in that moment (an operation finished, an agent
 //! reported) would plan from the old status, and its guarded write would
-//! conflict. So each write is remembered with the resourceVersion it
-//! replaced: while the cache still holds that version, the written object
-//! is the truth. Any other version in the cache (the write arrived, or
-//! someone else wrote) ends the entry.
+//! conflict. So each write is remembered with every resourceVersion this
+//! controller replaced since the cache last caught up: while the cache
+//! holds one of them (it may lag by several writes), the written object is
+//! the truth. Any other version in the cache (the write arrived, or
+//! someone else wrote later) ends the entry; the cache never goes back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use kube::{Resource, ResourceExt};
 
-/// A write: the resourceVersion it replaced, and the object written.
-type Written<K> = (Option<String>, Arc<K>);
+/// Versions older than the last write that one entry remembers. A cache
+/// lagging further behind is read as is (its plan then conflicts and is
+/// made again), so the bound costs only a retry.
+const MAX_REPLACED: usize = 16;
+
+/// Writes since the cache last caught up: the versions they replaced,
+/// oldest first, and the object last written.
+struct Written<K> {
+    replaced: std::collections::VecDeque<Option<String>>,
+    mine: Arc<K>,
+}
 
 /// Objects written recently, by uid.
 pub struct Fresh<K> {
@@ -37,7 +47,7 @@ impl<K: Resource> Fresh<K> {
         let Some(uid) = cached.uid() else { return cached };
         let mut written = self.written();
         match written.get(&uid) {
-            Some((replaced, mine)) if *replaced == cached.resource_version() => mine.clone(),
+            Some(w) if w.replaced.contains(&cached.resource_version()) => w.mine.clone(),
             Some(_) => {
                 written.remove(&uid);
                 cached
@@ -50,17 +60,25 @@ impl<K: Resource> Fresh<K> {
     pub fn wrote(&self, before: &K, mut after: K) {
         // Like the cache, without managedFields (nothing reads them).
         after.meta_mut().managed_fields = None;
-        if let Some(uid) = after.uid() {
-            self.written().insert(uid, (before.resource_version(), Arc::new(after)));
+        let Some(uid) = after.uid() else { return };
+        let mut written = self.written();
+        // The write succeeded on top of `before`, so every version replaced
+        // earlier is older still and stays in the chain.
+        let mine = Arc::new(after);
+        let entry = written.entry(uid).or_insert_with(|| Written { replaced: Default::default(), mine: mine.clone() });
+        entry.replaced.push_back(before.resource_version());
+        if entry.replaced.len() > MAX_REPLACED {
+            entry.replaced.pop_front();
         }
+        entry.mine = mine;
     }
 
-    /// The watch delivered a version of an object: an entry whose replaced
-    /// version is not this one is over.
+    /// The watch delivered a version of an object: unless it is one this
+    /// controller has since replaced, the entry is over.
     pub fn observed(&self, obj: &K) {
         let Some(uid) = obj.uid() else { return };
         let mut written = self.written();
-        if written.get(&uid).is_some_and(|(replaced, _)| *replaced != obj.resource_version()) {
+        if written.get(&uid).is_some_and(|w| !w.replaced.contains(&obj.resource_version())) {
             written.remove(&uid);
         }
     }
@@ -97,5 +115,23 @@ mod tests {
         fresh.wrote(&run("2"), run("3"));
         assert_eq!(fresh.latest(Arc::new(run("5"))).resource_version().as_deref(), Some("5"), "someone wrote later");
         assert_eq!(fresh.latest(Arc::new(run("2"))).resource_version().as_deref(), Some("2"), "and the entry is gone");
+    }
+
+    #[test]
+    fn a_cache_several_writes_behind_never_goes_back() {
+        let fresh = Fresh::default();
+        fresh.wrote(&run("1"), run("2"));
+        fresh.wrote(&run("2"), run("3"));
+        fresh.wrote(&run("3"), run("4"));
+        for behind in ["1", "2", "3"] {
+            fresh.observed(&run(behind));
+            assert_eq!(
+                fresh.latest(Arc::new(run(behind))).resource_version().as_deref(),
+                Some("4"),
+                "cache at {behind}"
+            );
+        }
+        fresh.observed(&run("4"));
+        assert_eq!(fresh.latest(Arc::new(run("1"))).resource_version().as_deref(), Some("1"), "caught up: entry over");
     }
 }

@@ -152,6 +152,10 @@ pub enum StartError {
         /// Name.
         name: String,
     },
+    /// A part the controller cannot work without stopped (a panic); the
+    /// process exits so that it is restarted, rather than run half-blind.
+    #[error("the {0} stopped unexpectedly: {1}")]
+    Stopped(&'static str, String),
     /// The agent API could not listen.
     #[error("the agent API cannot listen on {addr}: {source}")]
     Listen {
@@ -474,8 +478,8 @@ pub async fn run<C: Compute + Clone>(
     });
     tracing::info!(metrics = %metrics_addr, agent_api = %agent_addr, agent_url = %settings.agent_url, installation = %settings.installation, "controller starting");
 
-    tokio::spawn(inventory.clone().run(compute.clone(), wakers.as_owner_wake()));
-    tokio::spawn(tracker.clone().run());
+    let inventory_task = tokio::spawn(inventory.clone().run(compute.clone(), wakers.as_owner_wake()));
+    let tracker_task = tokio::spawn(tracker.clone().run());
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
@@ -498,7 +502,7 @@ pub async fn run<C: Compute + Clone>(
         run_slots: Slots::new(usize::from(config.concurrency)),
         preset_slots: Slots::new(usize::from(config.concurrency)),
     });
-    tokio::spawn(gc::run(ctx.clone(), gc_runs, gc_presets, config.gc.clone()));
+    let gc_task = tokio::spawn(gc::run(ctx.clone(), gc_runs, gc_presets, config.gc.clone()));
     // Ready once both caches are filled and the inventory has listed once.
     let ready = metrics.clone();
     tokio::spawn(async move {
@@ -520,7 +524,30 @@ pub async fn run<C: Compute + Clone>(
                 tracing::debug!(error = %e, "reconcile did not complete");
             }
         });
-    futures::join!(runs_done, presets_done);
-    tracing::info!("controller stopped");
-    Ok(())
+    // The inventory, the tracker and the orphan scan run forever; if one
+    // ends (it panicked), nothing would follow operations or see VMs while
+    // /readyz stayed green, so the process stops instead.
+    let part_stopped = async {
+        let (part, result) = tokio::select! {
+            r = inventory_task => ("VM inventory", r),
+            r = tracker_task => ("operation tracker", r),
+            r = gc_task => ("orphan scan", r),
+        };
+        let why = match result {
+            Err(e) if e.is_panic() => "it panicked".to_string(),
+            Err(e) => e.to_string(),
+            Ok(()) => "it returned".to_string(),
+        };
+        (part, why)
+    };
+    tokio::select! {
+        _ = futures::future::join(runs_done, presets_done) => {
+            tracing::info!("controller stopped");
+            Ok(())
+        }
+        (part, why) = part_stopped => {
+            tracing::error!(part, why = %why, "a part of the controller stopped; exiting");
+            Err(StartError::Stopped(part, why))
+        }
+    }
 }

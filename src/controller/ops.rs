@@ -66,6 +66,15 @@ impl CloudCall {
             Self::Delete { request_id, .. } | Self::SetLabels { request_id, .. } => request_id,
         }
     }
+
+    /// The Compute Engine method it calls.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::Insert(_) => "instances.insert",
+            Self::Delete { .. } => "instances.delete",
+            Self::SetLabels { .. } => "instances.setLabels",
+        }
+    }
 }
 
 /// An Event to publish.

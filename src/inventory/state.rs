@@ -6,8 +6,9 @@
 //! "this list started after that delete finished" is a comparison, not a
 //! guess about clocks. The rules:
 //! - A list replaces what it covers, except entries updated locally after
-//!   the list started (an insert accepted meanwhile stays *expected*; a VM
-//!   deleted meanwhile stays gone).
+//!   the list started (a VM deleted meanwhile stays gone) and *expected*
+//!   VMs: a list may not show a VM whose insert is still running, so an
+//!   expected VM ends only when its insert does (created, or not).
 //! - A zone the list could not see keeps its entries as they were, and is
 //!   *unknown*: nothing in it is ever reported absent.
 //! - Before the first list, everything is unknown.
@@ -38,6 +39,10 @@ pub struct Entry {
     pub origin: Origin,
     /// Sequence number of the last change.
     pub updated: u64,
+    /// For an expected VM: the start of the last list that covered its
+    /// zone and did not show it (its insert may still be running, or have
+    /// failed).
+    pub missed: Option<u64>,
 }
 
 /// What the inventory can say about one VM.
@@ -170,10 +175,22 @@ impl InventoryState {
             .entries
             .iter()
             .filter(|(key, entry)| {
-                !seen.contains_key(*key) && !listing.unreachable.contains(&key.0) && entry.updated < started
+                !seen.contains_key(*key)
+                    && !listing.unreachable.contains(&key.0)
+                    && entry.updated < started
+                    && entry.origin == Origin::Listed
             })
             .map(|(key, _)| key.clone())
             .collect();
+        for (key, entry) in self.entries.iter_mut() {
+            if entry.origin == Origin::Expected
+                && entry.updated < started
+                && !seen.contains_key(key)
+                && !listing.unreachable.contains(&key.0)
+            {
+                entry.missed = Some(started);
+            }
+        }
         for key in vanished {
             if let Some(entry) = self.remove_entry(&key)
                 && let Some(owner) = owner_of(&entry.instance)
@@ -204,7 +221,7 @@ impl InventoryState {
                 None => changed.extend(owner_of(&instance).cloned()),
             }
             let updated = self.entries.get(&key).map_or(started, |e| e.updated.max(started));
-            self.insert_entry(key, Entry { instance, origin: Origin::Listed, updated });
+            self.insert_entry(key, Entry { instance, origin: Origin::Listed, updated, missed: None });
         }
         self.tombstones.retain(|_, at| *at > started);
         self.listed_at = Some(started);
@@ -224,15 +241,32 @@ impl InventoryState {
             }
             return;
         }
-        self.insert_entry(key, Entry { instance, origin: Origin::Expected, updated });
+        self.insert_entry(key, Entry { instance, origin: Origin::Expected, updated, missed: None });
     }
 
-    /// An insert finished: the VM exists.
-    pub fn created(&mut self, zone: &str, name: &str) {
+    /// An insert finished: the VM exists (as `requested`, if the inventory
+    /// holds no entry for it; after a restart nothing was requested here,
+    /// and the next list shows it).
+    pub fn created(&mut self, zone: &str, name: &str, requested: Option<Instance>) {
+        let key = (zone.to_string(), name.to_string());
         let updated = self.next();
-        if let Some(entry) = self.entries.get_mut(&(zone.to_string(), name.to_string())) {
+        if let Some(entry) = self.entries.get_mut(&key) {
             entry.origin = Origin::Listed;
             entry.updated = updated;
+        } else if let Some(instance) = requested
+            && !self.tombstones.contains_key(&key)
+        {
+            self.insert_entry(key, Entry { instance, origin: Origin::Listed, updated, missed: None });
+        }
+    }
+
+    /// An insert ended without creating its VM as far as the controller
+    /// knows: an entry that only expected it goes.
+    pub fn not_created(&mut self, zone: &str, name: &str) {
+        let key = (zone.to_string(), name.to_string());
+        if self.entries.get(&key).is_some_and(|e| e.origin == Origin::Expected) {
+            self.next();
+            self.remove_entry(&key);
         }
     }
 
@@ -270,6 +304,15 @@ impl InventoryState {
     /// not show the VM (and nothing local brought it back).
     pub fn absent_since(&self, zone: &str, name: &str, since: u64) -> bool {
         self.listed_at.is_some_and(|at| at > since) && matches!(self.presence(zone, name), Presence::Absent)
+    }
+
+    /// Whether a list that started after `since` covered the zone and did
+    /// not show the VM, even if its insert is still expected to create it.
+    pub fn unlisted_since(&self, zone: &str, name: &str, since: u64) -> bool {
+        match self.entries.get(&(zone.to_string(), name.to_string())) {
+            Some(entry) => entry.missed.is_some_and(|at| at > since),
+            None => self.absent_since(zone, name, since),
+        }
     }
 
     /// The VMs of one owner (by owner uid label value).
@@ -427,9 +470,37 @@ mod tests {
         assert_eq!(s.owned("run").len(), 1);
     }
 
+    #[test]
+    fn an_expected_vm_outlives_lists_that_do_not_show_it_yet_and_ends_with_its_insert() {
+        let mut s = InventoryState::default();
+        s.expect(vm("a", "slow", "o"));
+        s.expect(vm("a", "failed", "o"));
+        // Lists start after the inserts were accepted, but the cloud does
+        // not show the VMs yet.
+        let t = s.begin_list();
+        s.apply_list(t, listing(vec![], &[]));
+        assert!(matches!(s.presence("a", "slow"), Presence::Present(e) if e.origin == Origin::Expected));
+        s.created("a", "slow", None);
+        assert!(matches!(s.presence("a", "slow"), Presence::Present(e) if e.origin == Origin::Listed));
+        s.not_created("a", "failed");
+        assert_eq!(s.presence("a", "failed"), Presence::Absent);
+        // not_created never removes a VM a list showed.
+        s.not_created("a", "slow");
+        assert!(matches!(s.presence("a", "slow"), Presence::Present(_)));
+        // A finished insert whose entry is missing is put back as requested.
+        s.created("a", "back", Some(vm("a", "back", "o")));
+        assert_eq!(s.owned("o").len(), 2);
+        // But not over a finished delete.
+        s.gone("a", "deleted");
+        s.created("a", "deleted", Some(vm("a", "deleted", "o")));
+        assert_eq!(s.presence("a", "deleted"), Presence::Absent);
+    }
+
     #[derive(Clone, Debug)]
     enum Step {
         Expect(u8),
+        /// The insert finished: from now on lists show the VM.
+        Created(u8),
         Gone(u8),
         /// Finishes the oldest list in flight and starts a new one, which
         /// sees the cloud as it is at its start or at its end; zone `b` may
@@ -443,6 +514,7 @@ mod tests {
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             (0u8..6).prop_map(Step::Expect),
+            (0u8..6).prop_map(Step::Created),
             (0u8..6).prop_map(Step::Gone),
             (any::<bool>(), any::<bool>()).prop_map(|(b_unreachable, at_end)| Step::List { b_unreachable, at_end }),
         ]
@@ -454,36 +526,47 @@ mod tests {
 
     proptest! {
         /// Whatever the order of local calls and lists (each list seeing
-        /// the cloud at its start), a VM that exists in the cloud is never
-        /// reported absent.
+        /// the cloud at its start or its end, and a VM whose insert is
+        /// still running possibly not yet), a VM that exists in the cloud
+        /// is never reported absent.
         #[test]
         fn an_existing_vm_is_never_read_as_absent(steps in proptest::collection::vec(step(), 1..60)) {
             let mut s = InventoryState::default();
             let mut cloud: BTreeSet<(String, String)> = BTreeSet::new();
-            // Lists in flight: (sequence at start, what the cloud held then,
-            // b unreachable, whether it shows the cloud at its end instead).
+            // VMs whose insert finished: lists show them.
+            let mut visible: BTreeSet<(String, String)> = BTreeSet::new();
+            // Lists in flight: (sequence at start, what lists could show
+            // then, b unreachable, whether it shows the cloud at its end instead).
             type InFlight = (u64, BTreeSet<(String, String)>, bool, bool);
             let mut pending: Vec<InFlight> = Vec::new();
             for step in steps {
                 match step {
                     Step::Expect(i) => {
                         let (zone, name) = key(i);
-                        cloud.insert((zone.clone(), name.clone()));
-                        s.expect(vm(&zone, &name, "o"));
+                        if cloud.insert((zone.clone(), name.clone())) {
+                            s.expect(vm(&zone, &name, "o"));
+                        }
+                    }
+                    Step::Created(i) => {
+                        let (zone, name) = key(i);
+                        if cloud.contains(&(zone.clone(), name.clone())) && visible.insert((zone.clone(), name.clone())) {
+                            s.created(&zone, &name, Some(vm(&zone, &name, "o")));
+                        }
                     }
                     Step::Gone(i) => {
                         let (zone, name) = key(i);
                         cloud.remove(&(zone.clone(), name.clone()));
+                        visible.remove(&(zone.clone(), name.clone()));
                         s.gone(&zone, &name);
                     }
                     Step::List { b_unreachable, at_end } => {
                         if let Some((started, at_start, b, end)) = (!pending.is_empty()).then(|| pending.remove(0)) {
-                            let seen = if end { cloud.clone() } else { at_start };
+                            let seen = if end { visible.clone() } else { at_start };
                             let vms = seen.iter().filter(|(z, _)| !(b && z == "b")).map(|(z, n)| vm(z, n, "o")).collect();
                             s.apply_list(started, listing(vms, if b { &["b"] } else { &[] }));
                         }
                         let started = s.begin_list();
-                        pending.push((started, cloud.clone(), b_unreachable, at_end));
+                        pending.push((started, visible.clone(), b_unreachable, at_end));
                     }
                 }
                 for (zone, name) in &cloud {

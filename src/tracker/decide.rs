@@ -94,7 +94,7 @@ pub fn decide(op: &Running, inventory: &InventoryState, now: Instant, patience: 
             {
                 return Next::Done;
             }
-            if op.reads == 0 && inventory.absent_since(&op.zone, &op.instance, op.accepted_seq) {
+            if op.reads == 0 && inventory.unlisted_since(&op.zone, &op.instance, op.accepted_seq) {
                 // A list after the insert does not show the VM: it most
                 // likely failed; the operation says why.
                 return Next::Read;

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::api::{OperationKind, OperationState, TrackedOperation};
 use crate::compute::{Compute, ComputeError, ErrorCode, Instance, InstanceStatus, Operation, OperationStatus};
 use crate::controller::ops::{CloudCall, Seen};
-use crate::inventory::state::Presence;
+use crate::inventory::state::{Origin, Presence};
 use crate::inventory::{Inventory, OwnerWake};
 use crate::metrics::{Metrics, ResolvedLabels};
 use decide::{Looked, Next, Patience, Running, decide, next_read_after, settled};
@@ -47,7 +47,9 @@ enum Phase {
 
 #[derive(Clone, Debug)]
 struct Tracked {
-    owner: String,
+    /// Every object that asked for this call (two may plan the same delete,
+    /// e.g. a preset and the run that claimed its VM); all are woken.
+    owners: BTreeSet<String>,
     kind: OperationKind,
     zone: String,
     instance: String,
@@ -160,20 +162,23 @@ impl<C: Compute + Clone> Tracker<C> {
         };
         {
             let mut entries = self.entries();
-            match entries.get(&rid).map(|t| &t.phase) {
-                // Being followed: not made twice.
-                Some(Phase::Queued | Phase::Running { .. } | Phase::Settling { .. }) => return,
-                // The same request id would only replay the known outcome.
-                Some(Phase::Resolved { .. }) => {
+            if let Some(t) = entries.get_mut(&rid) {
+                // Not made twice; the new owner is woken with the others.
+                let first_ask = t.owners.insert(owner.to_string());
+                if matches!(t.phase, Phase::Resolved { .. }) {
+                    // The same request id would only replay the known outcome.
                     tracing::debug!(request_id = %rid, "call not made again: its outcome is known");
-                    return;
+                    drop(entries);
+                    if first_ask {
+                        (self.wake)(owner);
+                    }
                 }
-                None => {}
+                return;
             }
             entries.insert(
                 rid.clone(),
                 Tracked {
-                    owner: owner.to_string(),
+                    owners: BTreeSet::from([owner.to_string()]),
                     kind,
                     zone,
                     instance,
@@ -202,7 +207,7 @@ impl<C: Compute + Clone> Tracker<C> {
             };
             let me = self.clone();
             tokio::spawn(async move {
-                let result = Box::pin(async {
+                let call_made = Box::pin(async {
                     match &call {
                         CloudCall::Insert(spec) => me.compute.insert(spec).await,
                         CloudCall::Delete { zone, name, request_id } => me.compute.delete(zone, name, request_id).await,
@@ -210,8 +215,13 @@ impl<C: Compute + Clone> Tracker<C> {
                             me.compute.set_labels(zone, name, labels, fingerprint, request_id).await
                         }
                     }
-                })
-                .await;
+                });
+                // A call that panics is answered as a failed call, so its
+                // entry never stays queued (and its owner's finalizer on).
+                let result =
+                    futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(call_made)).await.unwrap_or_else(
+                        |_| Err(ComputeError::Transport { call: call.method(), message: "the call panicked".into() }),
+                    );
                 me.accepted(&rid, result);
                 drop(turn);
                 me.dispatch();
@@ -224,7 +234,8 @@ impl<C: Compute + Clone> Tracker<C> {
     pub fn adopt(&self, owner: &str, op: &TrackedOperation, age: Duration) {
         let Some(name) = op.operation.clone().filter(|_| op.state == OperationState::Running) else { return };
         let mut entries = self.entries();
-        if entries.contains_key(&op.request_id) {
+        if let Some(t) = entries.get_mut(&op.request_id) {
+            t.owners.insert(owner.to_string());
             return;
         }
         let now = Instant::now();
@@ -241,7 +252,7 @@ impl<C: Compute + Clone> Tracker<C> {
         entries.insert(
             op.request_id.clone(),
             Tracked {
-                owner: owner.to_string(),
+                owners: BTreeSet::from([owner.to_string()]),
                 kind: op.kind,
                 zone: op.zone.clone(),
                 instance: op.instance.clone(),
@@ -279,13 +290,22 @@ impl<C: Compute + Clone> Tracker<C> {
 
     /// Operations of an owner whose outcome is not known yet.
     pub fn outstanding(&self, owner: &str) -> usize {
-        self.entries().values().filter(|t| t.owner == owner && !matches!(t.phase, Phase::Resolved { .. })).count()
+        self.entries()
+            .values()
+            .filter(|t| t.owners.contains(owner) && !matches!(t.phase, Phase::Resolved { .. }))
+            .count()
     }
 
     /// Forgets an owner's resolved operations that its status no longer names.
     pub fn forget_except(&self, owner: &str, keep: &BTreeSet<String>) {
         let mut entries = self.entries();
-        entries.retain(|rid, t| t.owner != owner || keep.contains(rid) || !matches!(t.phase, Phase::Resolved { .. }));
+        entries.retain(|rid, t| {
+            if keep.contains(rid) || !matches!(t.phase, Phase::Resolved { .. }) {
+                return true;
+            }
+            t.owners.remove(owner);
+            !t.owners.is_empty()
+        });
     }
 
     fn count(&self, entries: &HashMap<String, Tracked>) {
@@ -364,10 +384,13 @@ impl<C: Compute + Clone> Tracker<C> {
         {
             let mut inventory = self.inventory.lock();
             match (t.kind, seen) {
-                (OperationKind::Insert, Seen::Done) => inventory.created(&t.zone, &t.instance),
+                (OperationKind::Insert, Seen::Done) => inventory.created(&t.zone, &t.instance, t.expected.clone()),
                 (OperationKind::Insert, Seen::Failed(ComputeError::OperationFailed { .. })) => {
                     inventory.gone(&t.zone, &t.instance);
                 }
+                // Lost, timed out with no VM, or the call failed: expect
+                // nothing (a list still shows the VM if it exists after all).
+                (OperationKind::Insert, Seen::Failed(_)) => inventory.not_created(&t.zone, &t.instance),
                 (OperationKind::Delete, Seen::Done) => {
                     inventory.gone(&t.zone, &t.instance);
                 }
@@ -382,7 +405,7 @@ impl<C: Compute + Clone> Tracker<C> {
         let labels = ResolvedLabels { kind: kind_label(t.kind).into(), how: how.into() };
         self.metrics.operations_resolved.get_or_create(&labels).inc();
         self.count(&self.entries());
-        woken.insert(t.owner.clone());
+        woken.extend(t.owners.iter().cloned());
         for owner in woken {
             (self.wake)(&owner);
         }
@@ -439,7 +462,10 @@ impl<C: Compute + Clone> Tracker<C> {
                             continue;
                         }
                         match inventory.presence(&t.zone, &t.instance) {
-                            Presence::Present(_) => {
+                            // Only a VM a list showed is evidence; an entry
+                            // the inventory holds because this very insert
+                            // was accepted proves nothing.
+                            Presence::Present(entry) if entry.origin == Origin::Listed => {
                                 let seen = if settled(run.kind, Looked::Present) {
                                     Seen::Done
                                 } else {
@@ -448,7 +474,7 @@ impl<C: Compute + Clone> Tracker<C> {
                                 t.phase = Phase::Resolved { seen, at: now };
                                 effects.push(Effect::Resolved { rid: rid.clone(), how: "deadline" });
                             }
-                            Presence::Absent => {
+                            Presence::Present(_) | Presence::Absent => {
                                 effects.push(Effect::Look {
                                     rid: rid.clone(),
                                     zone: t.zone.clone(),
@@ -459,9 +485,11 @@ impl<C: Compute + Clone> Tracker<C> {
                                 }
                             }
                             Presence::Unknown => {
-                                // Its zone cannot be seen: wait for a list that can.
+                                // Its zone cannot be seen: wait for a later
+                                // list that can (the regular resync; asking
+                                // for one now would list every second while
+                                // the zone is down).
                                 *after = inventory.seq();
-                                list_after = list_after.max(Some(*after));
                             }
                         }
                     }
@@ -548,9 +576,8 @@ impl<C: Compute + Clone> Tracker<C> {
                         Phase::Resolved { seen, at: now }
                     }
                     Err(e) => {
-                        tracing::debug!(instance = %instance, error = %e, "looking at a VM failed; trying again after the next list");
+                        tracing::debug!(instance = %instance, error = %e, "looking at a VM failed; trying again after the next resync");
                         let after = me.inventory.lock().seq();
-                        me.inventory.want_list_after(after);
                         Phase::Settling { run, after, busy: false, why }
                     }
                 };

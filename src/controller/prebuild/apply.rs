@@ -66,7 +66,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
     ctx.wakers.register(&owner, Owner::Preset(ObjectRef::from_obj(cached.as_ref())));
     let mut preset = ctx.fresh_presets.latest(cached).as_ref().clone();
     let has_finalizer = preset.finalizers().iter().any(|f| f == FINALIZER);
-    let deleting = preset.meta().deletion_timestamp.is_some();
+    let mut deleting = preset.meta().deletion_timestamp.is_some();
     if deleting && !has_finalizer {
         forget(ctx, &uid);
         return Ok(Action::await_change());
@@ -108,6 +108,13 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
                     .get(&preset.name_any())
                     .await
                     .map_err(|source| Error::Read { name: preset.name_any(), source })?;
+                if preset.uid().as_deref() != Some(uid.as_str()) {
+                    // Deleted and made again under the same name: the new
+                    // object has its own reconcile.
+                    return Ok(Action::await_change());
+                }
+                // Deleted meanwhile: from now on nothing is created.
+                deleting = preset.meta().deletion_timestamp.is_some();
             }
             Err(e) => return Err(e),
         }
@@ -118,7 +125,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
         tracing::info!("every pool VM verified gone; finalizer removed");
         return Ok(Action::await_change());
     }
-    Ok(next_look(requeue))
+    Ok(next_look(requeue, preset.status.as_ref().is_some_and(|s| !s.operations.is_empty())))
 }
 
 fn forget<C: Compute + Clone>(ctx: &Context<C>, uid: &str) {

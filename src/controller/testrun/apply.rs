@@ -74,7 +74,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<TestRun>, ctx: &Context
     let owner = label_value(&uid);
     ctx.wakers.register(&owner, Owner::TestRun(ObjectRef::from_obj(cached.as_ref())));
     let mut run = ctx.fresh_runs.latest(cached).as_ref().clone();
-    let deleting = run.meta().deletion_timestamp.is_some();
+    let mut deleting = run.meta().deletion_timestamp.is_some();
     let has_finalizer = run.finalizers().iter().any(|f| f == FINALIZER);
     if deleting && !has_finalizer {
         forget(ctx, &uid);
@@ -96,6 +96,13 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<TestRun>, ctx: &Context
                 conflicts += 1;
                 tracing::debug!(conflicts, "the TestRun changed since it was read; reading it again");
                 run = api.get(&run.name_any()).await.map_err(|source| Error::Read { name: run.name_any(), source })?;
+                if run.uid().as_deref() != Some(uid.as_str()) {
+                    // Deleted and made again under the same name: the new
+                    // object has its own reconcile.
+                    return Ok(Action::await_change());
+                }
+                // Deleted meanwhile: from now on nothing is created.
+                deleting = run.meta().deletion_timestamp.is_some();
             }
             Err(e) => return Err(e),
         }
@@ -115,7 +122,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<TestRun>, ctx: &Context
             .map_err(|source| Error::Delete { name: run.name_any(), source })?;
         return Ok(Action::await_change());
     }
-    Ok(next_look(requeue))
+    Ok(next_look(requeue, run.status.as_ref().is_some_and(|s| !s.operations.is_empty())))
 }
 
 fn forget<C: Compute + Clone>(ctx: &Context<C>, uid: &str) {

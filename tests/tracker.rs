@@ -1,0 +1,143 @@
+//! The operation tracker and the inventory against the compute emulator,
+//! through the real google-cloud-compute-v1 client: who is woken when an
+//! operation ends, and how an operation that never ends is settled.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::emulator::EmulatorProcess;
+use testrun_controller::compute::gce::GceCompute;
+use testrun_controller::compute::naming::request_id;
+use testrun_controller::compute::{Compute, ErrorCode, InstanceSpec, OperationStatus};
+use testrun_controller::controller::ops::{CloudCall, Seen};
+use testrun_controller::inventory::{Inventory, InventoryConfig, OwnerWake};
+use testrun_controller::metrics::Metrics;
+use testrun_controller::tracker::Tracker;
+use testrun_controller::tracker::decide::Patience;
+
+const ZONE: &str = "us-central1-a";
+
+fn spec(name: &str) -> InstanceSpec {
+    InstanceSpec {
+        name: name.to_string(),
+        zone: ZONE.to_string(),
+        machine_type: "e2-small".into(),
+        image: "img".into(),
+        disk_gb: 10,
+        labels: BTreeMap::from([("installation".into(), "tracker-test".into())]),
+        metadata: BTreeMap::new(),
+        service_account: None,
+        spot: false,
+        max_run_duration: Duration::from_secs(3600),
+        request_id: request_id(&format!("insert/{name}"), 0),
+    }
+}
+
+struct Harness {
+    compute: GceCompute,
+    tracker: Arc<Tracker<GceCompute>>,
+    woken: Arc<Mutex<Vec<String>>>,
+    _emulator: EmulatorProcess,
+}
+
+async fn harness(emulator_args: &[&str], patience: Patience) -> Harness {
+    let emulator = EmulatorProcess::start(&[&["--operation-delay", "200ms"], emulator_args].concat());
+    let compute = emulator.compute("proj-tracker").await;
+    let metrics = Arc::new(Metrics::new());
+    let woken = Arc::new(Mutex::new(Vec::new()));
+    let log = woken.clone();
+    let wake: OwnerWake = Arc::new(move |owner: &str| log.lock().expect("lock").push(owner.to_string()));
+    let selector = BTreeMap::from([("installation".to_string(), "tracker-test".to_string())]);
+    let inventory = Inventory::new(selector, InventoryConfig::default(), metrics.clone());
+    let tracker = Tracker::new(compute.clone(), inventory.clone(), patience, 4, 4, metrics, wake.clone());
+    tokio::spawn(inventory.run(compute.clone(), wake));
+    tokio::spawn(tracker.clone().run());
+    Harness { compute, tracker, woken, _emulator: emulator }
+}
+
+impl Harness {
+    async fn vm(&self, name: &str) {
+        let op = self.compute.insert(&spec(name)).await.expect("insert");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.compute.get_operation(ZONE, &op.name).await.expect("read").status != OperationStatus::Done {
+            assert!(Instant::now() < deadline, "insert not done");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_seen(&self, rid: &str) -> Seen {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.tracker.seen([rid]).remove(rid) {
+                Some(Seen::InFlight) | None => {}
+                Some(seen) => return seen,
+            }
+            assert!(Instant::now() < deadline, "the operation {rid} never ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn woken(&self) -> BTreeSet<String> {
+        self.woken.lock().expect("lock").iter().cloned().collect()
+    }
+}
+
+fn delete(name: &str, rid: &str) -> CloudCall {
+    CloudCall::Delete { zone: ZONE.into(), name: name.into(), request_id: rid.into() }
+}
+
+#[tokio::test]
+async fn one_delete_asked_for_by_two_owners_is_made_once_and_wakes_both() {
+    let h = harness(&[], Patience::default()).await;
+    h.vm("vm-shared").await;
+    let rid = request_id("delete/vm-shared", 0);
+    h.tracker.submit("preset-uid", delete("vm-shared", &rid));
+    h.tracker.submit("run-uid", delete("vm-shared", &rid));
+    assert!(matches!(h.wait_seen(&rid).await, Seen::Done));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.woken() != BTreeSet::from(["preset-uid".to_string(), "run-uid".to_string()]) {
+        assert!(Instant::now() < deadline, "woken: {:?}", h.woken());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(h.compute.get(ZONE, "vm-shared").await.expect("get").is_none());
+    assert_eq!(h.tracker.outstanding("run-uid"), 0);
+
+    // Asking after the end is answered at once, with a wake, and no call.
+    h.tracker.submit("late-uid", delete("vm-shared", &rid));
+    assert!(h.woken().contains("late-uid"), "a late asker is woken at once");
+
+    // The entry lives while any owner still names it.
+    h.tracker.forget_except("preset-uid", &BTreeSet::new());
+    h.tracker.forget_except("late-uid", &BTreeSet::new());
+    assert!(h.tracker.seen([rid.as_str()]).contains_key(&rid), "run-uid still names it");
+    h.tracker.forget_except("run-uid", &BTreeSet::new());
+    assert!(h.tracker.seen([rid.as_str()]).is_empty());
+}
+
+#[tokio::test]
+async fn a_delete_that_never_ends_is_settled_at_its_deadline_by_looking_at_the_vm() {
+    let patience = Patience {
+        first_read: Duration::from_millis(200),
+        max_pause: Duration::from_millis(500),
+        deadline: Duration::from_secs(2),
+        insert_list_after: Duration::from_millis(200),
+    };
+    let h = harness(&["--fault", "call=delete,kind=hang,count=1"], patience).await;
+    h.vm("vm-hung").await;
+    let rid = request_id("delete/vm-hung", 0);
+    h.tracker.submit("owner", delete("vm-hung", &rid));
+    match h.wait_seen(&rid).await {
+        Seen::Failed(e) => assert_eq!(e.code(), ErrorCode::OperationTimedOut, "{e}"),
+        other => panic!("a hung delete whose VM is still there must fail, so it is made again: {other:?}"),
+    }
+    assert!(h.woken().contains("owner"));
+    assert!(h.compute.get(ZONE, "vm-hung").await.expect("get").is_some(), "the hung delete did nothing");
+    // Made again with a new request id, it goes through.
+    let again = request_id("delete/vm-hung", 1);
+    h.tracker.submit("owner", delete("vm-hung", &again));
+    assert!(matches!(h.wait_seen(&again).await, Seen::Done));
+    assert!(h.compute.get(ZONE, "vm-hung").await.expect("get").is_none());
+}
