@@ -503,6 +503,14 @@ pub async fn run<C: Compute + Clone>(
         preset_slots: Slots::new(usize::from(config.concurrency)),
     });
     let gc_task = tokio::spawn(gc::run(ctx.clone(), gc_runs, gc_presets, config.gc.clone()));
+    // On SIGTERM or Ctrl-C kube-runtime waits for every started reconcile;
+    // those still waiting for a slot end at once instead of running in turn.
+    let closing = (ctx.run_slots.clone(), ctx.preset_slots.clone());
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        closing.0.close();
+        closing.1.close();
+    });
     // Ready once both caches are filled and the inventory has listed once.
     let ready = metrics.clone();
     tokio::spawn(async move {
@@ -549,5 +557,21 @@ pub async fn run<C: Compute + Clone>(
             tracing::error!(part, why = %why, "a part of the controller stopped; exiting");
             Err(StartError::Stopped(part, why))
         }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C (the signals kube-runtime shuts down on).
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
     }
 }

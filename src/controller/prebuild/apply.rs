@@ -37,7 +37,10 @@ const CONFLICT_RETRIES: usize = 4;
 pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     // Waiting for a slot is a small future; the reconcile itself is boxed.
     let lane = if preset.status.is_none() { Lane::Launch } else { Lane::Follow };
-    let _slot = ctx.preset_slots.acquire(lane).await;
+    // Closed on shutdown: the process is going, so is this reconcile.
+    let Some(_slot) = ctx.preset_slots.acquire(lane).await else {
+        return Ok(Action::await_change());
+    };
     // The cache may have moved on while this waited; an object gone from
     // it is gone from the cluster (kube-runtime reconciles only cached ones).
     let Some(preset) = ctx.presets.get(&ObjectRef::from_obj(preset.as_ref())) else {

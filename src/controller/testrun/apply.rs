@@ -38,7 +38,10 @@ const CONFLICT_RETRIES: usize = 4;
 /// Reconciles one TestRun.
 pub async fn reconcile<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     // Waiting for a slot is a small future; the reconcile itself is boxed.
-    let _slot = ctx.run_slots.acquire(lane(&run)).await;
+    // Closed on shutdown: the process is going, so is this reconcile.
+    let Some(_slot) = ctx.run_slots.acquire(lane(&run)).await else {
+        return Ok(Action::await_change());
+    };
     // The cache may have moved on while this waited; an object gone from
     // it is gone from the cluster (kube-runtime reconciles only cached ones).
     let Some(run) = ctx.runs.get(&ObjectRef::from_obj(run.as_ref())) else {
