@@ -82,9 +82,9 @@ impl Backoff {
         self.next = self.first;
     }
 
-    /// The next wait is at most `limit`.
-    fn at_most(&mut self, limit: Duration) {
-        self.next = self.next.min(limit);
+    /// The next wait is between `low` and `high`.
+    fn between(&mut self, low: Duration, high: Duration) {
+        self.next = self.next.clamp(low, high);
     }
 }
 
@@ -426,9 +426,10 @@ async fn report(http: &reqwest::Client, url: &str, report: ResultReport) -> Resu
         match http.post(format!("{url}{RESULT_PATH}")).json(&report).send().await {
             Ok(r) if r.status().is_success() => match r.json::<ResultAck>().await {
                 Ok(ResultAck { acknowledged: true }) => return Ok(()),
-                // Received, not yet stored: ask again soon (the run's result
-                // is safe with the controller; only this VM's exit waits).
-                Ok(_) => backoff.at_most(Duration::from_secs(2)),
+                // Received, not yet stored: the controller stores it and
+                // deletes this VM without further word; asking again (every
+                // 1 to 5 s) only covers a controller restart meanwhile.
+                Ok(_) => backoff.between(Duration::from_secs(1), Duration::from_secs(5)),
                 Err(e) => tracing::warn!(error = %e, "unreadable acknowledgement"),
             },
             Ok(r) if r.status().is_client_error() && r.status() != StatusCode::TOO_MANY_REQUESTS => {
