@@ -7,8 +7,8 @@
 //! a slot: first those that launch VMs for a TestRun nothing was asked for
 //! yet (a VM's boot is the long pole of a run, and everything after waits on
 //! it), then everything else, each lane first come, first served. So that
-//! a steady stream of launches cannot starve results and deletes, every
-//! [`FOLLOW_EVERY`]th slot handed over goes to a follow-up if one waits.
+//! a steady stream of launches cannot starve results and deletes, a
+//! follow-up that has waited [`FOLLOW_PATIENCE`] goes before launches.
 //! On shutdown the slots close: waiters end at once instead of each
 //! running in turn.
 
@@ -26,17 +26,17 @@ pub enum Lane {
     Follow,
 }
 
-/// One in this many slots handed to a waiter goes to the follow-up lane
-/// first.
-pub const FOLLOW_EVERY: u64 = 4;
+/// How long a follow-up waits behind launches at most: after that it is
+/// next. A burst of new runs launches first; a steady stream of them
+/// cannot starve results and deletes.
+pub const FOLLOW_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 #[derive(Debug)]
 struct State {
     free: usize,
     launch: VecDeque<oneshot::Sender<Slot>>,
-    follow: VecDeque<oneshot::Sender<Slot>>,
-    /// Slots handed to waiters so far.
-    handed: u64,
+    /// Follow-ups, with when each started waiting.
+    follow: VecDeque<(tokio::time::Instant, oneshot::Sender<Slot>)>,
     /// Shutting down: no slot is handed out any more.
     closed: bool,
 }
@@ -61,7 +61,6 @@ impl Slots {
                 free: n.max(1),
                 launch: VecDeque::new(),
                 follow: VecDeque::new(),
-                handed: 0,
                 closed: false,
             }),
         })
@@ -86,7 +85,7 @@ impl Slots {
                 let (sender, receiver) = oneshot::channel();
                 match lane {
                     Lane::Launch => state.launch.push_back(sender),
-                    Lane::Follow => state.follow.push_back(sender),
+                    Lane::Follow => state.follow.push_back((tokio::time::Instant::now(), sender)),
                 }
                 receiver
             };
@@ -119,16 +118,16 @@ impl Slots {
     }
 
     /// Passes a slot to the next waiter (launches first, but every
-    /// [`FOLLOW_EVERY`]th to a follow-up), or frees it.
+    /// follow-up that has waited [`FOLLOW_PATIENCE`] first), or frees it.
     fn release(self: &Arc<Self>) {
         loop {
             let next = {
                 let mut state = self.state();
-                state.handed += 1;
-                let next = if state.handed.is_multiple_of(FOLLOW_EVERY) {
-                    state.follow.pop_front().or_else(|| state.launch.pop_front())
+                let overdue = state.follow.front().is_some_and(|(since, _)| since.elapsed() >= FOLLOW_PATIENCE);
+                let next = if overdue {
+                    state.follow.pop_front().map(|(_, sender)| sender)
                 } else {
-                    state.launch.pop_front().or_else(|| state.follow.pop_front())
+                    state.launch.pop_front().or_else(|| state.follow.pop_front().map(|(_, sender)| sender))
                 };
                 match next {
                     Some(next) => next,
@@ -192,28 +191,37 @@ mod tests {
         assert_eq!(slots.free(), 1);
     }
 
-    #[tokio::test]
-    async fn follow_ups_get_every_fourth_slot_under_a_stream_of_launches() {
+    #[tokio::test(start_paused = true)]
+    async fn a_follow_up_that_waited_long_enough_goes_before_launches() {
         let slots = Slots::new(1);
         let held = slots.acquire(Lane::Launch).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        let mut queue: Vec<(String, Lane)> = vec![("f1".into(), Lane::Follow), ("f2".into(), Lane::Follow)];
-        queue.extend((1..=8).map(|i| (format!("l{i}"), Lane::Launch)));
-        for (name, lane) in queue {
+        let spawn = |name: &'static str, lane: Lane| {
             let (slots, order) = (slots.clone(), order.clone());
-            tasks.push(tokio::spawn(async move {
-                let _slot = slots.acquire(lane).await.unwrap();
+            tokio::spawn(async move {
+                let slot = slots.acquire(lane).await.unwrap();
                 order.lock().unwrap().push(name);
-            }));
-            settle().await;
-        }
+                slot
+            })
+        };
+        let follow = spawn("follow", Lane::Follow);
+        settle().await;
+        let launch = spawn("launch", Lane::Launch);
+        settle().await;
+        // Not yet overdue: the launch goes first.
         drop(held);
-        for task in tasks {
-            task.await.unwrap();
-        }
-        let order = order.lock().unwrap().clone();
-        assert_eq!(order, ["l1", "l2", "l3", "f1", "l4", "l5", "l6", "f2", "l7", "l8"]);
+        let slot = launch.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["launch"]);
+        let late = spawn("late launch", Lane::Launch);
+        settle().await;
+        tokio::time::advance(FOLLOW_PATIENCE).await;
+        // Overdue: the follow-up goes before the launch that came later.
+        drop(slot);
+        let slot = follow.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["launch", "follow"]);
+        drop(slot);
+        drop(late.await.unwrap());
+        assert_eq!(*order.lock().unwrap(), ["launch", "follow", "late launch"]);
     }
 
     #[tokio::test]
