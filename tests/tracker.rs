@@ -40,6 +40,7 @@ struct Harness {
     compute: GceCompute,
     tracker: Arc<Tracker<GceCompute>>,
     woken: Arc<Mutex<Vec<String>>>,
+    emulator_url: String,
     _emulator: EmulatorProcess,
 }
 
@@ -55,7 +56,7 @@ async fn harness(emulator_args: &[&str], patience: Patience) -> Harness {
     let tracker = Tracker::new(compute.clone(), inventory.clone(), patience, 4, 4, metrics, wake.clone());
     tokio::spawn(inventory.run(compute.clone(), wake));
     tokio::spawn(tracker.clone().run());
-    Harness { compute, tracker, woken, _emulator: emulator }
+    Harness { compute, tracker, woken, emulator_url: emulator.url.clone(), _emulator: emulator }
 }
 
 impl Harness {
@@ -140,4 +141,52 @@ async fn a_delete_that_never_ends_is_settled_at_its_deadline_by_looking_at_the_v
     h.tracker.submit("owner", delete("vm-hung", &again));
     assert!(matches!(h.wait_seen(&again).await, Seen::Done));
     assert!(h.compute.get(ZONE, "vm-hung").await.expect("get").is_none());
+}
+
+#[tokio::test]
+async fn a_settling_operation_in_an_unreachable_zone_waits_for_the_regular_resync() {
+    let patience = Patience {
+        first_read: Duration::from_millis(200),
+        max_pause: Duration::from_millis(500),
+        deadline: Duration::from_secs(1),
+        insert_list_after: Duration::from_millis(200),
+    };
+    let h = harness(&["--fault", "call=delete,kind=hang,count=1"], patience).await;
+    // Made behind the inventory's back: no list has shown it.
+    h.vm("vm-cut-off").await;
+    let rid = request_id("delete/vm-cut-off", 0);
+    h.tracker.submit("owner", delete("vm-cut-off", &rid));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.tracker.operation_names([rid.as_str()]).is_empty() {
+        assert!(Instant::now() < deadline, "the delete was not accepted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The zone goes down before any list can show the VM.
+    let url = format!("{}/emulator/v1", h.emulator_url);
+    let http = reqwest::Client::new();
+    let rule = serde_json::json!({ "zone": ZONE, "kind": "unreachable" });
+    assert_eq!(http.post(format!("{url}/faults")).json(&rule).send().await.expect("admin").status(), 201);
+    // Past the deadline the tracker asks for a list to settle the delete;
+    // no list can see the zone, so the VM is unknown. It must then wait for
+    // the regular resync (30 s away), not ask for a list every second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lists = async || {
+        let calls: serde_json::Value =
+            http.get(format!("{url}/calls")).send().await.expect("admin").json().await.expect("json");
+        calls["instances.aggregatedList"].as_u64().unwrap_or(0)
+    };
+    let before = lists().await;
+    // Meanwhile the tracker is busy elsewhere (each answer is a pass).
+    for i in 0..10 {
+        let name = format!("vm-elsewhere-{i}");
+        let call =
+            CloudCall::Delete { zone: "us-central1-b".into(), name: name.clone(), request_id: request_id(&name, 0) };
+        h.tracker.submit("other", call);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(lists().await - before, 0, "lists asked for while the zone is unreachable");
+    assert!(
+        matches!(h.tracker.seen([rid.as_str()]).remove(&rid), Some(Seen::InFlight)),
+        "nothing is settled on a view that cannot see the zone"
+    );
 }

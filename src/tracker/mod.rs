@@ -39,8 +39,10 @@ enum Phase {
     /// Accepted; following its operation.
     Running { run: Running, op: String, busy: bool },
     /// Past its deadline or forgotten by Compute Engine: waiting for a list
-    /// that started after `after`, then a get.
-    Settling { run: Running, after: u64, busy: bool, why: ErrorCode },
+    /// that started after `after`, then a get. With `ask`, that list is
+    /// asked for; without (its zone was unreachable, or the get failed), the
+    /// regular resync brings it.
+    Settling { run: Running, after: u64, ask: bool, busy: bool, why: ErrorCode },
     /// The outcome is known.
     Resolved { seen: Seen, at: Instant },
 }
@@ -445,6 +447,7 @@ impl<C: Compute + Clone> Tracker<C> {
                             t.phase = Phase::Settling {
                                 run: run.clone(),
                                 after,
+                                ask: true,
                                 busy: false,
                                 why: ErrorCode::OperationTimedOut,
                             };
@@ -456,9 +459,11 @@ impl<C: Compute + Clone> Tracker<C> {
                             }
                         }
                     },
-                    Phase::Settling { run, after, busy: false, why } => {
+                    Phase::Settling { run, after, ask, busy: false, why } => {
                         if inventory.listed_at().is_none_or(|at| at <= *after) {
-                            list_after = list_after.max(Some(*after));
+                            if *ask {
+                                list_after = list_after.max(Some(*after));
+                            }
                             continue;
                         }
                         match inventory.presence(&t.zone, &t.instance) {
@@ -490,6 +495,7 @@ impl<C: Compute + Clone> Tracker<C> {
                                 // for one now would list every second while
                                 // the zone is down).
                                 *after = inventory.seq();
+                                *ask = false;
                             }
                         }
                     }
@@ -533,7 +539,7 @@ impl<C: Compute + Clone> Tracker<C> {
                         tracing::warn!(instance = %t.instance, zone = %t.zone, operation = %op, "operation vanished; looking at the VM");
                         let after = me.inventory.lock().seq();
                         me.inventory.want_list_after(after);
-                        Phase::Settling { run, after, busy: false, why: ErrorCode::OperationVanished }
+                        Phase::Settling { run, after, ask: true, busy: false, why: ErrorCode::OperationVanished }
                     }
                     other => {
                         if let Err(e) = other {
@@ -578,7 +584,7 @@ impl<C: Compute + Clone> Tracker<C> {
                     Err(e) => {
                         tracing::debug!(instance = %instance, error = %e, "looking at a VM failed; trying again after the next resync");
                         let after = me.inventory.lock().seq();
-                        Phase::Settling { run, after, busy: false, why }
+                        Phase::Settling { run, after, ask: false, busy: false, why }
                     }
                 };
             }
