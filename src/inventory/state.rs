@@ -169,26 +169,17 @@ impl InventoryState {
         }
         let seen: BTreeMap<VmKey, Instance> =
             listing.instances.into_iter().map(|i| ((i.zone.clone(), i.name.clone()), i)).collect();
-        // Gone: held before, in a zone the list saw, not in the list, and
-        // not touched locally since the list started.
-        let vanished: Vec<VmKey> = self
-            .entries
-            .iter()
-            .filter(|(key, entry)| {
-                !seen.contains_key(*key)
-                    && !listing.unreachable.contains(&key.0)
-                    && entry.updated < started
-                    && entry.origin == Origin::Listed
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
+        // Missing: held before, in a zone the list saw, not in the list, and
+        // not touched locally since the list started. A listed VM is gone;
+        // an expected one is only noted as missed (its insert may still run).
+        let mut vanished: Vec<VmKey> = Vec::new();
         for (key, entry) in self.entries.iter_mut() {
-            if entry.origin == Origin::Expected
-                && entry.updated < started
-                && !seen.contains_key(key)
-                && !listing.unreachable.contains(&key.0)
-            {
-                entry.missed = Some(started);
+            if seen.contains_key(key) || listing.unreachable.contains(&key.0) || entry.updated >= started {
+                continue;
+            }
+            match entry.origin {
+                Origin::Listed => vanished.push(key.clone()),
+                Origin::Expected => entry.missed = Some(started),
             }
         }
         for key in vanished {
@@ -253,6 +244,7 @@ impl InventoryState {
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.origin = Origin::Listed;
             entry.updated = updated;
+            entry.missed = None;
         } else if let Some(instance) = requested
             && !self.tombstones.contains_key(&key)
         {
