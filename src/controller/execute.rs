@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::core::object::HasStatus;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -87,19 +88,17 @@ pub fn named_request_ids(operations: &[TrackedOperation]) -> BTreeSet<String> {
 /// A replace rather than a server-side apply: the controller owns the whole
 /// status and the guard already orders writers, and kube-apiserver does
 /// less work for it (no merge of field sets).
-pub async fn write_status<K, S>(api: &Api<K>, obj: &K, status: &S) -> Result<K, Error>
+pub async fn write_status<K>(api: &Api<K>, obj: &K, status: &K::Status) -> Result<K, Error>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-    S: Serialize,
+    K: Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K::Status: Clone,
 {
     let name = obj.name_any();
-    let encode = |source: serde_json::Error| Error::EncodeStatus { name: name.clone(), source };
-    let mut body = serde_json::to_value(obj).map_err(encode)?;
-    body["status"] = serde_json::to_value(status).map_err(encode)?;
-    let body: K = serde_json::from_value(body).map_err(encode)?;
+    let mut body = obj.clone();
+    *body.status_mut() = Some(status.clone());
     api.replace_status(&name, &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }, &body)
         .await
-        .map_err(|source| Error::WriteStatus { name: name.clone(), source })
+        .map_err(|source| Error::WriteStatus { name, source })
 }
 
 /// Adds or removes the finalizer with a merge patch guarded by the

@@ -61,14 +61,6 @@ pub enum Error {
         /// Why.
         source: kube::Error,
     },
-    /// The status could not be encoded as JSON.
-    #[error("encoding the status of {name}: {source}")]
-    EncodeStatus {
-        /// The object.
-        name: String,
-        /// Why.
-        source: serde_json::Error,
-    },
     /// Claiming a pool VM failed.
     #[error("claiming a VM from PrebuildPreset {preset}: {source}")]
     Claim {
