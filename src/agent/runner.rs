@@ -139,18 +139,21 @@ impl Attributes {
     }
 }
 
+/// An HTTP client with the agent's request timeout.
+fn http_client(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, AgentError> {
+    builder
+        .timeout(Duration::from_secs(20))
+        .build()
+        .map_err(|e| AgentError::Metadata { key: "-".into(), message: format!("building the HTTP client: {e}") })
+}
+
 /// Runs the agent to the end. Returns the command's exit code once the
 /// controller acknowledged it.
 pub async fn run() -> Result<i32, AgentError> {
     // The metadata server speaks plain HTTP on the VM itself: no proxy, and
     // no TLS roots (loading the system's roots costs more CPU than
     // everything else the agent does before its command starts).
-    let plain = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .no_proxy()
-        .tls_certs_only([])
-        .build()
-        .map_err(|e| AgentError::Metadata { key: "-".into(), message: format!("building the HTTP client: {e}") })?;
+    let plain = http_client(reqwest::Client::builder().no_proxy().tls_certs_only([]))?;
     let metadata = Metadata { http: plain, base: format!("http://{}/computeMetadata/v1", metadata_host()) };
     let number = |key: &'static str, text: String| {
         text.trim()
@@ -162,17 +165,15 @@ pub async fn run() -> Result<i32, AgentError> {
     // No idle connections: between a VM's few requests (register,
     // heartbeats, result) the controller holds nothing for it. TLS roots
     // only for an agent API behind HTTPS.
-    let builder = reqwest::Client::builder().timeout(Duration::from_secs(20)).pool_max_idle_per_host(0);
-    let builder = if url.starts_with("https://") { builder } else { builder.tls_certs_only([]) };
-    let http = builder
-        .build()
-        .map_err(|e| AgentError::Metadata { key: "-".into(), message: format!("building the HTTP client: {e}") })?;
+    let builder = reqwest::Client::builder().pool_max_idle_per_host(0);
+    let http = http_client(if url.starts_with("https://") { builder } else { builder.tls_certs_only([]) })?;
+    let instance = metadata.get("instance/name").await?;
     if let Ok(preset) = attributes.get(META_PRESET) {
         let hello = PoolHello {
             namespace: attributes.get(META_NAMESPACE)?,
             preset,
             owner_uid: attributes.get(META_OWNER_UID)?,
-            instance: metadata.get("instance/name").await?,
+            instance,
             vm_token: attributes.get(META_VM_TOKEN)?,
         };
         return wait_in_pool(&http, &url, &hello).await;
@@ -183,7 +184,7 @@ pub async fn run() -> Result<i32, AgentError> {
         owner_uid: attributes.get(META_OWNER_UID)?,
         shard: number(META_SHARD, attributes.get(META_SHARD)?)?,
         attempt: number(META_ATTEMPT, attributes.get(META_ATTEMPT)?)?,
-        instance: metadata.get("instance/name").await?,
+        instance,
         vm_token: attributes.get(META_VM_TOKEN)?,
     };
     let mut assignment = register(&http, &url, &request).await?;
