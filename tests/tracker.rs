@@ -39,6 +39,7 @@ fn spec(name: &str) -> InstanceSpec {
 struct Harness {
     compute: GceCompute,
     tracker: Arc<Tracker<GceCompute>>,
+    inventory: Arc<Inventory>,
     woken: Arc<Mutex<Vec<String>>>,
     emulator_url: String,
     _emulator: EmulatorProcess,
@@ -54,9 +55,9 @@ async fn harness(emulator_args: &[&str], patience: Patience) -> Harness {
     let selector = BTreeMap::from([("installation".to_string(), "tracker-test".to_string())]);
     let inventory = Inventory::new(selector, InventoryConfig::default(), metrics.clone());
     let tracker = Tracker::new(compute.clone(), inventory.clone(), patience, 4, 4, metrics, wake.clone());
-    tokio::spawn(inventory.run(compute.clone(), wake));
+    tokio::spawn(inventory.clone().run(compute.clone(), wake));
     tokio::spawn(tracker.clone().run());
-    Harness { compute, tracker, woken, emulator_url: emulator.url.clone(), _emulator: emulator }
+    Harness { compute, tracker, inventory, woken, emulator_url: emulator.url.clone(), _emulator: emulator }
 }
 
 impl Harness {
@@ -152,8 +153,15 @@ async fn a_settling_operation_in_an_unreachable_zone_waits_for_the_regular_resyn
         insert_list_after: Duration::from_millis(200),
     };
     let h = harness(&["--fault", "call=delete,kind=hang,count=1"], patience).await;
-    // Made behind the inventory's back: no list has shown it.
+    // A list has shown the VM before its zone goes down: what that older
+    // list saw must not settle anything either.
     h.vm("vm-cut-off").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.inventory.get(ZONE, "vm-cut-off").is_none() {
+        assert!(Instant::now() < deadline, "no list showed the VM");
+        h.inventory.want_fresh_list();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let rid = request_id("delete/vm-cut-off", 0);
     h.tracker.submit("owner", delete("vm-cut-off", &rid));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -185,8 +193,6 @@ async fn a_settling_operation_in_an_unreachable_zone_waits_for_the_regular_resyn
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(lists().await - before, 0, "lists asked for while the zone is unreachable");
-    assert!(
-        matches!(h.tracker.seen([rid.as_str()]).remove(&rid), Some(Seen::InFlight)),
-        "nothing is settled on a view that cannot see the zone"
-    );
+    let seen = h.tracker.seen([rid.as_str()]).remove(&rid);
+    assert!(matches!(seen, Some(Seen::InFlight)), "nothing is settled on a view that cannot see the zone: {seen:?}");
 }

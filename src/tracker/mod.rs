@@ -466,7 +466,14 @@ impl<C: Compute + Clone> Tracker<C> {
                             }
                             continue;
                         }
-                        match inventory.presence(&t.zone, &t.instance) {
+                        // A zone the last list could not see settles
+                        // nothing, not even by a VM an older list showed.
+                        let presence = if inventory.unreachable().contains(&t.zone) {
+                            Presence::Unknown
+                        } else {
+                            inventory.presence(&t.zone, &t.instance)
+                        };
+                        match presence {
                             // Only a VM a list showed is evidence; an entry
                             // the inventory holds because this very insert
                             // was accepted proves nothing.
