@@ -373,6 +373,10 @@ async fn main() {
     }
     drop(controller);
     drop(emulator);
+    // The Events too: kube-apiserver keeps them in memory for an hour, and
+    // a thousand per run would slow the next run down.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let _ = events.delete_collection(&DeleteParams::default(), &ListParams::default()).await;
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
     if std::env::var_os("BENCH_CONTROLLER_LOG").is_none() {
         let _ = std::fs::remove_dir_all(&work);

@@ -18,7 +18,6 @@ pub mod controller;
 pub mod crd;
 pub mod emulator;
 pub mod inventory;
-pub mod kube_client;
 pub mod metrics;
 pub mod telemetry;
 pub mod tracker;
