@@ -87,6 +87,16 @@ impl Harness {
     }
 }
 
+/// Reads and lists within fractions of a second; settles at `deadline`.
+fn impatient(deadline: Duration) -> Patience {
+    Patience {
+        first_read: Duration::from_millis(200),
+        max_pause: Duration::from_millis(500),
+        deadline,
+        insert_list_after: Duration::from_millis(200),
+    }
+}
+
 fn delete(name: &str, rid: &str) -> CloudCall {
     CloudCall::Delete { zone: ZONE.into(), name: name.into(), request_id: rid.into() }
 }
@@ -121,13 +131,7 @@ async fn one_delete_asked_for_by_two_owners_is_made_once_and_wakes_both() {
 
 #[tokio::test]
 async fn a_delete_that_never_ends_is_settled_at_its_deadline_by_looking_at_the_vm() {
-    let patience = Patience {
-        first_read: Duration::from_millis(200),
-        max_pause: Duration::from_millis(500),
-        deadline: Duration::from_secs(2),
-        insert_list_after: Duration::from_millis(200),
-    };
-    let h = harness(&["--fault", "call=delete,kind=hang,count=1"], patience).await;
+    let h = harness(&["--fault", "call=delete,kind=hang,count=1"], impatient(Duration::from_secs(2))).await;
     h.vm("vm-hung").await;
     let rid = request_id("delete/vm-hung", 0);
     h.tracker.submit("owner", delete("vm-hung", &rid));
@@ -146,13 +150,7 @@ async fn a_delete_that_never_ends_is_settled_at_its_deadline_by_looking_at_the_v
 
 #[tokio::test]
 async fn a_settling_operation_in_an_unreachable_zone_waits_for_the_regular_resync() {
-    let patience = Patience {
-        first_read: Duration::from_millis(200),
-        max_pause: Duration::from_millis(500),
-        deadline: Duration::from_secs(1),
-        insert_list_after: Duration::from_millis(200),
-    };
-    let h = harness(&["--fault", "call=delete,kind=hang,count=1"], patience).await;
+    let h = harness(&["--fault", "call=delete,kind=hang,count=1"], impatient(Duration::from_secs(1))).await;
     // A list has shown the VM before its zone goes down: what that older
     // list saw must not settle anything either.
     h.vm("vm-cut-off").await;

@@ -292,6 +292,13 @@ impl InventoryState {
         }
     }
 
+    /// What the last list vouches for: like [`Self::presence`], but a zone
+    /// that list could not see is unknown even for a VM an older list
+    /// showed.
+    pub fn presence_now(&self, zone: &str, name: &str) -> Presence<'_> {
+        if self.zone_known(zone) { self.presence(zone, name) } else { Presence::Unknown }
+    }
+
     /// Whether a list that started after `since` covered the zone and did
     /// not show the VM (and nothing local brought it back).
     pub fn absent_since(&self, zone: &str, name: &str, since: u64) -> bool {
@@ -410,6 +417,8 @@ mod tests {
         let changed = s.apply_list(t, listing(vec![], &["a"]));
         assert_eq!(changed, Changed::from(["o".to_string()]), "y in the reachable zone b is gone");
         assert!(matches!(s.presence("a", "x"), Presence::Present(_)), "x is kept: zone a was not seen");
+        assert_eq!(s.presence_now("a", "x"), Presence::Unknown, "but the last list cannot vouch for it");
+        assert_eq!(s.presence_now("b", "y"), Presence::Absent);
         assert_eq!(s.presence("a", "never-seen"), Presence::Unknown);
         assert_eq!(s.presence("b", "y"), Presence::Absent);
         let view = VmView::of(&s, "o");

@@ -468,12 +468,7 @@ impl<C: Compute + Clone> Tracker<C> {
                         }
                         // A zone the last list could not see settles
                         // nothing, not even by a VM an older list showed.
-                        let presence = if inventory.unreachable().contains(&t.zone) {
-                            Presence::Unknown
-                        } else {
-                            inventory.presence(&t.zone, &t.instance)
-                        };
-                        match presence {
+                        match inventory.presence_now(&t.zone, &t.instance) {
                             // Only a VM a list showed is evidence; an entry
                             // the inventory holds because this very insert
                             // was accepted proves nothing.
