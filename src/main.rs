@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use testrun_controller::api::duration::parse_flag as duration;
+use testrun_controller::compute::naming::default_installation_id;
 use testrun_controller::emulator::faults::FaultRule;
 use testrun_controller::emulator::{Emulator, EmulatorConfig};
 use testrun_controller::telemetry::{self, LogFormat};
@@ -62,8 +63,11 @@ struct RunArgs {
     project: Option<String>,
     /// Id of this installation, put on every VM as label `installation`; two
     /// installations sharing a project never touch each other's VMs.
-    #[arg(long, env = "TESTRUN_INSTALLATION_ID", default_value = "default")]
-    installation_id: String,
+    /// Default: the controller's namespace (`--namespace`), followed by
+    /// `_<namespace>` with `--watch-namespace`, so two installations in one
+    /// cluster never share it. Set it when clusters share a project.
+    #[arg(long, env = "TESTRUN_INSTALLATION_ID")]
+    installation_id: Option<String>,
     /// Address the agent API listens on.
     #[arg(long, env = "TESTRUN_AGENT_LISTEN", default_value = "0.0.0.0:8090")]
     agent_listen: SocketAddr,
@@ -307,7 +311,11 @@ async fn controller(args: RunArgs) -> Result<(), String> {
         (None, None) => "testrun-controller".to_string(),
     };
     let settings = Settings {
-        installation: args.installation_id,
+        installation: args
+            .installation_id
+            .clone()
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| default_installation_id(&args.namespace, args.watch_namespace.as_deref())),
         agent_url,
         agent_command,
         registration_timeout: args.registration_timeout,
@@ -319,12 +327,13 @@ async fn controller(args: RunArgs) -> Result<(), String> {
         concurrency: args.concurrency.max(1),
         namespace: args.namespace,
         secret_name: args.lease_secret,
-        watch_namespace: args.watch_namespace,
+        watch_namespace: args.watch_namespace.clone(),
         metrics_listen: args.metrics_listen,
         gc: testrun_controller::controller::gc::GcConfig {
             interval: args.gc_interval.max(Duration::from_millis(100)),
             grace: args.gc_grace,
             dry_run: args.gc_dry_run,
+            scope: args.watch_namespace.clone(),
         },
         inventory: testrun_controller::inventory::InventoryConfig {
             resync: args.inventory_resync.max(Duration::from_secs(1)),

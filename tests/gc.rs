@@ -16,7 +16,14 @@ use testrun_controller::api::testrun::{TestRun, TestRunPhase};
 use testrun_controller::compute::naming::request_id;
 use testrun_controller::compute::{Compute, InstanceSpec};
 
+/// A VM of an installation whose owner, in the namespace of the same name, never existed.
 fn stray(name: &str, installation: &str) -> InstanceSpec {
+    stray_of(name, installation, Some(installation))
+}
+
+/// A VM with an installation's labels whose owner never existed, labelled
+/// with an owner namespace when one is given.
+fn stray_of(name: &str, installation: &str, namespace: Option<&str>) -> InstanceSpec {
     InstanceSpec {
         name: name.into(),
         zone: "us-central1-a".into(),
@@ -28,7 +35,10 @@ fn stray(name: &str, installation: &str) -> InstanceSpec {
             ("installation".into(), installation.into()),
             ("owner-kind".into(), "testrun".into()),
             ("owner-uid".into(), "00000000-dead-dead-dead-000000000000".into()),
-        ]),
+        ])
+        .into_iter()
+        .chain(namespace.map(|ns| ("owner-namespace".to_string(), ns.to_string())))
+        .collect(),
         metadata: BTreeMap::new(),
         service_account: None,
         spot: false,
@@ -122,4 +132,48 @@ async fn a_dry_run_only_reports() {
     }
     let vm = find(&emulator, "orphan-2").await.expect("a dry run deletes nothing");
     assert!(vm["labels"].get("orphan-found-at").is_none(), "a dry run marks nothing: {vm}");
+}
+
+#[tokio::test]
+async fn a_neighbour_watching_another_namespace_never_deletes_a_live_vm() {
+    // Two controllers, one per namespace, with the same installation id; B
+    // scans for orphans every 300 ms (A seldom, so it does not undo B's
+    // marks). B sees A's VMs in its lists but cannot see their owners.
+    let (client, team_a) = common::setup("gc-neighbour-a").await;
+    let team_b = common::create_namespace(&client, "gc-neighbour-b").await;
+    let emulator = EmulatorProcess::start(&["--operation-delay", "100ms", "--boot-delay", "50ms"]);
+    let a_flags = ["--gc-interval", "10m", "--installation-id", "shared"];
+    let b_flags = ["--gc-interval", "300ms", "--gc-grace", "0s", "--installation-id", "shared"];
+    let a = ControllerProcess::start(common::control_plane_kubeconfig(), &team_a, &emulator.url, &a_flags);
+    let b = ControllerProcess::start(common::control_plane_kubeconfig(), &team_b, &emulator.url, &b_flags);
+
+    let runs: Api<TestRun> = Api::namespaced(client.clone(), &team_a);
+    let run: TestRun = serde_json::from_value(json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun", "metadata": { "name": "long" },
+        "spec": { "command": ["sleep", "6"], "maxAttempts": 1,
+                  "vm": { "zones": ["us-central1-a"], "machineType": "e2-small", "image": "img" } }
+    }))
+    .expect("TestRun");
+    runs.create(&PostParams::default(), &run).await.expect("create");
+    // B's scan works: an unowned VM of its own namespace goes.
+    let compute = emulator.compute("local").await;
+    compute.insert(&stray_of("orphan-of-b", "shared", Some(&team_b))).await.expect("insert");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let finished = loop {
+        let run = runs.get("long").await.expect("get");
+        if let Some(phase) = run.status.as_ref().and_then(|s| s.phase).filter(|p| p.is_finished()) {
+            break (phase, run);
+        }
+        assert!(Instant::now() < deadline, "the run never finished; A:\n{}\nB:\n{}", a.log(), b.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (phase, run) = finished;
+    let status = run.status.expect("status");
+    assert_eq!(phase, TestRunPhase::Succeeded, "{status:?}\nB:\n{}", b.log());
+    assert_eq!(status.shards[0].result.as_ref().map(|r| r.exit_code), Some(0));
+    assert_eq!(status.attempts, 1, "the VM ran its test to the end on the first attempt");
+    assert!(find(&emulator, "orphan-of-b").await.is_none(), "B's own orphan was deleted; B:\n{}", b.log());
+    let b_metrics = b.metrics().await;
+    assert!(b_metrics.contains("testrun_controller_orphans_deleted_total 1"), "{b_metrics}");
 }

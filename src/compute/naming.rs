@@ -16,6 +16,9 @@ pub const LABEL_INSTALLATION: &str = "installation";
 pub const LABEL_OWNER_KIND: &str = "owner-kind";
 /// Label holding the owner's uid.
 pub const LABEL_OWNER_UID: &str = "owner-uid";
+/// Label holding the owner's namespace: an orphan scan limited to some
+/// namespaces judges only VMs whose owner it could have seen.
+pub const LABEL_OWNER_NAMESPACE: &str = "owner-namespace";
 /// Label holding the shard number (TestRun VMs).
 pub const LABEL_SHARD: &str = "shard";
 /// Label holding the attempt number (TestRun VMs).
@@ -56,13 +59,33 @@ pub fn label_value(text: &str) -> String {
 }
 
 /// The labels every VM of this installation carries.
-pub fn base_labels(installation: &str, kind: OwnerKind, owner_uid: &str) -> BTreeMap<String, String> {
+pub fn base_labels(installation: &str, kind: OwnerKind, namespace: &str, owner_uid: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
         (LABEL_INSTALLATION.to_string(), label_value(installation)),
         (LABEL_OWNER_KIND.to_string(), kind.label().to_string()),
+        (LABEL_OWNER_NAMESPACE.to_string(), label_value(namespace)),
         (LABEL_OWNER_UID.to_string(), label_value(owner_uid)),
     ])
+}
+
+/// The installation id when none is given: the controller's own namespace,
+/// and the namespace it watches when it watches one (`<own>_<watched>`; a
+/// namespace name never holds `_`), so two installations in one cluster
+/// never share an id. Too long for a label value, it becomes `i-` and a
+/// digest of both.
+pub fn default_installation_id(own_namespace: &str, watched: Option<&str>) -> String {
+    let id = match watched {
+        Some(watched) => format!("{own_namespace}_{watched}"),
+        None => own_namespace.to_string(),
+    };
+    if id.len() <= 63 && label_value(&id) == id {
+        return id;
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("i-{hex}")
 }
 
 /// The labels that select every VM of an installation.
@@ -74,16 +97,27 @@ pub fn installation_selector(installation: &str) -> BTreeMap<String, String> {
 }
 
 /// Labels of a TestRun shard attempt's VM.
-pub fn testrun_labels(installation: &str, owner_uid: &str, shard: u32, attempt: u32) -> BTreeMap<String, String> {
-    let mut labels = base_labels(installation, OwnerKind::TestRun, owner_uid);
+pub fn testrun_labels(
+    installation: &str,
+    namespace: &str,
+    owner_uid: &str,
+    shard: u32,
+    attempt: u32,
+) -> BTreeMap<String, String> {
+    let mut labels = base_labels(installation, OwnerKind::TestRun, namespace, owner_uid);
     labels.insert(LABEL_SHARD.to_string(), shard.to_string());
     labels.insert(LABEL_ATTEMPT.to_string(), attempt.to_string());
     labels
 }
 
 /// Labels of a preset pool VM.
-pub fn preset_labels(installation: &str, owner_uid: &str, template_version: &str) -> BTreeMap<String, String> {
-    let mut labels = base_labels(installation, OwnerKind::PrebuildPreset, owner_uid);
+pub fn preset_labels(
+    installation: &str,
+    namespace: &str,
+    owner_uid: &str,
+    template_version: &str,
+) -> BTreeMap<String, String> {
+    let mut labels = base_labels(installation, OwnerKind::PrebuildPreset, namespace, owner_uid);
     labels.insert(LABEL_TEMPLATE_VERSION.to_string(), label_value(template_version));
     labels
 }
@@ -159,15 +193,33 @@ mod tests {
 
     #[test]
     fn labels_follow_the_label_rules() {
-        let labels = testrun_labels("Prod EU", UID, 3, 2);
+        let labels = testrun_labels("Prod EU", "team-a", UID, 3, 2);
         assert_eq!(labels[LABEL_INSTALLATION], "prod-eu");
         assert_eq!(labels[LABEL_SHARD], "3");
         assert_eq!(labels[LABEL_ATTEMPT], "2");
         assert_eq!(labels[LABEL_OWNER_KIND], "testrun");
-        for (k, v) in labels.iter().chain(preset_labels("x", UID, "V1.2").iter()) {
+        for (k, v) in labels.iter().chain(preset_labels("x", "team-a", UID, "V1.2").iter()) {
             assert!(is_label_key(k) && is_label_value(v), "{k}={v}");
         }
-        assert_eq!(preset_labels("x", UID, "V1.2")[LABEL_TEMPLATE_VERSION], "v1-2");
+        assert_eq!(preset_labels("x", "team-a", UID, "V1.2")[LABEL_TEMPLATE_VERSION], "v1-2");
+        assert_eq!(labels[LABEL_OWNER_NAMESPACE], "team-a");
+    }
+
+    #[test]
+    fn default_installation_ids_differ_per_installation() {
+        assert_eq!(default_installation_id("testrun-system", None), "testrun-system");
+        assert_eq!(default_installation_id("ci", Some("team-a")), "ci_team-a");
+        // `_` never occurs in a namespace, so these cannot collide.
+        assert_ne!(default_installation_id("a-b", Some("c")), default_installation_id("a", Some("b-c")));
+        let long = "n".repeat(60);
+        let a = default_installation_id(&long, Some("team-a"));
+        let b = default_installation_id(&long, Some("team-b"));
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            assert!(is_label_value(id) && id.starts_with("i-"), "{id}");
+            assert_eq!(label_value(id), *id);
+        }
+        assert_eq!(a, default_installation_id(&long, Some("team-a")), "stable across restarts");
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! scan, never from a cache that may lag). A VM whose owner is gone and that
 //! is older than `--gc-grace` is first marked (label `orphan-found-at`) and
 //! deleted on the next scan if still unowned. VMs of other installations
-//! are never listed, so never touched. One VM's error never stops the sweep.
+//! are never listed, so never touched; a controller that watches one
+//! namespace judges only VMs whose `owner-namespace` label names it (it
+//! cannot see any other owner, so it cannot tell whether one is alive).
+//! One VM's error never stops the sweep.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use kube::api::{Api, ListParams};
 use super::Context;
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
-use crate::compute::naming::{LABEL_OWNER_UID, label_value, request_id};
+use crate::compute::naming::{LABEL_OWNER_NAMESPACE, LABEL_OWNER_UID, label_value, request_id};
 use crate::compute::{Compute, Instance};
 
 /// Longest wait for the inventory to list for a scan.
@@ -37,6 +40,8 @@ pub struct GcConfig {
     pub grace: Duration,
     /// Only report what would be done.
     pub dry_run: bool,
+    /// The one namespace whose owners this controller sees; `None`: all.
+    pub scope: Option<String>,
 }
 
 /// What the scan does with one VM.
@@ -67,11 +72,24 @@ pub enum GcAction {
     },
 }
 
-/// Decides, for every VM of the installation, what the scan does. Pure.
-pub fn plan_sweep(vms: &[Instance], live_uids: &BTreeSet<String>, now: Timestamp, grace: Duration) -> Vec<GcAction> {
+/// Whether a VM's owner is one this controller could see: every VM when it
+/// watches all namespaces, else only VMs labelled with its namespace.
+pub fn in_scope(vm: &Instance, scope: Option<&str>) -> bool {
+    scope.is_none_or(|ns| vm.labels.get(LABEL_OWNER_NAMESPACE).is_some_and(|v| *v == label_value(ns)))
+}
+
+/// Decides, for every VM of the installation whose owner this controller
+/// could see (`scope`), what the scan does. Pure.
+pub fn plan_sweep(
+    vms: &[Instance],
+    live_uids: &BTreeSet<String>,
+    scope: Option<&str>,
+    now: Timestamp,
+    grace: Duration,
+) -> Vec<GcAction> {
     let grace = super::ops::signed(grace);
     let mut actions = Vec::new();
-    for vm in vms {
+    for vm in vms.iter().filter(|vm| in_scope(vm, scope)) {
         let owned = vm.labels.get(LABEL_OWNER_UID).is_some_and(|uid| live_uids.contains(uid));
         let mark = vm.labels.get(LABEL_ORPHAN);
         let (zone, name) = (vm.zone.clone(), vm.name.clone());
@@ -161,9 +179,9 @@ pub async fn sweep<C: Compute + Clone>(
     let live = live_uids(runs, presets).await?;
     let (mut vms, unreachable) = ctx.inventory.listed();
     // What a zone that could not be seen holds is not known now: not judged.
-    vms.retain(|vm| !unreachable.contains(&vm.zone));
+    vms.retain(|vm| !unreachable.contains(&vm.zone) && in_scope(vm, config.scope.as_deref()));
     let now = Timestamp::now();
-    let actions = plan_sweep(&vms, &live, now, config.grace);
+    let actions = plan_sweep(&vms, &live, config.scope.as_deref(), now, config.grace);
     let by_name: BTreeMap<(String, String), &Instance> =
         vms.iter().map(|v| ((v.zone.clone(), v.name.clone()), v)).collect();
     let mut report = SweepReport { seen: vms.len(), ..SweepReport::default() };
@@ -283,7 +301,7 @@ mod tests {
             vm("marked-orphan", "gone", 900, Some("1799999000"), now),
             vm("marked-but-owned", "alive", 900, Some("1799999000"), now),
         ];
-        let actions = plan_sweep(&vms, &live, now, Duration::from_secs(300));
+        let actions = plan_sweep(&vms, &live, None, now, Duration::from_secs(300));
         assert_eq!(
             actions,
             vec![
@@ -299,6 +317,23 @@ mod tests {
         let now = Timestamp::from_second(1_800_000_000).expect("time");
         let mut v = vm("x", "gone", 9999, None, now);
         v.creation_timestamp = None;
-        assert!(plan_sweep(&[v], &BTreeSet::new(), now, Duration::ZERO).is_empty());
+        assert!(plan_sweep(&[v], &BTreeSet::new(), None, now, Duration::ZERO).is_empty());
+    }
+
+    #[test]
+    fn a_controller_of_one_namespace_judges_only_vms_of_that_namespace() {
+        let now = Timestamp::from_second(1_800_000_000).expect("time");
+        let in_ns = |name: &str, ns: Option<&str>| {
+            let mut v = vm(name, "not-mine-to-see", 3600, None, now);
+            if let Some(ns) = ns {
+                v.labels.insert(LABEL_OWNER_NAMESPACE.to_string(), ns.to_string());
+            }
+            v
+        };
+        let vms = vec![in_ns("mine", Some("team-a")), in_ns("neighbour", Some("team-b")), in_ns("unlabelled", None)];
+        let scoped = plan_sweep(&vms, &BTreeSet::new(), Some("team-a"), now, Duration::from_secs(300));
+        assert_eq!(scoped, vec![GcAction::Mark { zone: "z".into(), name: "mine".into() }]);
+        // Watching every namespace, every owner is visible: all are judged.
+        assert_eq!(plan_sweep(&vms, &BTreeSet::new(), None, now, Duration::from_secs(300)).len(), 3);
     }
 }

@@ -28,20 +28,15 @@ impl ControllerProcess {
     pub fn start(kubeconfig: PathBuf, namespace: &str, compute: &str, extra: &[&str]) -> Self {
         let agent_port = free_port();
         let metrics_port = free_port();
-        let mut args: Vec<String> = [
-            "run",
-            "--compute-endpoint",
-            compute,
-            "--watch-namespace",
-            namespace,
-            "--namespace",
-            namespace,
-            "--installation-id",
-            namespace,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> =
+            ["run", "--compute-endpoint", compute, "--watch-namespace", namespace, "--namespace", namespace]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        // Each test's own installation unless it names one.
+        if !extra.contains(&"--installation-id") {
+            args.extend(["--installation-id".to_string(), namespace.to_string()]);
+        }
         args.push("--metrics-listen".into());
         args.push(format!("127.0.0.1:{metrics_port}"));
         args.push("--agent-listen".into());

@@ -375,7 +375,12 @@ impl Pool<'_> {
         let vm = &preset.spec.vm;
         let uid = self.uid();
         let mut labels = vm.labels.clone();
-        labels.extend(preset_labels(&self.obs.settings.installation, &uid, version));
+        labels.extend(preset_labels(
+            &self.obs.settings.installation,
+            &preset.metadata.namespace.clone().unwrap_or_default(),
+            &uid,
+            version,
+        ));
         let mut metadata = vm.metadata.clone();
         metadata.insert("startup-script".into(), startup_script(&self.obs.settings.agent_command));
         metadata.insert(META_AGENT_URL.into(), self.obs.settings.agent_url.clone());

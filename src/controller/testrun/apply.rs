@@ -203,7 +203,13 @@ async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanu
         if vm.labels.get(LABEL_OWNER_UID) != Some(&label_value(&uid)) && !cleanup {
             let mut labels = vm.labels.clone();
             labels.remove(LABEL_TEMPLATE_VERSION);
-            labels.extend(testrun_labels(&ctx.settings.installation, &uid, u32::try_from(*shard).unwrap_or(0), 1));
+            labels.extend(testrun_labels(
+                &ctx.settings.installation,
+                &run.namespace().unwrap_or_default(),
+                &uid,
+                u32::try_from(*shard).unwrap_or(0),
+                1,
+            ));
             let rid = request_id(&format!("claim/{uid}/{shard}/{zone}/{name}/{}", vm.label_fingerprint), 0);
             view.relabel_ids.insert(rid.clone());
             match ctx.tracker.seen([rid.as_str()]).get(&rid) {

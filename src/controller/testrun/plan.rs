@@ -513,6 +513,7 @@ impl Planner<'_> {
         let mut labels = vm.labels.clone();
         labels.extend(testrun_labels(
             &self.obs.settings.installation,
+            &run.metadata.namespace.clone().unwrap_or_default(),
             &uid,
             shard.max(0) as u32,
             attempt.max(0) as u32,
