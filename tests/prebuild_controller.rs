@@ -337,9 +337,12 @@ async fn deleting_a_preset_leaves_claimed_vms_to_their_testruns() {
     let warm = env.vms().await[0]["name"].as_str().expect("name").to_string();
 
     let runs: Api<TestRun> = Api::namespaced(env.client.clone(), &env.ns);
+    // The test runs until the file exists (the emulated VM is a local process).
+    let flag = std::env::temp_dir().join(format!("{}-go", env.ns));
+    let wait = format!("while [ ! -e '{}' ]; do sleep 0.2; done", flag.display());
     let run: TestRun = serde_json::from_value(json!({
         "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun", "metadata": { "name": "long" },
-        "spec": { "presetRef": { "name": "pool" }, "command": ["sleep", "300"], "heartbeatTimeout": "20s" }
+        "spec": { "presetRef": { "name": "pool" }, "command": ["sh", "-c", wait], "heartbeatTimeout": "20s" }
     }))
     .expect("TestRun");
     runs.create(&PostParams::default(), &run).await.expect("create");
@@ -366,7 +369,70 @@ async fn deleting_a_preset_leaves_claimed_vms_to_their_testruns() {
     assert_eq!(names, vec![warm.as_str()], "only the claimed VM is left");
     assert_eq!(left[0]["labels"]["owner-kind"], "testrun");
     assert_eq!(left[0]["processAlive"], true);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let run = runs.get("long").await.expect("get");
-    assert_eq!(run.status.and_then(|s| s.phase), Some(TestRunPhase::Running), "the run goes on");
+    // Without its preset the run goes on to its result, and its VM goes.
+    std::fs::write(&flag, b"").expect("flag");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let run = runs.get("long").await.expect("get");
+        if let Some(status) = run.status.filter(|s| s.phase.is_some_and(|p| p.is_finished())) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the run never finished; log:\n{}", env.controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = std::fs::remove_file(&flag);
+    assert_eq!(status.phase, Some(TestRunPhase::Succeeded), "{status:?}");
+    assert_eq!(status.shards[0].result.as_ref().map(|r| r.exit_code), Some(0));
+    assert_eq!(status.started.as_ref().map(|s| s.vm.machine_type.as_str()), Some("e2-standard-2"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env.vms().await.is_empty() {
+        assert!(Instant::now() < deadline, "the run's VM was not deleted; log:\n{}", env.controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_run_takes_nothing_from_the_pool_until_it_is_fixed() {
+    use testrun_controller::api::testrun::{TestRun, TestRunPhase};
+    let env = setup("pool-invalid-claimer", &["--operation-delay", "100ms", "--boot-delay", "50ms"]).await;
+    env.create(preset(1, "v1", 1)).await;
+    env.wait_for("1 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 1)).await;
+    let warm = env.vms().await[0]["name"].as_str().expect("name").to_string();
+
+    let runs: Api<TestRun> = Api::namespaced(env.client.clone(), &env.ns);
+    // Invalid: its heartbeat timeout is longer than its timeout.
+    let run: TestRun = serde_json::from_value(json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun", "metadata": { "name": "bad" },
+        "spec": { "presetRef": { "name": "pool" }, "command": ["true"], "timeout": "1m", "heartbeatTimeout": "5m" }
+    }))
+    .expect("TestRun");
+    runs.create(&PostParams::default(), &run).await.expect("create");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let run = runs.get("bad").await.expect("get");
+        let invalid = run.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "InvalidSpec").cloned());
+        if invalid.is_some_and(|c| c.status == ConditionStatus::True) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run was not reported invalid; log:\n{}", env.controller.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pool = env.presets.get("pool").await.expect("get").status.expect("status");
+    assert_eq!((pool.claimed, pool.ready), (0, 1), "an invalid run claimed a warm VM: {pool:?}");
+
+    // Fixed, it claims the warm VM and runs on it.
+    runs.patch("bad", &PatchParams::default(), &Patch::Merge(&json!({ "spec": { "heartbeatTimeout": "20s" } })))
+        .await
+        .expect("fix");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let run = runs.get("bad").await.expect("get");
+        if let Some(status) = run.status.filter(|s| s.phase.is_some_and(|p| p.is_finished())) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the fixed run never finished; log:\n{}", env.controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status.phase, Some(TestRunPhase::Succeeded), "{status:?}");
+    assert_eq!(status.shards[0].instance.as_deref(), Some(warm.as_str()), "ran on the warm VM");
 }

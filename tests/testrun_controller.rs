@@ -13,6 +13,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use testrun_controller::agent::protocol::{LeaseClaim, ResultReport};
 use testrun_controller::agent::tokens::{LeaseKey, LeaseScope};
+use testrun_controller::api::ConditionStatus;
 use testrun_controller::api::testrun::{TestRun, TestRunPhase};
 
 struct Env {
@@ -407,6 +408,47 @@ async fn a_lost_lease_moves_the_shard_to_a_new_attempt_and_the_old_worker_is_ref
     assert_eq!(response.status(), 409);
     let after = env.runs.get("flaky").await.expect("get");
     assert_eq!(after.status.expect("status").shards[0].result.as_ref(), Some(result));
+    env.wait_no_vms().await;
+}
+
+#[tokio::test]
+async fn spec_changes_after_the_start_are_reported_and_every_attempt_runs_what_the_run_started_with() {
+    let env = setup("spec-change", &[], &[]).await;
+    let mut body = testrun(
+        "steady",
+        1,
+        &[
+            "sh",
+            "-c",
+            "if [ \"$TESTRUN_ATTEMPT\" = 1 ]; then exec sleep 120; fi; echo attempt $TESTRUN_ATTEMPT of $TESTRUN_SHARDS",
+        ],
+    );
+    body["spec"]["heartbeatTimeout"] = json!("3s");
+    env.create(body).await;
+    env.wait_phase("steady", TestRunPhase::Running).await;
+    let changed = json!({ "spec": { "shards": 2, "command": ["sh", "-c", "echo changed; exit 3"] } });
+    env.runs.patch("steady", &PatchParams::default(), &Patch::Merge(&changed)).await.expect("patch");
+    let reported = env
+        .wait_for("steady", "SpecChanged", Duration::from_secs(30), |r| {
+            r.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| c.type_ == "SpecChanged" && c.status == ConditionStatus::True)
+            })
+        })
+        .await;
+    let condition = reported.status.expect("status").conditions.into_iter().find(|c| c.type_ == "SpecChanged");
+    assert!(condition.is_some_and(|c| c.message.contains("spec.shards, spec.command")));
+    // Attempt 1 is lost; attempt 2 runs the command the run started with.
+    let pid = env.vms().await[0]["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).expect("booted");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let run = env.wait_phase("steady", TestRunPhase::Succeeded).await;
+    let status = run.status.expect("status");
+    assert_eq!(status.shards.len(), 1, "no shard added");
+    assert_eq!(status.shards[0].attempt, 2);
+    let result = status.shards[0].result.as_ref().expect("result");
+    assert_eq!(result.output_tail.trim(), "attempt 2 of 1");
+    let events = env.events().await;
+    assert!(events.iter().any(|(r, _)| r == "SpecChangeIgnored"), "{events:?}");
+    wait_dead(pid).await;
     env.wait_no_vms().await;
 }
 

@@ -159,17 +159,23 @@ async fn register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<Assig
 fn assignment(key: &LeaseKey, run: &TestRun, shard: &ShardStatus) -> Assignment {
     let uid = run.metadata.uid.clone().unwrap_or_default();
     let scope = LeaseScope { uid: &uid, shard: shard.index, attempt: shard.attempt, lease_id: shard.lease_id };
+    // Every attempt runs what the run started with.
+    let started = run.status.as_ref().and_then(|s| s.started.clone());
+    let (shards, command, env, working_dir) = match started {
+        Some(s) => (s.shards, s.command, s.env, s.working_dir),
+        None => (run.spec.shards, run.spec.command.clone(), run.spec.env.clone(), run.spec.working_dir.clone()),
+    };
     Assignment {
         namespace: run.metadata.namespace.clone().unwrap_or_default(),
         testrun: run.metadata.name.clone().unwrap_or_default(),
         shard: shard.index,
-        shards: run.spec.shards,
+        shards,
         attempt: shard.attempt,
         lease_id: shard.lease_id,
         lease_token: key.lease_token(&scope),
-        command: run.spec.command.clone(),
-        env: run.spec.env.iter().map(|e| EnvVar { name: e.name.clone(), value: e.value.clone() }).collect(),
-        working_dir: run.spec.working_dir.clone(),
+        command,
+        env: env.into_iter().map(|e| EnvVar { name: e.name, value: e.value }).collect(),
+        working_dir,
         timeout_seconds: run.spec.timeout.parse().map(|d| d.as_secs()).unwrap_or(3600),
         heartbeat_interval_seconds: heartbeat_interval(&run.spec.heartbeat_timeout),
     }

@@ -176,9 +176,82 @@ pub struct TestRunStatus {
     /// recently finished.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operations: Vec<TrackedOperation>,
-    /// Conditions: `Ready`, `Progressing`, `Degraded`, `InvalidSpec`.
+    /// What the run started with: every attempt, the first and the last,
+    /// runs this, whatever the spec or the preset says later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<StartedWith>,
+    /// Conditions: `Ready`, `Progressing`, `Degraded`, `InvalidSpec`,
+    /// `SpecChanged`, `DeletionFailing`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// The part of the spec a started run keeps: changes to `shards`, `command`,
+/// `env`, `workingDir`, `vm` or `presetRef` after the start are not applied
+/// (the `SpecChanged` condition says so); create a new TestRun instead.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StartedWith {
+    /// Number of shards.
+    pub shards: i32,
+    /// The command.
+    pub command: Vec<String>,
+    /// Its environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Its working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// The VM shape every new VM of the run gets: `spec.vm`, or the preset's
+    /// shape when the run started (a later change or deletion of the preset
+    /// does not touch a started run).
+    pub vm: VmSpec,
+    /// Whether `vm` is the preset's shape (`spec.vm` was not set).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vm_from_preset: bool,
+    /// The preset the run claimed warm VMs from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset_ref: Option<PresetRef>,
+}
+
+impl StartedWith {
+    /// What a spec starts with, on the given VM shape.
+    pub fn from_spec(spec: &TestRunSpec, vm: VmSpec) -> Self {
+        Self {
+            shards: spec.shards,
+            command: spec.command.clone(),
+            env: spec.env.clone(),
+            working_dir: spec.working_dir.clone(),
+            vm_from_preset: spec.vm.is_none(),
+            vm,
+            preset_ref: spec.preset_ref.clone(),
+        }
+    }
+
+    /// The fields of `spec` that differ from what the run started with.
+    pub fn changed_in(&self, spec: &TestRunSpec) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if spec.shards != self.shards {
+            changed.push("shards");
+        }
+        if spec.command != self.command {
+            changed.push("command");
+        }
+        if spec.env != self.env {
+            changed.push("env");
+        }
+        if spec.working_dir != self.working_dir {
+            changed.push("workingDir");
+        }
+        let vm_changed = if self.vm_from_preset { spec.vm.is_some() } else { spec.vm.as_ref() != Some(&self.vm) };
+        if vm_changed {
+            changed.push("vm");
+        }
+        if spec.preset_ref != self.preset_ref {
+            changed.push("presetRef");
+        }
+        changed
+    }
 }
 
 /// Where one shard stands.

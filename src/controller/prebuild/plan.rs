@@ -767,6 +767,8 @@ mod tests {
         abandoned: BTreeSet<String>,
         settings: Settings,
         key: LeaseKey,
+        /// The preset is being deleted: passes plan its cleanup.
+        deleting: bool,
     }
 
     impl World {
@@ -788,6 +790,7 @@ mod tests {
                     started_at: now,
                 },
                 key: LeaseKey::from_bytes(&[2; 32]).expect("key"),
+                deleting: false,
             }
         }
 
@@ -821,12 +824,14 @@ mod tests {
         fn reconcile(&mut self) -> PoolPlan {
             let seen = self.seen();
             let view = VmView::complete(self.vms.clone());
-            let plan = plan(&PoolObserved {
+            let outstanding = self.ops.values().filter(|(_, _, _, done)| !done).count();
+            let planner = if self.deleting { plan_cleanup } else { plan };
+            let plan = planner(&PoolObserved {
                 preset: &self.preset,
                 now: self.now,
                 vms: &view,
                 operations: &seen,
-                outstanding: 0,
+                outstanding,
                 registered: &self.registered,
                 abandoned_claims: &self.abandoned,
                 settings: &self.settings,
@@ -1047,6 +1052,7 @@ mod tests {
         Version(u8),
         Instances(i32),
         Advance(i64),
+        Delete,
     }
 
     proptest! {
@@ -1059,6 +1065,7 @@ mod tests {
             (1u8..4).prop_map(Step::Version),
             (0i32..6).prop_map(Step::Instances),
             (1i64..60).prop_map(Step::Advance),
+            Just(Step::Delete),
         ], 1..40)) {
             let mut w = World::new(preset(3, "v1", 2));
             let mut claimed = BTreeSet::new();
@@ -1080,6 +1087,7 @@ mod tests {
                     Step::Version(v) => w.set_version(&format!("v{v}")),
                     Step::Instances(n) => { w.preset.spec.instances = n; w.preset.metadata.generation = w.preset.metadata.generation.map(|g| g + 1); }
                     Step::Advance(s) => w.now += SignedDuration::from_secs(s),
+                    Step::Delete => w.deleting = true,
                 }
                 let ready_before = w.status().instances.iter().filter(|i| i.state == PresetInstanceState::Ready).count()
                     + w.status().instances.iter().filter(|i| i.state == PresetInstanceState::Provisioning && w.registered.contains_key(&i.name)).count();
@@ -1089,6 +1097,15 @@ mod tests {
                     if let CloudCall::Delete { name, .. } = call {
                         prop_assert!(!claimed.contains(name), "the pool deleted claimed VM {}", name);
                     }
+                }
+                if w.deleting {
+                    // A pass on a preset being deleted never creates
+                    // anything, and is done only when every VM is gone.
+                    prop_assert!(!plan.calls.iter().any(|c| matches!(c, CloudCall::Insert(_))), "{:?}", plan.calls);
+                    if plan.cleanup_done {
+                        prop_assert!(w.vms.is_empty(), "done with VMs left: {:?}", w.vms);
+                    }
+                    continue;
                 }
                 let status = plan.status;
                 let active = w.preset.spec.template_version.clone();

@@ -19,6 +19,7 @@ use tracing::Instrument as _;
 use super::plan::{Observed, Plan, plan, plan_cleanup};
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
+use crate::api::validation::validate_testrun;
 use crate::api::{FINALIZER, VmSpec};
 use crate::compute::naming::{LABEL_OWNER_UID, LABEL_TEMPLATE_VERSION, label_value, request_id, testrun_labels};
 use crate::compute::{Compute, Instance};
@@ -150,13 +151,24 @@ struct PresetView {
 }
 
 async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanup: bool) -> Result<PresetView, Error> {
-    let Some(preset_ref) = &run.spec.preset_ref else { return Ok(PresetView::default()) };
+    // A started run keeps the preset it started with.
+    let started = run.status.as_ref().and_then(|s| s.started.as_ref());
+    let preset_ref = match started {
+        Some(started) => started.preset_ref.as_ref(),
+        None => run.spec.preset_ref.as_ref(),
+    };
+    let Some(preset_ref) = preset_ref else { return Ok(PresetView::default()) };
     let namespace = run.namespace().unwrap_or_default();
     let key = ObjectRef::<PrebuildPreset>::new(&preset_ref.name).within(&namespace);
     let Some(cached) = ctx.presets.get(&key) else { return Ok(PresetView::default()) };
     let preset = ctx.fresh_presets.latest(cached);
     let status = run.status.clone().unwrap_or_default();
-    let may_claim = !cleanup && !run.spec.cancel && !status.phase.is_some_and(|p| p.is_finished());
+    // A run whose spec is invalid takes nothing from the pool: it could not
+    // use a VM before the spec is fixed.
+    let may_claim = !cleanup
+        && !run.spec.cancel
+        && !status.phase.is_some_and(|p| p.is_finished())
+        && validate_testrun(&run.spec).is_ok();
     let claims: Vec<Claim> = (0..run.spec.shards)
         .map(|shard| Claim { namespace: namespace.clone(), testrun: run.name_any(), shard })
         .collect();

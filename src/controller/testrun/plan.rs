@@ -30,7 +30,7 @@ use crate::agent::protocol::{
     META_AGENT_URL, META_ATTEMPT, META_NAME, META_NAMESPACE, META_OWNER_UID, META_SHARD, META_VM_TOKEN,
 };
 use crate::agent::tokens::LeaseKey;
-use crate::api::testrun::{ShardResult, ShardStatus, TestRun, TestRunPhase, TestRunStatus};
+use crate::api::testrun::{ShardResult, ShardStatus, StartedWith, TestRun, TestRunPhase, TestRunStatus};
 use crate::api::validation::validate_testrun;
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation, VmSpec};
 use crate::compute::messages::reason;
@@ -125,6 +125,8 @@ struct Planner<'a> {
     cleanup: bool,
     /// VMs whose insert may have been made and that must be verified gone (cleanup).
     unverified: BTreeSet<(String, String)>,
+    /// Why no VM may be created now (the spec turned invalid after the start).
+    blocked: Option<String>,
 }
 
 /// Plans one reconcile of a run that is not being deleted.
@@ -140,14 +142,22 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         degraded: None,
         cleanup: false,
         unverified: BTreeSet::new(),
+        blocked: None,
     };
     p.status.observed_generation = run.metadata.generation;
 
-    if let Err(invalid) = validate_testrun(&run.spec) {
-        p.invalid(&invalid.to_string());
-        return p.finish(false);
+    // A started run goes on with the shape it started with; only creating a
+    // VM needs a valid spec.
+    let invalid = validate_testrun(&run.spec).err().map(|e| e.to_string());
+    if let Some(message) = &invalid {
+        p.invalid(message);
+        if p.status.started.is_none() {
+            return p.finish(false);
+        }
+        p.blocked = Some(message.clone());
     }
-    let Some(vm) = run.spec.vm.clone().or_else(|| obs.preset_vm.cloned()) else {
+    let started = p.status.started.as_ref().map(|s| s.vm.clone());
+    let Some(vm) = started.or_else(|| run.spec.vm.clone()).or_else(|| obs.preset_vm.cloned()) else {
         // presetRef names a preset that does not exist (yet): wait for it.
         let name = run.spec.preset_ref.as_ref().map(|r| r.name.clone()).unwrap_or_default();
         let message = format!("PrebuildPreset {name} does not exist; waiting for it (or set spec.vm)");
@@ -166,15 +176,17 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         p.wake = PRESET_POLL;
         return p.finish(false);
     };
-    conditions::set(
-        &mut p.status.conditions,
-        "InvalidSpec",
-        ConditionStatus::False,
-        "Valid",
-        "",
-        run.metadata.generation,
-        obs.now,
-    );
+    if invalid.is_none() {
+        conditions::set(
+            &mut p.status.conditions,
+            "InvalidSpec",
+            ConditionStatus::False,
+            "Valid",
+            "",
+            run.metadata.generation,
+            obs.now,
+        );
+    }
 
     if p.status.shards.is_empty() {
         p.status.start_time = Some(Time(obs.now));
@@ -193,6 +205,13 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
                 message: None,
             })
             .collect();
+    }
+    match &p.status.started {
+        None => p.status.started = Some(StartedWith::from_spec(&run.spec, vm.clone())),
+        Some(started) => {
+            let changed = started.changed_in(&run.spec);
+            p.spec_changed(&changed);
+        }
     }
 
     p.follow_operations(&vm);
@@ -221,10 +240,12 @@ pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
         degraded: None,
         cleanup: true,
         unverified: BTreeSet::new(),
+        blocked: None,
     };
     // Without a VM shape the operations are still followed; the shape only
     // words error messages.
-    p.follow_operations(&obs.run.spec.vm.clone().unwrap_or_default());
+    let vm = p.status.started.as_ref().map(|s| s.vm.clone()).or_else(|| obs.run.spec.vm.clone());
+    p.follow_operations(&vm.unwrap_or_default());
     p.collect_strays(true);
     let done = obs.vms.vms.is_empty()
         && obs.vms.is_complete()
@@ -272,6 +293,45 @@ impl Planner<'_> {
             self.status.phase = Some(TestRunPhase::Pending);
         }
         self.wake = Duration::MAX;
+    }
+
+    /// Reports spec fields changed after the start (not applied) in the
+    /// `SpecChanged` condition, with a Warning when it turns True.
+    fn spec_changed(&mut self, changed: &[&str]) {
+        let generation = self.obs.run.metadata.generation;
+        let now = self.obs.now;
+        let was = conditions::get(&self.status.conditions, "SpecChanged").map(|c| (c.status, c.message.clone()));
+        if changed.is_empty() {
+            if was.is_some() {
+                conditions::set(
+                    &mut self.status.conditions,
+                    "SpecChanged",
+                    ConditionStatus::False,
+                    "AsStarted",
+                    "",
+                    generation,
+                    now,
+                );
+            }
+            return;
+        }
+        let message = format!(
+            "spec.{} changed after the run started; a started run goes on with what it started with \
+             (status.started): create a new TestRun to run the new spec",
+            changed.join(", spec.")
+        );
+        if was != Some((ConditionStatus::True, message.clone())) {
+            self.event(true, "SpecChangeIgnored", message.clone());
+        }
+        conditions::set(
+            &mut self.status.conditions,
+            "SpecChanged",
+            ConditionStatus::True,
+            "ChangedAfterStart",
+            message,
+            generation,
+            now,
+        );
     }
 
     /// Whether an operation of this kind on this VM may still act: recorded
@@ -545,7 +605,7 @@ impl Planner<'_> {
 
     /// Records the intent to create a shard attempt's VM and asks for the call.
     fn start_insert(&mut self, index: i32, attempt: i32, zone: &str, vm: &VmSpec) {
-        if self.cleanup {
+        if self.cleanup || self.blocked.is_some() {
             return;
         }
         let uid = self.uid();
@@ -558,6 +618,14 @@ impl Planner<'_> {
     /// Starts the next attempt of a shard with a new lease: on a claimed
     /// pool VM for a first attempt when one was claimed, on a new VM otherwise.
     fn start_attempt(&mut self, index: usize, vm: &VmSpec) {
+        if let Some(why) = self.blocked.clone() {
+            let shard = &mut self.status.shards[index];
+            if shard.phase != TestRunPhase::Pending {
+                shard.phase = TestRunPhase::Pending;
+                shard.message = Some(format!("attempt {} waits for a valid spec: {why}", shard.attempt + 1));
+            }
+            return;
+        }
         let lease_id = self.next_lease_id();
         let shard_index = self.status.shards[index].index;
         if self.status.shards[index].attempt == 0
@@ -973,6 +1041,9 @@ mod tests {
         settings: Settings,
         key: LeaseKey,
         inserts_after_finish: u32,
+        preset_vm: Option<VmSpec>,
+        /// The run is being deleted: passes plan its cleanup.
+        deleting: bool,
     }
 
     impl World {
@@ -994,6 +1065,8 @@ mod tests {
                 },
                 key: LeaseKey::from_bytes(&[1; 32]).expect("key"),
                 inserts_after_finish: 0,
+                preset_vm: None,
+                deleting: false,
             }
         }
 
@@ -1023,18 +1096,20 @@ mod tests {
             let finished_before = self.status().phase.is_some_and(|p| p.is_finished());
             let exhausted = BTreeSet::new();
             let view = VmView::complete(self.vms.clone());
-            let plan = plan(&Observed {
+            let outstanding = self.ops.values().filter(|(_, _, _, _, done)| !done).count();
+            let planner = if self.deleting { plan_cleanup } else { plan };
+            let plan = planner(&Observed {
                 run: &self.run,
                 now: self.now,
                 vms: &view,
                 operations: &seen,
-                outstanding: 0,
+                outstanding,
                 heard: &self.heard,
                 exhausted_zones: &exhausted,
                 settings: &self.settings,
                 key: &self.key,
                 claims: &BTreeMap::new(),
-                preset_vm: None,
+                preset_vm: self.preset_vm.as_ref(),
             });
             for call in &plan.calls {
                 let rid = call.request_id().to_string();
@@ -1320,6 +1395,93 @@ mod tests {
         assert!(c.message.contains("spec.vm"), "{}", c.message);
     }
 
+    fn inserts(plan: &Plan) -> usize {
+        plan.calls.iter().filter(|c| matches!(c, CloudCall::Insert(_))).count()
+    }
+
+    #[test]
+    fn a_started_run_goes_on_when_its_preset_is_deleted() {
+        let mut with_preset = run(1, 3);
+        let shape = with_preset.spec.vm.take();
+        with_preset.spec.preset_ref = Some(crate::api::testrun::PresetRef { name: "pool".into() });
+        let mut w = World::new(with_preset);
+        w.preset_vm = shape.clone();
+        assert_eq!(inserts(&w.reconcile()), 1, "a fresh VM of the preset's shape");
+        assert_eq!(w.status().started.map(|s| s.vm), shape, "the shape is kept in status");
+        w.finish_operations(None);
+        // The preset goes; the run goes on to its result.
+        w.preset_vm = None;
+        w.register(0);
+        w.reconcile();
+        w.report(0, 0);
+        let plan = w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded));
+        assert_eq!(plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count(), 1);
+        // A lost VM is created again from the kept shape.
+        let mut again = World::new(w.run.clone());
+        again.run.status = None;
+        again.preset_vm = shape.clone();
+        again.reconcile();
+        again.preset_vm = None;
+        again.finish_operations(None);
+        again.vms.clear();
+        again.advance(1);
+        let plan = again.reconcile();
+        let Some(CloudCall::Insert(spec)) = plan.calls.iter().find(|c| matches!(c, CloudCall::Insert(_))) else {
+            panic!("attempt 2 gets a VM without the preset: {:?}", plan.calls);
+        };
+        assert_eq!(Some(&spec.machine_type), shape.as_ref().map(|v| &v.machine_type));
+        assert_eq!(again.shard(0).attempt, 2);
+    }
+
+    #[test]
+    fn an_invalid_spec_after_the_start_stops_new_vms_not_running_ones() {
+        let mut w = World::new(run(2, 3));
+        w.reconcile();
+        w.finish_operations(None);
+        w.register(0);
+        w.register(1);
+        w.reconcile();
+        // The spec turns invalid (a heartbeat timeout longer than the timeout).
+        w.run.spec.heartbeat_timeout = "20m".into();
+        let vm1 = w.shard(1).instance.expect("instance");
+        w.vms.retain(|v| v.name != vm1);
+        w.report(0, 0);
+        let plan = w.reconcile();
+        assert_eq!(inserts(&plan), 0, "no new VM while the spec is invalid");
+        assert_eq!(w.shard(0).phase, TestRunPhase::Succeeded, "the running shard's result is stored");
+        assert_eq!(w.shard(1).phase, TestRunPhase::Pending, "{:?}", w.shard(1).message);
+        let invalid = conditions::get(&w.status().conditions, "InvalidSpec").expect("InvalidSpec").clone();
+        assert_eq!(invalid.status, ConditionStatus::True);
+        // Fixed: shard 1 starts its next attempt.
+        w.run.spec.heartbeat_timeout = "30s".into();
+        let plan = w.reconcile();
+        assert_eq!(inserts(&plan), 1);
+        assert_eq!(w.shard(1).attempt, 2);
+        assert_eq!(w.shard(1).phase, TestRunPhase::Provisioning);
+    }
+
+    #[test]
+    fn spec_changes_after_the_start_are_reported_not_applied() {
+        let mut w = World::new(run(1, 3));
+        w.reconcile();
+        w.run.spec.shards = 3;
+        w.run.spec.command = vec!["false".into()];
+        let plan = w.reconcile();
+        assert_eq!(w.status().shards.len(), 1, "no shard added");
+        assert_eq!(inserts(&plan), 0);
+        let changed = conditions::get(&w.status().conditions, "SpecChanged").expect("SpecChanged").clone();
+        assert_eq!(changed.status, ConditionStatus::True);
+        assert!(changed.message.contains("spec.shards, spec.command"), "{}", changed.message);
+        assert!(plan.events.iter().any(|e| e.reason == "SpecChangeIgnored"));
+        assert_eq!(w.status().started.map(|s| s.command), Some(vec!["true".to_string()]));
+        w.run.spec.shards = 1;
+        w.run.spec.command = vec!["true".into()];
+        w.reconcile();
+        let changed = conditions::get(&w.status().conditions, "SpecChanged").expect("SpecChanged").clone();
+        assert_eq!(changed.status, ConditionStatus::False, "back as started");
+    }
+
     #[derive(Clone, Debug)]
     enum Step {
         Advance(i64),
@@ -1328,6 +1490,7 @@ mod tests {
         Register(i32),
         Report(i32, i32),
         Vanish(i32),
+        Delete,
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1338,6 +1501,7 @@ mod tests {
             (0i32..3).prop_map(Step::Register),
             ((0i32..3), prop_oneof![Just(0), Just(1)]).prop_map(|(s, c)| Step::Report(s, c)),
             (0i32..3).prop_map(Step::Vanish),
+            Just(Step::Delete),
         ]
     }
 
@@ -1355,10 +1519,22 @@ mod tests {
                     Step::Register(i) => w.register(i),
                     Step::Report(i, code) => w.report(i, code),
                     Step::Vanish(i) => { let name = w.shard(i).instance; w.vms.retain(|v| Some(&v.name) != name.as_ref()); }
+                    Step::Delete => w.deleting = true,
                 }
                 let before: Vec<ShardStatus> = w.status().shards;
-                w.reconcile();
+                let plan = w.reconcile();
                 let status = w.status();
+
+                // A pass on a run being deleted never creates anything, and
+                // is done only when every VM it may have made is gone and no
+                // call is open.
+                if w.deleting {
+                    prop_assert_eq!(inserts(&plan), 0, "cleanup asked for an insert: {:?}", plan.calls);
+                    if plan.cleanup_done {
+                        prop_assert!(w.vms.is_empty(), "done with VMs left: {:?}", w.vms);
+                        prop_assert!(w.ops.values().all(|(_, _, _, _, done)| *done), "done with calls open");
+                    }
+                }
 
                 // Never two VMs for one shard attempt.
                 let mut names = BTreeSet::new();
