@@ -453,6 +453,54 @@ async fn spec_changes_after_the_start_are_reported_and_every_attempt_runs_what_t
 }
 
 #[tokio::test]
+async fn the_largest_legal_run_fits_in_etcd_to_the_end() {
+    use testrun_controller::api::validation::{MAX_COMMAND_BYTES, MAX_METADATA_BYTES};
+    let env = setup("largest-run", &[], &["--compute-qps", "500"]).await;
+    // 256 shards, each printing 8 KiB of control characters (six bytes each
+    // once escaped in JSON), with command, env, labels and metadata at their
+    // limits.
+    let script = "head -c 8192 /dev/zero | tr '\\000' '\\001'";
+    let env_vars: Vec<Value> =
+        (0..256).map(|i| json!({ "name": format!("V{i:03}"), "value": "e".repeat(120) })).collect();
+    let env_bytes: usize = 256 * (4 + 120);
+    let padding = "p".repeat(MAX_COMMAND_BYTES - env_bytes - script.len() - "sh".len() - "-c".len());
+    let mut body = testrun("largest", 256, &["sh", "-c", script, &padding]);
+    body["spec"]["env"] = json!(env_vars);
+    let labels: serde_json::Map<String, Value> =
+        (0..57).map(|i| (format!("l{i:02}{}", "k".repeat(60)), json!("v".repeat(63)))).collect();
+    let metadata: serde_json::Map<String, Value> =
+        (0..32).map(|i| (format!("m{i:02}"), json!("d".repeat(MAX_METADATA_BYTES / 32 - 3)))).collect();
+    body["spec"]["vm"]["labels"] = json!(labels);
+    body["spec"]["vm"]["metadata"] = json!(metadata);
+    env.create(body).await;
+
+    let run = env
+        .wait_for("largest", "all 256 shards to finish", Duration::from_secs(240), |r| {
+            r.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_finished())
+        })
+        .await;
+    let status = run.status.clone().expect("status");
+    let conditions = &status.conditions;
+    assert!(
+        !conditions.iter().any(|c| c.type_ == "InvalidSpec" && c.status == ConditionStatus::True),
+        "the largest legal spec is valid: {conditions:?}"
+    );
+    assert_eq!(
+        status.phase,
+        Some(TestRunPhase::Succeeded),
+        "{:?}",
+        status.shards.iter().find(|s| s.phase != TestRunPhase::Succeeded)
+    );
+    assert_eq!(status.shards.iter().filter(|s| s.result.as_ref().is_some_and(|r| r.exit_code == 0)).count(), 256);
+    let tail = status.shards[0].result.as_ref().map(|r| r.output_tail.clone()).unwrap_or_default();
+    assert!(!tail.is_empty() && tail.chars().all(|c| c == '\u{1}'), "the end of the output is kept");
+    let size = serde_json::to_vec(&run).expect("json").len();
+    eprintln!("largest legal run: {size} bytes as JSON");
+    assert!(size < 1024 * 1024, "the object takes {size} bytes");
+    env.wait_no_vms().await;
+}
+
+#[tokio::test]
 async fn a_controller_killed_mid_run_finishes_the_run_after_restart() {
     let mut env = setup("restart", &[], &[]).await;
     env.create(testrun("survivor", 2, &["sh", "-c", "sleep 4; echo done $TESTRUN_SHARD"])).await;

@@ -17,6 +17,35 @@ pub const POOL_WAIT_PATH: &str = "/agent/v1/pool/wait";
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Largest output tail kept from a command.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
+/// Bytes all of a run's output tails may take in its status, as JSON (with
+/// escapes): with many shards each keeps less, so the object stays far
+/// below etcd's limit of 1.5 MiB.
+pub const OUTPUT_TAILS_BUDGET: usize = 128 * 1024;
+
+/// The bytes of output tail, as JSON, one shard of a run of `shards` keeps.
+pub fn tail_budget(shards: usize) -> usize {
+    OUTPUT_TAIL_BYTES.min(OUTPUT_TAILS_BUDGET / shards.max(1))
+}
+
+/// The longest end of `text` that takes at most `budget` bytes written as a
+/// JSON string (quotes aside): a control character takes up to six.
+pub fn json_tail(text: &str, budget: usize) -> &str {
+    let mut used = 0;
+    let mut start = text.len();
+    for (at, c) in text.char_indices().rev() {
+        let cost = match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        if used + cost > budget {
+            break;
+        }
+        used += cost;
+        start = at;
+    }
+    &text[start..]
+}
 
 /// Metadata key: the agent API's URL.
 pub const META_AGENT_URL: &str = "testrun-agent-url";
@@ -180,6 +209,22 @@ pub fn tail(text: &str, limit: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_json_tail_fits_its_budget_as_json(text in "(?s).{0,300}", budget in 0usize..200) {
+            let kept = json_tail(&text, budget);
+            prop_assert!(text.ends_with(kept));
+            let written = serde_json::to_string(kept).expect("json").len() - 2;
+            prop_assert!(written <= budget, "{} > {}", written, budget);
+            // Nothing more would have fitted.
+            if kept.len() < text.len() {
+                let longer = &text[text[..text.len() - kept.len()].char_indices().last().map_or(0, |(i, _)| i)..];
+                prop_assert!(serde_json::to_string(longer).expect("json").len() - 2 > budget);
+            }
+        }
+    }
 
     #[test]
     fn tail_keeps_the_end_on_a_char_boundary() {

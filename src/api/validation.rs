@@ -21,6 +21,11 @@ pub const RESERVED_METADATA_PREFIX: &str = "testrun-";
 /// Compute Engine allows at most this many labels on a VM; the controller
 /// sets up to seven of its own.
 const MAX_USER_LABELS: usize = 64 - RESERVED_LABEL_KEYS.len();
+/// Bytes `command`, `env` and `workingDir` may take together: a started run
+/// keeps a copy in its status, which must stay far below etcd's limit.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Bytes `vm.metadata` (keys and values) may take.
+pub const MAX_METADATA_BYTES: usize = 128 * 1024;
 
 /// One problem with a spec: which field, and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +93,17 @@ pub fn validate_testrun(spec: &TestRunSpec) -> Result<(), InvalidSpec> {
             p.add(format!("spec.env[{i}].name"), format!("{:?} is set more than once", var.name));
         }
     }
+    let command_bytes = spec.command.iter().map(String::len).sum::<usize>()
+        + spec.env.iter().map(|e| e.name.len() + e.value.len()).sum::<usize>()
+        + spec.working_dir.as_ref().map_or(0, String::len);
+    if command_bytes > MAX_COMMAND_BYTES {
+        p.add(
+            "spec.command",
+            format!(
+                "spec.command, spec.env and spec.workingDir take {command_bytes} bytes together; at most {MAX_COMMAND_BYTES} are allowed (pass large inputs as files)"
+            ),
+        );
+    }
     let timeout = p.duration("spec.timeout", &spec.timeout);
     let heartbeat = p.duration("spec.heartbeatTimeout", &spec.heartbeat_timeout);
     if let (Some(timeout), Some(heartbeat)) = (timeout, heartbeat)
@@ -148,6 +164,13 @@ fn check_vm(p: &mut Problems, at: &str, vm: &VmSpec) {
                 format!("value {value:?} of {key:?} may hold only lowercase letters, digits, '_' and '-' (at most 63)"),
             );
         }
+    }
+    let metadata_bytes: usize = vm.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if metadata_bytes > MAX_METADATA_BYTES {
+        p.add(
+            format!("{at}.metadata"),
+            format!("takes {metadata_bytes} bytes; at most {MAX_METADATA_BYTES} are allowed"),
+        );
     }
     for key in vm.metadata.keys() {
         if RESERVED_METADATA_KEYS.contains(&key.as_str()) || key.starts_with(RESERVED_METADATA_PREFIX) {
@@ -238,6 +261,21 @@ mod tests {
         let mut spec = testrun();
         spec.command = vec![String::new(), "x".into()];
         assert_eq!(fields(validate_testrun(&spec)), ["spec.command"]);
+    }
+
+    #[test]
+    fn command_env_and_metadata_have_a_size_budget() {
+        let mut spec = testrun();
+        spec.command = vec!["x".repeat(MAX_COMMAND_BYTES / 2)];
+        spec.env = vec![EnvVar { name: "A".into(), value: "y".repeat(MAX_COMMAND_BYTES / 2 - 1) }];
+        assert_eq!(validate_testrun(&spec), Ok(()), "exactly the budget");
+        spec.working_dir = Some("/w".into());
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.command"]);
+        let mut spec = testrun();
+        if let Some(vm) = spec.vm.as_mut() {
+            vm.metadata.insert("big".into(), "z".repeat(MAX_METADATA_BYTES));
+        }
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.vm.metadata"]);
     }
 
     #[test]

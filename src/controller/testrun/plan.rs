@@ -729,8 +729,11 @@ impl Planner<'_> {
                 "shard {} attempt {} exited with code {} after {} ms",
                 s.index, s.attempt, result.exit_code, result.duration_ms
             );
+            // The tails of all shards share one budget, so status stays small.
+            let budget = crate::agent::protocol::tail_budget(self.status.shards.len());
+            let s = &mut self.status.shards[index];
             s.result = Some(ShardResult {
-                output_tail: crate::agent::protocol::tail(&result.output_tail, 4096).to_string(),
+                output_tail: crate::agent::protocol::json_tail(&result.output_tail, budget).to_string(),
                 ..result
             });
             // A success is told once per run (RunFinished); a failure per shard.
