@@ -273,7 +273,7 @@ async fn emulator(args: EmulatorArgs) -> Result<(), String> {
     Emulator::new(config).serve(listener, shutdown_signal()).await.map_err(|e| format!("serving: {e}"))
 }
 
-async fn controller(args: RunArgs) -> Result<(), String> {
+async fn controller(mut args: RunArgs) -> Result<(), String> {
     use testrun_controller::compute::gce::{GceCompute, GceConfig};
     use testrun_controller::controller::testrun::plan::Settings;
     use testrun_controller::controller::{RunConfig, run};
@@ -310,6 +310,8 @@ async fn controller(args: RunArgs) -> Result<(), String> {
         }
         (None, None) => "testrun-controller".to_string(),
     };
+    // An empty namespace (e.g. an unset chart value) means all namespaces.
+    args.watch_namespace = args.watch_namespace.take().filter(|ns| !ns.is_empty());
     let settings = Settings {
         installation: args
             .installation_id

@@ -62,6 +62,23 @@ impl Env {
             .expect("patching the preset");
     }
 
+    /// Waits until a TestRun has finished; returns its status.
+    async fn finished_run(
+        &self,
+        runs: &Api<testrun_controller::api::testrun::TestRun>,
+        name: &str,
+    ) -> testrun_controller::api::testrun::TestRunStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let run = runs.get(name).await.expect("get");
+            if let Some(status) = run.status.filter(|s| s.phase.is_some_and(|p| p.is_finished())) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "TestRun {name} never finished; log:\n{}", self.controller.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     async fn wait_for(&self, what: &str, check: impl Fn(&PrebuildPreset) -> bool) -> PrebuildPreset {
         self.wait_while(what, check, |_| {}).await
     }
@@ -371,15 +388,7 @@ async fn deleting_a_preset_leaves_claimed_vms_to_their_testruns() {
     assert_eq!(left[0]["processAlive"], true);
     // Without its preset the run goes on to its result, and its VM goes.
     std::fs::write(&flag, b"").expect("flag");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let run = runs.get("long").await.expect("get");
-        if let Some(status) = run.status.filter(|s| s.phase.is_some_and(|p| p.is_finished())) {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the run never finished; log:\n{}", env.controller.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = env.finished_run(&runs, "long").await;
     let _ = std::fs::remove_file(&flag);
     assert_eq!(status.phase, Some(TestRunPhase::Succeeded), "{status:?}");
     assert_eq!(status.shards[0].result.as_ref().map(|r| r.exit_code), Some(0));
@@ -424,15 +433,7 @@ async fn an_invalid_run_takes_nothing_from_the_pool_until_it_is_fixed() {
     runs.patch("bad", &PatchParams::default(), &Patch::Merge(&json!({ "spec": { "heartbeatTimeout": "20s" } })))
         .await
         .expect("fix");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let run = runs.get("bad").await.expect("get");
-        if let Some(status) = run.status.filter(|s| s.phase.is_some_and(|p| p.is_finished())) {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the fixed run never finished; log:\n{}", env.controller.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = env.finished_run(&runs, "bad").await;
     assert_eq!(status.phase, Some(TestRunPhase::Succeeded), "{status:?}");
     assert_eq!(status.shards[0].instance.as_deref(), Some(warm.as_str()), "ran on the warm VM");
 }

@@ -467,7 +467,7 @@ async fn the_largest_legal_run_fits_in_etcd_to_the_end() {
     let mut body = testrun("largest", 256, &["sh", "-c", script, &padding]);
     body["spec"]["env"] = json!(env_vars);
     let labels: serde_json::Map<String, Value> =
-        (0..57).map(|i| (format!("l{i:02}{}", "k".repeat(60)), json!("v".repeat(63)))).collect();
+        (0..56).map(|i| (format!("l{i:02}{}", "k".repeat(60)), json!("v".repeat(63)))).collect();
     let metadata: serde_json::Map<String, Value> =
         (0..32).map(|i| (format!("m{i:02}"), json!("d".repeat(MAX_METADATA_BYTES / 32 - 3)))).collect();
     body["spec"]["vm"]["labels"] = json!(labels);

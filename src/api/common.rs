@@ -46,8 +46,8 @@ pub struct VmSpec {
     /// Extra labels put on the VM. Keys and values follow Compute Engine's
     /// label rules (lowercase letters, digits, `_` and `-`, at most 63
     /// characters); keys the controller sets itself (`managed-by`,
-    /// `installation`, `owner-kind`, `owner-uid`, `shard`, `attempt`,
-    /// `template-version`) are not allowed.
+    /// `installation`, `owner-kind`, `owner-namespace`, `owner-uid`, `shard`,
+    /// `attempt`, `template-version`) are not allowed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "label_map_schema")]
     pub labels: BTreeMap<String, String>,

@@ -11,8 +11,16 @@ use super::prebuild::PrebuildPresetSpec;
 use super::testrun::TestRunSpec;
 
 /// Label keys the controller sets on every VM; a spec may not set them.
-pub const RESERVED_LABEL_KEYS: &[&str] =
-    &["managed-by", "installation", "owner-kind", "owner-uid", "shard", "attempt", "template-version"];
+pub const RESERVED_LABEL_KEYS: &[&str] = &[
+    "managed-by",
+    "installation",
+    "owner-kind",
+    "owner-namespace",
+    "owner-uid",
+    "shard",
+    "attempt",
+    "template-version",
+];
 /// Metadata keys the controller sets on every VM; a spec may not set them.
 pub const RESERVED_METADATA_KEYS: &[&str] = &["startup-script"];
 /// Metadata key prefix reserved for the controller (agent settings and token).

@@ -169,9 +169,10 @@ async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanu
         && !run.spec.cancel
         && !status.phase.is_some_and(|p| p.is_finished())
         && validate_testrun(&run.spec).is_ok();
-    let claims: Vec<Claim> = (0..run.spec.shards)
-        .map(|shard| Claim { namespace: namespace.clone(), testrun: run.name_any(), shard })
-        .collect();
+    // A started run has the shards it started with, whatever the spec says now.
+    let shards = started.map_or(run.spec.shards, |s| s.shards);
+    let claims: Vec<Claim> =
+        (0..shards).map(|shard| Claim { namespace: namespace.clone(), testrun: run.name_any(), shard }).collect();
     let wanting: Vec<Claim> = claims
         .iter()
         .filter(|c| held(&preset, c).is_none())
