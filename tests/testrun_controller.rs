@@ -91,6 +91,18 @@ impl Env {
         common::installation_vms(&self.emulator.url, &self.ns).await
     }
 
+    /// The agent process of the installation's first VM.
+    async fn first_agent_pid(&self) -> i32 {
+        self.vms().await[0]["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).expect("the VM booted")
+    }
+
+    /// Stops (SIGSTOP) the first VM's agent: no more heartbeats from it.
+    async fn freeze_first_agent(&self) -> i32 {
+        let pid = self.first_agent_pid().await;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        pid
+    }
+
     async fn wait_no_vms(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -321,7 +333,7 @@ async fn a_command_running_past_its_timeout_ends_as_timed_out() {
     body["spec"]["heartbeatTimeout"] = json!("2s");
     env.create(body).await;
     env.wait_phase("slow", TestRunPhase::Running).await;
-    let pid = env.vms().await[0]["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).expect("the VM booted");
+    let pid = env.first_agent_pid().await;
     let run = env.wait_phase("slow", TestRunPhase::TimedOut).await;
     let shard = &run.status.expect("status").shards[0];
     assert_eq!(shard.phase, TestRunPhase::TimedOut);
@@ -369,9 +381,8 @@ async fn a_lost_lease_moves_the_shard_to_a_new_attempt_and_the_old_worker_is_ref
     let first = env.wait_phase("flaky", TestRunPhase::Running).await;
     let old = first.status.as_ref().expect("status").shards[0].clone();
     let uid = first.metadata.uid.clone().expect("uid");
-    let pid = env.vms().await[0]["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).expect("booted");
     // Freeze the agent: no more heartbeats from attempt 1.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let pid = env.freeze_first_agent().await;
 
     let run = env.wait_phase("flaky", TestRunPhase::Succeeded).await;
     let shard = &run.status.as_ref().expect("status").shards[0];
@@ -438,8 +449,7 @@ async fn spec_changes_after_the_start_are_reported_and_every_attempt_runs_what_t
     let condition = reported.status.expect("status").conditions.into_iter().find(|c| c.type_ == "SpecChanged");
     assert!(condition.is_some_and(|c| c.message.contains("spec.shards, spec.command")));
     // Attempt 1 is lost; attempt 2 runs the command the run started with.
-    let pid = env.vms().await[0]["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).expect("booted");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let pid = env.freeze_first_agent().await;
     let run = env.wait_phase("steady", TestRunPhase::Succeeded).await;
     let status = run.status.expect("status");
     assert_eq!(status.shards.len(), 1, "no shard added");

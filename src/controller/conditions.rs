@@ -6,7 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::api::{Condition, ConditionStatus};
 
 /// Sets a condition in `conditions`, keeping its transition time when its
-/// status did not change.
+/// status did not change. Returns whether it is news: the condition is new,
+/// or its status or message changed (what an Event is worth).
 pub fn set(
     conditions: &mut Vec<Condition>,
     type_: &str,
@@ -15,10 +16,11 @@ pub fn set(
     message: impl Into<String>,
     generation: Option<i64>,
     now: jiff::Timestamp,
-) {
+) -> bool {
     let message = message.into();
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(existing) => {
+            let news = existing.status != status || existing.message != message;
             if existing.status != status {
                 existing.last_transition_time = Time(now);
             }
@@ -26,15 +28,19 @@ pub fn set(
             existing.reason = reason.to_string();
             existing.message = message;
             existing.observed_generation = generation;
+            news
         }
-        None => conditions.push(Condition {
-            type_: type_.to_string(),
-            status,
-            reason: reason.to_string(),
-            message,
-            last_transition_time: Time(now),
-            observed_generation: generation,
-        }),
+        None => {
+            conditions.push(Condition {
+                type_: type_.to_string(),
+                status,
+                reason: reason.to_string(),
+                message,
+                last_transition_time: Time(now),
+                observed_generation: generation,
+            });
+            true
+        }
     }
 }
 
@@ -52,12 +58,19 @@ mod tests {
         let t0 = jiff::Timestamp::UNIX_EPOCH;
         let t1 = t0 + jiff::SignedDuration::from_secs(60);
         let mut c = Vec::new();
-        set(&mut c, "Ready", ConditionStatus::False, "Pending", "waiting", Some(1), t0);
-        set(&mut c, "Ready", ConditionStatus::False, "Provisioning", "creating VMs", Some(1), t1);
+        assert!(set(&mut c, "Ready", ConditionStatus::False, "Pending", "waiting", Some(1), t0), "new");
+        assert!(
+            !set(&mut c, "Ready", ConditionStatus::False, "Other", "waiting", Some(1), t0),
+            "same status and message"
+        );
+        assert!(
+            set(&mut c, "Ready", ConditionStatus::False, "Provisioning", "creating VMs", Some(1), t1),
+            "new message"
+        );
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].last_transition_time, Time(t0));
         assert_eq!(c[0].reason, "Provisioning");
-        set(&mut c, "Ready", ConditionStatus::True, "Succeeded", "done", Some(2), t1);
+        assert!(set(&mut c, "Ready", ConditionStatus::True, "Succeeded", "done", Some(2), t1), "new status");
         assert_eq!(c[0].last_transition_time, Time(t1));
         assert_eq!(get(&c, "Ready").map(|c| c.observed_generation), Some(Some(2)));
     }

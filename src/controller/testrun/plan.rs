@@ -267,8 +267,7 @@ impl Planner<'_> {
     fn invalid(&mut self, message: &str) {
         let generation = self.obs.run.metadata.generation;
         let now = self.obs.now;
-        let was = conditions::get(&self.status.conditions, "InvalidSpec").map(|c| (c.status, c.message.clone()));
-        conditions::set(
+        let news = conditions::set(
             &mut self.status.conditions,
             "InvalidSpec",
             ConditionStatus::True,
@@ -286,7 +285,7 @@ impl Planner<'_> {
             generation,
             now,
         );
-        if was != Some((ConditionStatus::True, message.to_string())) {
+        if news {
             self.event(true, "InvalidSpec", message.to_string());
         }
         if self.status.phase.is_none() {
@@ -300,9 +299,8 @@ impl Planner<'_> {
     fn spec_changed(&mut self, changed: &[&str]) {
         let generation = self.obs.run.metadata.generation;
         let now = self.obs.now;
-        let was = conditions::get(&self.status.conditions, "SpecChanged").map(|c| (c.status, c.message.clone()));
         if changed.is_empty() {
-            if was.is_some() {
+            if conditions::get(&self.status.conditions, "SpecChanged").is_some() {
                 conditions::set(
                     &mut self.status.conditions,
                     "SpecChanged",
@@ -320,18 +318,17 @@ impl Planner<'_> {
              (status.started): create a new TestRun to run the new spec",
             changed.join(", spec.")
         );
-        if was != Some((ConditionStatus::True, message.clone())) {
-            self.event(true, "SpecChangeIgnored", message.clone());
-        }
-        conditions::set(
+        if conditions::set(
             &mut self.status.conditions,
             "SpecChanged",
             ConditionStatus::True,
             "ChangedAfterStart",
-            message,
+            message.clone(),
             generation,
             now,
-        );
+        ) {
+            self.event(true, "SpecChangeIgnored", message);
+        }
     }
 
     /// Whether an operation of this kind on this VM may still act: recorded
