@@ -45,7 +45,7 @@ async fn concurrent_claimers_never_take_the_same_vm() {
         tasks.push(tokio::spawn(async move {
             let client = common::client_from(&kubeconfig).await;
             let api: Api<PrebuildPreset> = Api::namespaced(client, &ns);
-            let claim = Claim { namespace: ns.clone(), testrun: format!("run-{i}"), shard: 0 };
+            let claim = Claim { namespace: ns.clone(), testrun: format!("run-{i}"), shard: 0, uid: Some(format!("uid-{i}")) };
             // Each starts from the preset as read before anyone claimed.
             let read = api.get("pool").await.expect("reading the preset");
             let claimed = claim_ready_vms(&api, &read, std::slice::from_ref(&claim)).await.expect("claiming");
@@ -99,7 +99,7 @@ async fn a_multi_shard_run_takes_its_vms_in_one_write() {
     presets.patch_status("pool", &PatchParams::apply("test").force(), &Patch::Apply(&status)).await.expect("status");
     let read = presets.get("pool").await.expect("get");
     let claims: Vec<Claim> =
-        (0..3).map(|shard| Claim { namespace: ns.clone(), testrun: "run".into(), shard }).collect();
+        (0..3).map(|shard| Claim { namespace: ns.clone(), testrun: "run".into(), shard, uid: Some("uid".into()) }).collect();
     let claimed = claim_ready_vms(&presets, &read, &claims).await.expect("claiming");
     assert_eq!(claimed.taken.len(), 2, "two ready VMs for three shards");
     let written = claimed.written.expect("one write");

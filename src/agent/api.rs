@@ -350,6 +350,9 @@ fn claimed_work(api: &AgentApi, hello: &PoolHello) -> Option<(Arc<TestRun>, Shar
         return None;
     }
     let run = lookup(api, &claim.namespace, &claim.testrun).ok()?;
+    if !claim.is_by(&claim.namespace, &claim.testrun, run.metadata.uid.as_deref().unwrap_or_default()) {
+        return None;
+    }
     let shard = run
         .status
         .as_ref()?

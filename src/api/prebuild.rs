@@ -205,7 +205,7 @@ pub struct PresetInstance {
     pub template_version: String,
     /// Where it stands.
     pub state: PresetInstanceState,
-    /// The TestRun (`namespace/name`) that claimed it, if any.
+    /// The TestRun shard that claimed it, if any: `namespace/name/shard/uid`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<String>,
     /// When its create job was picked up.

@@ -277,6 +277,12 @@ pub struct ShardStatus {
     /// When the current attempt's VM was requested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_time: Option<Time>,
+    /// Set after an attempt found no zone with capacity: the next attempt
+    /// starts no earlier than this (the wait doubles with every such
+    /// attempt, up to five minutes), so a stock-out does not use up
+    /// `maxAttempts` in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<Time>,
     /// When the current attempt's agent registered and its lease began;
     /// `timeout` counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]

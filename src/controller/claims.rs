@@ -10,7 +10,9 @@ use kube::api::{Api, PostParams};
 
 use crate::api::prebuild::{PrebuildPreset, PresetInstance, PresetInstanceState};
 
-/// Who claimed a pool VM: `namespace/testrun/shard`.
+/// Who claimed a pool VM: `namespace/testrun/shard/uid`. The uid makes a
+/// TestRun deleted and made again under the same name a different
+/// claimer: the new run never inherits the old run's VMs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
     /// TestRun namespace.
@@ -19,30 +21,67 @@ pub struct Claim {
     pub testrun: String,
     /// Shard index.
     pub shard: i32,
+    /// TestRun uid; `None` in claims written before uids were recorded.
+    pub uid: Option<String>,
 }
 
 impl Claim {
-    /// Reads `namespace/testrun/shard`.
+    /// Reads `namespace/testrun/shard/uid` (or `namespace/testrun/shard`).
     pub fn parse(text: &str) -> Option<Self> {
         let mut parts = text.split('/');
         let (namespace, testrun, shard) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
+        let uid = parts.next().map(str::to_string);
+        if parts.next().is_some() || uid.as_deref().is_some_and(str::is_empty) {
             return None;
         }
-        Some(Self { namespace: namespace.into(), testrun: testrun.into(), shard: shard.parse().ok()? })
+        Some(Self { namespace: namespace.into(), testrun: testrun.into(), shard: shard.parse().ok()?, uid })
+    }
+
+    /// Whether the claim was made by this TestRun (a claim without a uid
+    /// belongs to whichever run has the name).
+    pub fn is_by(&self, namespace: &str, name: &str, uid: &str) -> bool {
+        self.namespace == namespace && self.testrun == name && self.uid.as_deref().is_none_or(|u| u == uid)
     }
 }
 
 impl std::fmt::Display for Claim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}/{}", self.namespace, self.testrun, self.shard)
+        write!(f, "{}/{}/{}", self.namespace, self.testrun, self.shard)?;
+        match &self.uid {
+            Some(uid) => write!(f, "/{uid}"),
+            None => Ok(()),
+        }
     }
 }
 
 /// The pool VM this claim already holds, if any.
 pub fn held(preset: &PrebuildPreset, claim: &Claim) -> Option<PresetInstance> {
-    let text = claim.to_string();
-    preset.status.as_ref()?.instances.iter().find(|i| i.claimed_by.as_deref() == Some(text.as_str())).cloned()
+    held_in(&preset.status.as_ref()?.instances, claim)
+}
+
+fn held_in(instances: &[PresetInstance], claim: &Claim) -> Option<PresetInstance> {
+    instances
+        .iter()
+        .find(|i| {
+            i.claimed_by.as_deref().and_then(Claim::parse).is_some_and(|c| {
+                c.shard == claim.shard
+                    && c.is_by(&claim.namespace, &claim.testrun, claim.uid.as_deref().unwrap_or_default())
+            })
+        })
+        .cloned()
+}
+
+/// Whether a claim's TestRun is gone: `uid_of` finds the uid of the TestRun
+/// of a namespace and name, if one exists. A run made again under the
+/// same name is not the claimer.
+pub fn is_abandoned(claimed_by: Option<&str>, uid_of: impl Fn(&str, &str) -> Option<String>) -> bool {
+    match claimed_by.and_then(Claim::parse) {
+        Some(claim) => match uid_of(&claim.namespace, &claim.testrun) {
+            Some(uid) => !claim.is_by(&claim.namespace, &claim.testrun, &uid),
+            None => true,
+        },
+        None => true,
+    }
 }
 
 /// How many times a claim retries after losing a race.
@@ -105,12 +144,40 @@ pub async fn claim_ready_vms(
 mod tests {
     use super::*;
 
+    fn claim(uid: Option<&str>) -> Claim {
+        Claim { namespace: "ci".into(), testrun: "run-1".into(), shard: 7, uid: uid.map(Into::into) }
+    }
+
     #[test]
     fn claims_round_trip_and_reject_junk() {
-        let claim = Claim { namespace: "ci".into(), testrun: "run-1".into(), shard: 7 };
-        assert_eq!(Claim::parse(&claim.to_string()), Some(claim));
-        for bad in ["", "a/b", "a/b/c", "a/b/1/2", "a/b/-x"] {
+        for claim in [claim(Some("6b0c3f1e-2a4d-4b8e-9c1f-0d2e3f4a5b6c")), claim(None)] {
+            assert_eq!(Claim::parse(&claim.to_string()), Some(claim));
+        }
+        for bad in ["", "a/b", "a/b/c", "a/b/1/", "a/b/1/u/x", "a/b/-x"] {
             assert_eq!(Claim::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_run_made_again_under_the_same_name_neither_holds_nor_keeps_the_old_claim() {
+        let old = claim(Some("old-uid")).to_string();
+        let instances = [PresetInstance {
+            name: "vm-1".into(),
+            zone: "z".into(),
+            template_version: "v1".into(),
+            state: PresetInstanceState::Claimed,
+            claimed_by: Some(old.clone()),
+            created_at: None,
+        }];
+        assert!(held_in(&instances, &claim(Some("old-uid"))).is_some());
+        assert!(held_in(&instances, &claim(Some("new-uid"))).is_none(), "the new run must not inherit the VM");
+        let cache = |uid: &'static str| move |_: &str, _: &str| Some(uid.to_string());
+        assert!(!is_abandoned(Some(&old), cache("old-uid")));
+        assert!(is_abandoned(Some(&old), cache("new-uid")), "the old run is gone, so is its claim");
+        assert!(is_abandoned(Some(&old), |_: &str, _: &str| None));
+        // A claim written before uids were recorded belongs to the run of its name.
+        let legacy = claim(None).to_string();
+        assert!(!is_abandoned(Some(&legacy), cache("any")));
+        assert!(is_abandoned(Some("junk"), cache("any")));
     }
 }

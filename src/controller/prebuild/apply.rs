@@ -21,7 +21,7 @@ use crate::api::prebuild::{PrebuildPreset, PresetInstanceState};
 use crate::api::testrun::TestRun;
 use crate::compute::Compute;
 use crate::compute::naming::label_value;
-use crate::controller::claims::Claim;
+use crate::controller::claims::is_abandoned;
 use crate::controller::execute::{
     named_request_ids, next_look, observe_operations, publish, record_accepted, set_finalizer, submit_calls,
     write_status,
@@ -174,9 +174,10 @@ fn abandoned_claims<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPrese
         .iter()
         .flat_map(|s| &s.instances)
         .filter(|i| i.state == PresetInstanceState::Claimed)
-        .filter(|i| match i.claimed_by.as_deref().and_then(Claim::parse) {
-            Some(claim) => ctx.runs.get(&ObjectRef::<TestRun>::new(&claim.testrun).within(&claim.namespace)).is_none(),
-            None => true,
+        .filter(|i| {
+            is_abandoned(i.claimed_by.as_deref(), |namespace, name| {
+                ctx.runs.get(&ObjectRef::<TestRun>::new(name).within(namespace)).and_then(|r| r.uid())
+            })
         })
         .map(|i| i.name.clone())
         .collect()

@@ -172,7 +172,7 @@ async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanu
     // A started run has the shards it started with, whatever the spec says now.
     let shards = started.map_or(run.spec.shards, |s| s.shards);
     let claims: Vec<Claim> =
-        (0..shards).map(|shard| Claim { namespace: namespace.clone(), testrun: run.name_any(), shard }).collect();
+        (0..shards).map(|shard| Claim { namespace: namespace.clone(), testrun: run.name_any(), shard, uid: run.uid() }).collect();
     let wanting: Vec<Claim> = claims
         .iter()
         .filter(|c| held(&preset, c).is_none())

@@ -199,6 +199,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
                 zone: None,
                 phase: TestRunPhase::Pending,
                 requested_time: None,
+                retry_after: None,
                 start_time: None,
                 last_heartbeat: None,
                 result: None,
@@ -505,7 +506,11 @@ impl Planner<'_> {
                                 let (i, attempt) = (shard.index, shard.attempt);
                                 self.start_insert(i, attempt, &next, vm);
                             }
-                            None => self.fail_attempt(index, &format!("no zone has capacity: {message}"), vm),
+                            None => {
+                                let wait = capacity_wait(self.status.shards[index].attempt);
+                                let why = format!("no zone has capacity: {message}");
+                                self.end_attempt(index, &why, vm, Some(wait));
+                            }
                         }
                         None
                     }
@@ -635,6 +640,7 @@ impl Planner<'_> {
             shard.instance = Some(name.clone());
             shard.phase = TestRunPhase::Provisioning;
             shard.requested_time = Some(Time(self.obs.now));
+            shard.retry_after = None;
             shard.message = Some(format!("attempt 1 on pool VM {name} in {zone}"));
             self.status.attempts += 1;
             return;
@@ -648,6 +654,7 @@ impl Planner<'_> {
         shard.instance = Some(testrun_instance_name(&uid, shard.index.max(0) as u32, shard.attempt.max(0) as u32));
         shard.phase = TestRunPhase::Provisioning;
         shard.requested_time = Some(Time(self.obs.now));
+        shard.retry_after = None;
         shard.start_time = None;
         shard.last_heartbeat = None;
         shard.result = None;
@@ -659,16 +666,39 @@ impl Planner<'_> {
 
     /// The current attempt failed for infrastructure reasons.
     fn fail_attempt(&mut self, index: usize, why: &str, vm: &VmSpec) {
+        self.end_attempt(index, why, vm, None);
+    }
+
+    /// The current attempt failed; the next one starts now, or after `wait`
+    /// (the shard waits in Pending until `retryAfter`).
+    fn end_attempt(&mut self, index: usize, why: &str, vm: &VmSpec, wait: Option<Duration>) {
         let max = self.obs.run.spec.max_attempts;
+        let now = self.obs.now;
         let shard = &mut self.status.shards[index];
         let (i, attempt) = (shard.index, shard.attempt);
         if attempt < max {
-            self.event(
-                true,
-                "AttemptFailed",
-                format!("shard {i} attempt {attempt} failed: {why}; starting attempt {}", attempt + 1),
-            );
-            self.start_attempt(index, vm);
+            match wait {
+                Some(wait) => {
+                    shard.phase = TestRunPhase::Pending;
+                    shard.retry_after = Some(Time(now + signed(wait)));
+                    shard.message =
+                        Some(format!("attempt {attempt} failed: {why}; attempt {} starts in {}s", attempt + 1, wait.as_secs()));
+                    self.event(
+                        true,
+                        "AttemptFailed",
+                        format!("shard {i} attempt {attempt} failed: {why}; attempt {} starts in {}s", attempt + 1, wait.as_secs()),
+                    );
+                    self.wake_within(wait);
+                }
+                None => {
+                    self.event(
+                        true,
+                        "AttemptFailed",
+                        format!("shard {i} attempt {attempt} failed: {why}; starting attempt {}", attempt + 1),
+                    );
+                    self.start_attempt(index, vm);
+                }
+            }
         } else {
             let shard = &mut self.status.shards[index];
             shard.phase = TestRunPhase::Error;
@@ -691,6 +721,10 @@ impl Planner<'_> {
             return;
         }
         if shard.phase == TestRunPhase::Pending {
+            if let Some(at) = shard.retry_after.as_ref().map(|t| t.0).filter(|at| now < *at) {
+                self.wake_within(until(now, at));
+                return;
+            }
             self.start_attempt(index, vm);
             return;
         }
@@ -703,9 +737,11 @@ impl Planner<'_> {
         let timeout = signed(run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600)));
         let heartbeat_timeout = signed(run.spec.heartbeat_timeout.parse().unwrap_or(Duration::from_secs(60)));
 
-        // The agent registered: its lease began.
+        // The agent registered: its lease began. A heartbeat on the current
+        // lease says the same (its registration was heard by a process
+        // that stopped before writing it).
         if shard.phase == TestRunPhase::Provisioning
-            && let Some(registered) = heard.and_then(|h| h.registered_at)
+            && let Some(registered) = heard.and_then(|h| h.registered_at.or(h.last_heartbeat))
         {
             let s = &mut self.status.shards[index];
             s.phase = TestRunPhase::Running;
@@ -997,6 +1033,13 @@ fn error_code_of(last_error: &str) -> Option<ErrorCode> {
     Some(ErrorCode::parse(code))
 }
 
+/// How long a shard waits before its next attempt after an attempt found
+/// no zone with capacity: 30 s, doubling with every attempt, up to 5 min.
+fn capacity_wait(attempt: i32) -> Duration {
+    let doublings = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(4);
+    (Duration::from_secs(30) * 2u32.pow(doublings)).min(Duration::from_secs(300))
+}
+
 /// The startup script every VM runs: the agent, nothing else.
 pub fn startup_script(agent_command: &str) -> String {
     format!("#!/bin/sh\n# Written by testrun-controller: start the agent.\nexec {agent_command} agent\n")
@@ -1273,10 +1316,65 @@ mod tests {
         assert_eq!((shard.attempt, shard.zone.as_deref()), (1, Some("us-central1-b")));
         assert_eq!(plan.exhausted, vec!["us-central1-a".to_string()]);
         assert!(matches!(&plan.calls[..], [CloudCall::Insert(spec)] if spec.zone == "us-central1-b"));
-        // No zone left: the attempt is used up and the next one starts over.
+        // No zone left: the attempt is used up and the next one starts over,
+        // after a wait.
         w.finish_operations(Some("us-central1-b"));
         w.reconcile();
+        w.advance(30);
+        w.reconcile();
         assert_eq!(w.shard(0).attempt, 2);
+    }
+
+    #[test]
+    fn a_heartbeat_on_the_current_lease_counts_as_registration_after_a_restart() {
+        let mut w = World::new(run(1, 2));
+        w.reconcile();
+        w.finish_operations(None);
+        w.reconcile();
+        // The registration was heard by the process before; this one hears
+        // only heartbeats, right up to the registration deadline and past it.
+        let lease_id = w.shard(0).lease_id;
+        for _ in 0..70 {
+            w.advance(10);
+            w.heard.insert(0, Heard { lease_id, registered_at: None, last_heartbeat: Some(w.now), result: None });
+            w.reconcile();
+        }
+        let shard = w.shard(0);
+        assert_eq!((shard.attempt, shard.phase), (1, TestRunPhase::Running), "{shard:?}");
+        w.report(0, 0);
+        w.reconcile();
+        assert_eq!(w.shard(0).phase, TestRunPhase::Succeeded);
+    }
+
+    #[test]
+    fn capacity_in_no_zone_makes_the_next_attempt_wait_instead_of_using_up_attempts() {
+        let mut w = World::new(run(1, 3));
+        w.reconcile();
+        // Every zone is out of capacity for attempt 1.
+        w.finish_operations(Some("us-central1-a"));
+        w.reconcile();
+        w.finish_operations(Some("us-central1-b"));
+        let plan = w.reconcile();
+        let shard = w.shard(0);
+        assert_eq!((shard.attempt, shard.phase), (1, TestRunPhase::Pending), "{shard:?}");
+        assert!(plan.calls.is_empty(), "no VM is asked for while the shard waits: {:?}", plan.calls);
+        assert!(plan.requeue_after <= Duration::from_secs(30), "woken when the wait is over");
+        // Passes during the wait change nothing.
+        for _ in 0..5 {
+            w.advance(5);
+            assert!(w.reconcile().calls.is_empty());
+            assert_eq!(w.shard(0).attempt, 1);
+        }
+        w.advance(5);
+        let plan = w.reconcile();
+        let shard = w.shard(0);
+        assert_eq!((shard.attempt, shard.phase, shard.retry_after.clone()), (2, TestRunPhase::Provisioning, None));
+        assert!(matches!(&plan.calls[..], [CloudCall::Insert(spec)] if spec.zone == "us-central1-a"));
+        // The waits double.
+        assert_eq!(
+            [1, 2, 3, 4, 5, 6].map(|a| capacity_wait(a).as_secs()),
+            [30, 60, 120, 240, 300, 300]
+        );
     }
 
     #[test]
