@@ -1334,7 +1334,7 @@ mod tests {
         // The registration was heard by the process before; this one hears
         // only heartbeats, right up to the registration deadline and past it.
         let lease_id = w.shard(0).lease_id;
-        for _ in 0..70 {
+        for _ in 0..61 {
             w.advance(10);
             w.heard.insert(0, Heard { lease_id, registered_at: None, last_heartbeat: Some(w.now), result: None });
             w.reconcile();
