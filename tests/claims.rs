@@ -45,10 +45,11 @@ async fn concurrent_claimers_never_take_the_same_vm() {
         tasks.push(tokio::spawn(async move {
             let client = common::client_from(&kubeconfig).await;
             let api: Api<PrebuildPreset> = Api::namespaced(client, &ns);
-            let claim = Claim { namespace: ns.clone(), testrun: format!("run-{i}"), shard: 0, uid: Some(format!("uid-{i}")) };
+            let claim =
+                Claim { namespace: ns.clone(), testrun: format!("run-{i}"), shard: 0, uid: Some(format!("uid-{i}")) };
             // Each starts from the preset as read before anyone claimed.
             let read = api.get("pool").await.expect("reading the preset");
-            let claimed = claim_ready_vms(&api, &read, std::slice::from_ref(&claim)).await.expect("claiming");
+            let claimed = claim_ready_vms(&api, &read, std::slice::from_ref(&claim), None).await.expect("claiming");
             (claim, claimed.taken.get(&0).cloned())
         }));
     }
@@ -98,9 +99,10 @@ async fn a_multi_shard_run_takes_its_vms_in_one_write() {
     });
     presets.patch_status("pool", &PatchParams::apply("test").force(), &Patch::Apply(&status)).await.expect("status");
     let read = presets.get("pool").await.expect("get");
-    let claims: Vec<Claim> =
-        (0..3).map(|shard| Claim { namespace: ns.clone(), testrun: "run".into(), shard, uid: Some("uid".into()) }).collect();
-    let claimed = claim_ready_vms(&presets, &read, &claims).await.expect("claiming");
+    let claims: Vec<Claim> = (0..3)
+        .map(|shard| Claim { namespace: ns.clone(), testrun: "run".into(), shard, uid: Some("uid".into()) })
+        .collect();
+    let claimed = claim_ready_vms(&presets, &read, &claims, None).await.expect("claiming");
     assert_eq!(claimed.taken.len(), 2, "two ready VMs for three shards");
     let written = claimed.written.expect("one write");
     let version = |p: &PrebuildPreset| p.metadata.resource_version.clone().and_then(|v| v.parse::<u64>().ok());
@@ -108,6 +110,6 @@ async fn a_multi_shard_run_takes_its_vms_in_one_write() {
     assert_eq!(version(&written), version(&stored), "nothing else wrote after the claim");
     assert_eq!(stored.status.expect("status").claimed, 2);
     // Claiming again with the stale copy: the shards keep what they hold, and no VM is left for the third.
-    let again = claim_ready_vms(&presets, &read, &claims).await.expect("claiming again");
+    let again = claim_ready_vms(&presets, &read, &claims, None).await.expect("claiming again");
     assert!(again.taken.is_empty() && again.written.is_none(), "{again:?}");
 }

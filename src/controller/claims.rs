@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use jiff::Timestamp;
 use kube::api::{Api, PostParams};
 
 use crate::api::prebuild::{PrebuildPreset, PresetInstance, PresetInstanceState};
@@ -84,6 +85,22 @@ pub fn is_abandoned(claimed_by: Option<&str>, uid_of: impl Fn(&str, &str) -> Opt
     }
 }
 
+/// Whether a pool VM may be claimed: ready, of the active version, not
+/// claimed, and (when `born_after` is given) made no earlier than that.
+pub fn claimable(instance: &PresetInstance, version: &str, born_after: Option<Timestamp>) -> bool {
+    instance.state == PresetInstanceState::Ready
+        && instance.template_version == version
+        && instance.claimed_by.is_none()
+        && born_after.is_none_or(|after| instance.created_at.as_ref().is_some_and(|t| t.0 >= after))
+}
+
+/// The earliest birth of a pool VM that still lives `needed` (`None`: no
+/// pool VM lives that long).
+pub fn born_after(now: Timestamp, lifetime: std::time::Duration, needed: std::time::Duration) -> Option<Timestamp> {
+    let spare = lifetime.checked_sub(needed)?;
+    now.checked_sub(jiff::SignedDuration::try_from(spare).ok()?).ok()
+}
+
 /// How many times a claim retries after losing a race.
 const CLAIM_TRIES: usize = 8;
 
@@ -101,10 +118,14 @@ pub struct Claimed {
 /// by the preset's resourceVersion: a claim made meanwhile by anyone else
 /// makes the write fail, and the preset is read again and claimed from
 /// afresh. `preset` may be a cached copy; a stale one only costs a retry.
+///
+/// Only VMs made at or after `born_after` are taken (when given): a pool
+/// VM lives a fixed time, and a run needs one that outlives its timeout.
 pub async fn claim_ready_vms(
     api: &Api<PrebuildPreset>,
     preset: &PrebuildPreset,
     claims: &[Claim],
+    born_after: Option<Timestamp>,
 ) -> Result<Claimed, kube::Error> {
     let name = preset.metadata.name.clone().unwrap_or_default();
     let mut preset = preset.clone();
@@ -114,9 +135,7 @@ pub async fn claim_ready_vms(
         let Some(status) = preset.status.as_mut() else { return Ok(Claimed::default()) };
         let mut taken = BTreeMap::new();
         for claim in wanting {
-            let Some(instance) = status.instances.iter_mut().find(|i| {
-                i.state == PresetInstanceState::Ready && i.template_version == version && i.claimed_by.is_none()
-            }) else {
+            let Some(instance) = status.instances.iter_mut().find(|i| claimable(i, &version, born_after)) else {
                 break;
             };
             instance.state = PresetInstanceState::Claimed;
@@ -156,6 +175,29 @@ mod tests {
         for bad in ["", "a/b", "a/b/c", "a/b/1/", "a/b/1/u/x", "a/b/-x"] {
             assert_eq!(Claim::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_run_claims_only_a_vm_that_outlives_its_timeout() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use std::time::Duration;
+        let now = Timestamp::from_second(1_800_000_000).expect("time");
+        let hour = Duration::from_secs(3600);
+        let vm = |age_hours: i64| PresetInstance {
+            name: "vm".into(),
+            zone: "z".into(),
+            template_version: "v1".into(),
+            state: PresetInstanceState::Ready,
+            claimed_by: None,
+            created_at: Some(Time(now - jiff::SignedDuration::from_hours(age_hours))),
+        };
+        // A 24 h VM: a run that needs 2 h takes one up to 22 h old.
+        let after = born_after(now, 24 * hour, 2 * hour);
+        assert!(claimable(&vm(22), "v1", after));
+        assert!(!claimable(&vm(23), "v1", after), "it would be deleted under the running test");
+        assert!(!claimable(&vm(0), "v2", after), "not the active version");
+        assert!(claimable(&vm(23), "v1", None));
+        assert_eq!(born_after(now, 24 * hour, 25 * hour), None, "no pool VM lives long enough");
     }
 
     #[test]

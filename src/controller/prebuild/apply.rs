@@ -33,6 +33,9 @@ use crate::controller::{Context, Error};
 /// Times a reconcile re-reads and plans again after a conflicting write.
 const CONFLICT_RETRIES: usize = 4;
 
+/// When a reconcile that kept conflicting looks again.
+const CONFLICT_REQUEUE: Duration = Duration::from_secs(1);
+
 /// Reconciles one PrebuildPreset.
 pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     // Waiting for a slot is a small future; the reconcile itself is boxed.
@@ -118,6 +121,12 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
                 }
                 // Deleted meanwhile: from now on nothing is created.
                 deleting = preset.meta().deletion_timestamp.is_some();
+            }
+            // Others keep writing (claims from many runs at once): not an
+            // error to back off from; look again shortly.
+            Err(e) if e.is_conflict() => {
+                tracing::debug!(conflicts, "the PrebuildPreset keeps changing; looking again shortly");
+                return Ok(Action::requeue(CONFLICT_REQUEUE));
             }
             Err(e) => return Err(e),
         }

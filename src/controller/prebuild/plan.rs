@@ -44,6 +44,11 @@ use crate::inventory::state::VmView;
 /// then replaces it.
 pub const POOL_VM_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// A ready pool VM this old is replaced: the rest of its lifetime is kept
+/// for the test that claims it (a run claims only a VM that outlives its
+/// timeout).
+pub const POOL_VM_RECYCLE_AGE: Duration = Duration::from_secs(18 * 3600);
+
 /// Everything the pool planner looks at.
 pub struct PoolObserved<'a> {
     /// The preset.
@@ -412,6 +417,15 @@ impl Pool<'_> {
         let mut late = Vec::new();
         let mut handed_over = Vec::new();
         let mut abandoned = Vec::new();
+        let mut retiring = Vec::new();
+        let mut aged = Vec::new();
+        let deleting: BTreeSet<String> = self
+            .status
+            .instances
+            .iter()
+            .filter(|i| self.in_flight(OperationKind::Delete, &i.zone, &i.name))
+            .map(|i| i.name.clone())
+            .collect();
         let creating: BTreeSet<String> = self
             .status
             .instances
@@ -440,11 +454,26 @@ impl Pool<'_> {
                     }
                 }
                 PresetInstanceState::Ready if gone => lost.push(i.name.clone()),
+                PresetInstanceState::Ready => {
+                    let born = i.created_at.as_ref().map(|t| t.0).unwrap_or(now);
+                    let due = born + signed(POOL_VM_RECYCLE_AGE);
+                    if now >= due {
+                        aged.push((i.zone.clone(), i.name.clone()));
+                    } else {
+                        deadline = Some(deadline.map_or(due, |d| d.min(due)));
+                    }
+                }
                 // A claimed VM leaves the pool once relabelled to its TestRun.
                 PresetInstanceState::Claimed if gone => handed_over.push(i.name.clone()),
                 PresetInstanceState::Claimed if self.obs.abandoned_claims.contains(&i.name) => {
                     abandoned.push((i.zone.clone(), i.name.clone()));
                 }
+                // Retired while its insert could still act: once it cannot,
+                // the VM is deleted, or, verified absent, forgotten.
+                PresetInstanceState::Deleting if creating => {}
+                PresetInstanceState::Deleting if deleting.contains(&i.name) => {}
+                PresetInstanceState::Deleting if gone => lost.push(i.name.clone()),
+                PresetInstanceState::Deleting => retiring.push((i.zone.clone(), i.name.clone())),
                 _ => {}
             }
         }
@@ -458,8 +487,23 @@ impl Pool<'_> {
             self.retire(&zone, &name);
         }
         for name in lost {
+            let retired =
+                self.status.instances.iter().any(|i| i.name == name && i.state == PresetInstanceState::Deleting);
             self.status.instances.retain(|i| i.name != name);
-            self.event(true, "VmVanished", format!("pool VM {name} disappeared"));
+            if !retired {
+                self.event(true, "VmVanished", format!("pool VM {name} disappeared"));
+            }
+        }
+        for (zone, name) in retiring {
+            self.delete(&zone, &name);
+        }
+        for (zone, name) in aged {
+            self.event(
+                false,
+                "VmRecycled",
+                format!("pool VM {name} is {}h old; replacing it", POOL_VM_RECYCLE_AGE.as_secs() / 3600),
+            );
+            self.retire(&zone, &name);
         }
         for (name, zone) in late {
             if let Some(i) = self.status.instances.iter_mut().find(|i| i.name == name) {
@@ -469,7 +513,7 @@ impl Pool<'_> {
                 "REGISTRATION_TIMEOUT",
                 format!("the agent on pool VM {name} did not register in time"),
             );
-            self.delete(&zone, &name);
+            self.retire(&zone, &name);
         }
         if let Some(due) = deadline {
             self.wake_within(until(now, due) + Duration::from_millis(100));
@@ -552,11 +596,16 @@ impl Pool<'_> {
         self.start_jobs();
     }
 
+    /// Takes a VM out of the pool and deletes it. While its insert may
+    /// still act, the delete waits: a delete racing the insert would find
+    /// nothing, and the VM would land afterwards (see `sync_instances`).
     fn retire(&mut self, zone: &str, name: &str) {
         if let Some(i) = self.status.instances.iter_mut().find(|i| i.name == name) {
             i.state = PresetInstanceState::Deleting;
         }
-        self.delete(zone, name);
+        if !self.in_flight(OperationKind::Insert, zone, name) {
+            self.delete(zone, name);
+        }
     }
 
     /// Moves pending jobs into free provisioner slots, unless backing off or
@@ -884,6 +933,10 @@ mod tests {
             }
         }
 
+        fn advance_hours(&mut self, hours: i64) {
+            self.now += SignedDuration::from_hours(hours);
+        }
+
         fn set_version(&mut self, version: &str) {
             self.preset.spec.template_version = version.into();
             self.preset.metadata.generation = self.preset.metadata.generation.map(|g| g + 1);
@@ -896,6 +949,68 @@ mod tests {
                 .filter(|i| i.state == PresetInstanceState::Ready && i.template_version == version)
                 .count()
         }
+    }
+
+    #[test]
+    fn a_vm_retired_while_its_insert_runs_is_deleted_once_the_insert_is_over() {
+        let mut w = World::new(preset(2, "v1", 2));
+        w.reconcile();
+        // Scaled to zero while both inserts run.
+        w.preset.spec.instances = 0;
+        let plan = w.reconcile();
+        assert!(
+            plan.calls.iter().all(|c| !matches!(c, CloudCall::Delete { .. })),
+            "a delete racing the insert finds nothing and the VM lands after it: {:?}",
+            plan.calls
+        );
+        assert!(w.status().instances.iter().all(|i| i.state == PresetInstanceState::Deleting));
+        assert!(w.reconcile().calls.iter().all(|c| !matches!(c, CloudCall::Delete { .. })));
+        // The inserts land: now the VMs are deleted.
+        w.finish(false);
+        assert_eq!(w.vms.len(), 2);
+        let plan = w.reconcile();
+        let deletes = plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count();
+        assert_eq!(deletes, 2, "{:?}", plan.calls);
+        w.finish(false);
+        w.reconcile();
+        assert!(w.vms.is_empty());
+        assert!(w.status().instances.is_empty(), "{:?}", w.status().instances);
+        // An insert that failed leaves nothing to delete, and no entry.
+        let mut w = World::new(preset(1, "v1", 1));
+        w.reconcile();
+        w.preset.spec.instances = 0;
+        w.reconcile();
+        w.finish(true);
+        let plan = w.reconcile();
+        assert!(plan.calls.is_empty(), "{:?}", plan.calls);
+        assert!(w.status().instances.is_empty(), "{:?}", w.status().instances);
+    }
+
+    #[test]
+    fn a_ready_vm_is_replaced_before_it_is_too_old_to_claim() {
+        let mut w = World::new(preset(1, "v1", 1));
+        w.reconcile();
+        w.finish(false);
+        w.boot();
+        w.reconcile();
+        assert_eq!(w.ready("v1"), 1);
+        let first = w.status().instances[0].name.clone();
+        w.advance_hours(17);
+        assert!(w.reconcile().calls.is_empty(), "young enough to keep");
+        w.advance_hours(1);
+        let plan = w.reconcile();
+        assert!(
+            plan.calls.iter().any(|c| matches!(c, CloudCall::Delete { name, .. } if *name == first)),
+            "{:?}",
+            plan.calls
+        );
+        assert!(plan.calls.iter().any(|c| matches!(c, CloudCall::Insert(_))), "replaced at once: {:?}", plan.calls);
+        w.finish(false);
+        w.boot();
+        w.reconcile();
+        let names: Vec<String> = w.status().instances.iter().map(|i| i.name.clone()).collect();
+        assert_eq!(w.ready("v1"), 1);
+        assert!(!names.contains(&first), "{names:?}");
     }
 
     #[test]

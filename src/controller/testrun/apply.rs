@@ -16,6 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::Instrument as _;
 
+use super::plan::MAX_RUN_MARGIN;
 use super::plan::{Observed, Plan, plan, plan_cleanup};
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
@@ -23,18 +24,22 @@ use crate::api::validation::validate_testrun;
 use crate::api::{FINALIZER, VmSpec};
 use crate::compute::naming::{LABEL_OWNER_UID, LABEL_TEMPLATE_VERSION, label_value, request_id, testrun_labels};
 use crate::compute::{Compute, Instance};
-use crate::controller::claims::{Claim, claim_ready_vms, held};
+use crate::controller::claims::{Claim, born_after, claim_ready_vms, held};
 use crate::controller::execute::{
     named_request_ids, next_look, observe_operations, publish, record_accepted, set_finalizer, submit_calls,
     write_status,
 };
 use crate::controller::ops::{CloudCall, Seen};
+use crate::controller::prebuild::plan::POOL_VM_LIFETIME;
 use crate::controller::slots::Lane;
 use crate::controller::wake::Owner;
 use crate::controller::{Context, Error};
 
 /// Times a reconcile re-reads and plans again after a conflicting write.
 const CONFLICT_RETRIES: usize = 4;
+
+/// When a reconcile that kept conflicting looks again.
+const CONFLICT_REQUEUE: Duration = Duration::from_secs(1);
 
 /// Reconciles one TestRun.
 pub async fn reconcile<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
@@ -108,6 +113,12 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<TestRun>, ctx: &Context
                 // Deleted meanwhile: from now on nothing is created.
                 deleting = run.meta().deletion_timestamp.is_some();
             }
+            // Others keep writing (claims from many runs at once): not an
+            // error to back off from; look again shortly.
+            Err(e) if e.is_conflict() => {
+                tracing::debug!(conflicts, "the TestRun keeps changing; looking again shortly");
+                return Ok(Action::requeue(CONFLICT_REQUEUE));
+            }
             Err(e) => return Err(e),
         }
     };
@@ -171,19 +182,27 @@ async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanu
         && validate_testrun(&run.spec).is_ok();
     // A started run has the shards it started with, whatever the spec says now.
     let shards = started.map_or(run.spec.shards, |s| s.shards);
-    let claims: Vec<Claim> =
-        (0..shards).map(|shard| Claim { namespace: namespace.clone(), testrun: run.name_any(), shard, uid: run.uid() }).collect();
+    let claims: Vec<Claim> = (0..shards)
+        .map(|shard| Claim { namespace: namespace.clone(), testrun: run.name_any(), shard, uid: run.uid() })
+        .collect();
     let wanting: Vec<Claim> = claims
         .iter()
         .filter(|c| held(&preset, c).is_none())
         .filter(|c| may_claim && status.shards.iter().find(|s| s.index == c.shard).is_none_or(|s| s.attempt == 0))
         .cloned()
         .collect();
+    // A pool VM must outlive the run's timeout and the wait for its agent;
+    // a run that needs longer than any pool VM lives gets new VMs.
+    let timeout = run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600));
+    let needed = timeout + ctx.settings.registration_timeout + MAX_RUN_MARGIN;
+    let born_after = born_after(Timestamp::now(), POOL_VM_LIFETIME, needed);
     let mut taken = BTreeMap::new();
-    if !wanting.is_empty() {
+    if let Some(born_after) = born_after
+        && !wanting.is_empty()
+    {
         let presets: Api<PrebuildPreset> = Api::namespaced(ctx.client.clone(), &namespace);
         let started = std::time::Instant::now();
-        let claimed = claim_ready_vms(&presets, &preset, &wanting)
+        let claimed = claim_ready_vms(&presets, &preset, &wanting, Some(born_after))
             .await
             .map_err(|source| Error::Claim { preset: preset_ref.name.clone(), source })?;
         ctx.metrics.claim_seconds.observe(started.elapsed().as_secs_f64());

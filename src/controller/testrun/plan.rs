@@ -111,7 +111,7 @@ pub const HEARTBEAT_WRITE_INTERVAL: Duration = Duration::from_secs(15);
 /// How long a run waits before looking for its missing PrebuildPreset again.
 const PRESET_POLL: Duration = Duration::from_secs(15);
 /// Margin added to `timeout` for a VM's `maxRunDuration`.
-const MAX_RUN_MARGIN: Duration = Duration::from_secs(15 * 60);
+pub const MAX_RUN_MARGIN: Duration = Duration::from_secs(15 * 60);
 
 struct Planner<'a> {
     obs: &'a Observed<'a>,
@@ -681,12 +681,19 @@ impl Planner<'_> {
                 Some(wait) => {
                     shard.phase = TestRunPhase::Pending;
                     shard.retry_after = Some(Time(now + signed(wait)));
-                    shard.message =
-                        Some(format!("attempt {attempt} failed: {why}; attempt {} starts in {}s", attempt + 1, wait.as_secs()));
+                    shard.message = Some(format!(
+                        "attempt {attempt} failed: {why}; attempt {} starts in {}s",
+                        attempt + 1,
+                        wait.as_secs()
+                    ));
                     self.event(
                         true,
                         "AttemptFailed",
-                        format!("shard {i} attempt {attempt} failed: {why}; attempt {} starts in {}s", attempt + 1, wait.as_secs()),
+                        format!(
+                            "shard {i} attempt {attempt} failed: {why}; attempt {} starts in {}s",
+                            attempt + 1,
+                            wait.as_secs()
+                        ),
                     );
                     self.wake_within(wait);
                 }
@@ -1371,10 +1378,7 @@ mod tests {
         assert_eq!((shard.attempt, shard.phase, shard.retry_after.clone()), (2, TestRunPhase::Provisioning, None));
         assert!(matches!(&plan.calls[..], [CloudCall::Insert(spec)] if spec.zone == "us-central1-a"));
         // The waits double.
-        assert_eq!(
-            [1, 2, 3, 4, 5, 6].map(|a| capacity_wait(a).as_secs()),
-            [30, 60, 120, 240, 300, 300]
-        );
+        assert_eq!([1, 2, 3, 4, 5, 6].map(|a| capacity_wait(a).as_secs()), [30, 60, 120, 240, 300, 300]);
     }
 
     #[test]
