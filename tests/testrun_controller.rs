@@ -237,6 +237,29 @@ async fn deleting_a_running_testrun_deletes_its_vms_first() {
 }
 
 #[tokio::test]
+async fn a_deleted_run_whose_vm_delete_hangs_keeps_its_finalizer_until_the_vm_is_gone() {
+    let env = setup("hung-cleanup", &[], &["--operation-timeout", "4s", "--delete-retry-base", "100ms"]).await;
+    env.create(testrun("hung", 1, &["sleep", "300"])).await;
+    env.wait_phase("hung", TestRunPhase::Running).await;
+    env.add_fault(json!({ "call": "delete", "kind": "hang", "count": 1 })).await;
+    env.runs.delete("hung", &DeleteParams::default()).await.expect("delete");
+    // The hung delete leaves the VM: the finalizer holds until the delete
+    // is settled at its deadline, made again and verified.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen_held = false;
+    while env.runs.get_opt("hung").await.expect("get").is_some() {
+        if !env.vms().await.is_empty() {
+            seen_held = true;
+        }
+        assert!(Instant::now() < deadline, "the TestRun was not removed; log:\n{}", env.controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(seen_held, "the VM outlived the first (hung) delete while the TestRun was held");
+    assert!(env.vms().await.is_empty(), "the finalizer went before the VM");
+    assert_eq!(env.calls().await["instances.delete"], 2, "one hung delete, one that went through");
+}
+
+#[tokio::test]
 async fn forged_stale_and_malformed_agent_calls_are_refused() {
     let env = setup("forged-tokens", &[], &[]).await;
     env.create(testrun("guarded", 1, &["sleep", "300"])).await;

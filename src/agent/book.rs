@@ -114,6 +114,22 @@ impl LeaseBook {
             m.remove(uid);
         });
     }
+
+    /// Keeps only the runs `keep` names (a late report about a run that
+    /// is gone made its entry again).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.with(|m| m.retain(|uid, _| keep(uid)));
+    }
+
+    /// How many runs have entries.
+    pub fn len(&self) -> usize {
+        self.with(|m| m.len())
+    }
+
+    /// Whether no run has an entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Pool VMs whose agent registered and waits for an assignment, by preset
@@ -139,6 +155,26 @@ impl PoolBook {
     /// Drops everything about a preset.
     pub fn forget(&self, uid: &str) {
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(uid);
+    }
+
+    /// Keeps only the VMs `keep` names (by preset uid and instance), and
+    /// presets with a VM left.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.retain(|uid, vms| {
+            vms.retain(|name, _| keep(uid, name));
+            !vms.is_empty()
+        });
+    }
+
+    /// How many pool VMs have entries.
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values().map(BTreeMap::len).sum()
+    }
+
+    /// Whether no pool VM has an entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

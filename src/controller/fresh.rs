@@ -87,6 +87,11 @@ impl<K: Resource> Fresh<K> {
     pub fn forget(&self, uid: &str) {
         self.written().remove(uid);
     }
+
+    /// Keeps only the objects whose uid `keep` names.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.written().retain(|uid, _| keep(uid));
+    }
 }
 
 #[cfg(test)]

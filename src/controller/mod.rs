@@ -8,6 +8,7 @@ pub mod conditions;
 pub mod execute;
 pub mod fresh;
 pub mod gc;
+pub mod housekeeping;
 pub mod ops;
 pub mod prebuild;
 pub mod slots;
@@ -173,6 +174,12 @@ impl Backoff {
         } else {
             *failures.entry(name.to_string()).or_default() += 1;
         }
+    }
+
+    /// Keeps only the objects whose key (`testrun/<uid>`, `preset/<uid>`)
+    /// `keep` names.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|key, _| keep(key));
     }
 
     /// The wait before the next try: 1 s, 2 s, 4 s, … up to 5 minutes.
@@ -495,6 +502,7 @@ pub async fn run<C: Compute + Clone>(
         preset_slots: Slots::new(usize::from(config.concurrency)),
     });
     let gc_task = tokio::spawn(gc::run(ctx.clone(), gc_runs, gc_presets, config.gc.clone()));
+    tokio::spawn(housekeeping::run(ctx.clone()));
     // On SIGTERM or Ctrl-C kube-runtime waits for every started reconcile;
     // those still waiting for a slot end at once instead of running in turn.
     let closing = (ctx.run_slots.clone(), ctx.preset_slots.clone());

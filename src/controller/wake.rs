@@ -55,6 +55,21 @@ impl Wakers {
         self.owners().remove(uid);
     }
 
+    /// Keeps only the objects whose uid label value `keep` names.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.owners().retain(|uid, _| keep(uid));
+    }
+
+    /// How many objects are known.
+    pub fn len(&self) -> usize {
+        self.owners().len()
+    }
+
+    /// Whether no object is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Asks for a reconcile of the object with this uid, if known.
     pub fn wake(&self, uid: &str) {
         let owner = self.owners().get(uid).cloned();

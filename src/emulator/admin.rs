@@ -59,6 +59,7 @@ pub fn router(emulator: Arc<Emulator>) -> Router {
         .route("/emulator/v1/faults/{id}", delete(remove_fault))
         .route("/emulator/v1/instances", get(instances))
         .route("/emulator/v1/history", get(history))
+        .route("/emulator/v1/accepted-inserts", get(accepted_inserts))
         .route("/emulator/v1/calls", get(calls).delete(reset_calls))
         .with_state(emulator)
 }
@@ -141,6 +142,10 @@ async fn reset_calls(State(emulator): State<Arc<Emulator>>) -> StatusCode {
 }
 
 /// Every VM ever created, with the process group it booted.
+async fn accepted_inserts(State(emulator): State<Arc<Emulator>>) -> Json<Vec<super::state::HistoryRow>> {
+    Json(emulator.lock().accepted_inserts.clone())
+}
+
 async fn history(State(emulator): State<Arc<Emulator>>) -> Json<Vec<super::state::HistoryRow>> {
     Json(emulator.lock().history.clone())
 }

@@ -113,6 +113,18 @@ impl Emulator {
             Mutation::Insert(resource) if verdict.operation != Some(FaultKind::Vanish) => {
                 let id = state.next_id();
                 let record = new_instance(id, *resource);
+                if effective {
+                    let row = super::state::HistoryRow {
+                        project: target.project.clone(),
+                        zone: target.zone.clone(),
+                        name: target.name.clone(),
+                        id,
+                        labels: record.labels.clone(),
+                        pid: None,
+                        requested_at: record.requested.clone(),
+                    };
+                    state.accepted_inserts.push(row);
+                }
                 state.instances.insert(target.clone(), record);
                 id
             }

@@ -174,6 +174,10 @@ pub struct State {
     pub faults: Faults,
     /// Every VM ever created, in order.
     pub history: Vec<HistoryRow>,
+    /// Every insert accepted without a fault that keeps it from creating its
+    /// VM, in order, whether its operation finished or not (a VM deleted
+    /// while it was being made is here, not in `history`).
+    pub accepted_inserts: Vec<HistoryRow>,
     /// Compute API calls received, by method (e.g. `instances.insert`).
     pub calls: BTreeMap<&'static str, u64>,
     next_id: u64,
@@ -188,6 +192,7 @@ impl State {
             request_ids: HashMap::new(),
             faults: Faults::new(seed),
             history: Vec::new(),
+            accepted_inserts: Vec::new(),
             calls: BTreeMap::new(),
             next_id: 1_000_000_000_000,
         }
