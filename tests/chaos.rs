@@ -333,18 +333,27 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
 
     // Every VM is deleted and verified, except pool-0's warm VMs: with the
     // orphan scan only reporting, a VM nobody tracks would stay here.
-    let pool_0 = presets.get("pool-0").await.expect("pool-0");
-    let pool_0_uid = pool_0.metadata.uid.clone().unwrap_or_default();
+    // pool-0's VMs are exactly the ones its status lists, none of them
+    // being deleted.
     let unowned = loop {
+        let pool_0 = presets.get("pool-0").await.expect("pool-0");
+        let pool_0_uid = pool_0.metadata.uid.clone().unwrap_or_default();
+        let listed: BTreeSet<String> =
+            pool_0.status.iter().flat_map(|s| &s.instances).map(|i| format!("{:?} {}", i.state, i.name)).collect();
         let list = runs.list(&Default::default()).await.expect("list").items;
         let busy = list.iter().filter(|r| r.status.as_ref().is_some_and(|s| !s.operations.is_empty())).count();
         let vms = common::installation_vms(&emulator.url, &ns).await;
-        let unowned: Vec<Value> =
-            vms.into_iter().filter(|v| v["labels"]["owner-uid"].as_str() != Some(pool_0_uid.as_str())).collect();
-        if busy == 0 && unowned.is_empty() {
+        let (pool_vms, unowned): (Vec<Value>, Vec<Value>) =
+            vms.into_iter().partition(|v| v["labels"]["owner-uid"].as_str() == Some(pool_0_uid.as_str()));
+        let in_cloud: BTreeSet<String> =
+            pool_vms.iter().filter_map(|v| v["name"].as_str()).map(|n| format!("Ready {n}")).collect();
+        if busy == 0 && unowned.is_empty() && listed == in_cloud {
             break unowned;
         }
-        assert!(Instant::now() < deadline, "{busy} runs still deleting, VMs no live object owns: {unowned:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "{busy} runs still deleting; VMs no live object owns: {unowned:#?}; pool-0 lists {listed:?}, the cloud has {in_cloud:?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
 

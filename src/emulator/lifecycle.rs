@@ -113,7 +113,8 @@ impl Emulator {
             Mutation::Insert(resource) if verdict.operation != Some(FaultKind::Vanish) => {
                 let id = state.next_id();
                 let record = new_instance(id, *resource);
-                if effective {
+                // A hung insert made its (never booting) VM too.
+                if effective || verdict.operation == Some(FaultKind::Hang) {
                     let row = super::state::HistoryRow {
                         project: target.project.clone(),
                         zone: target.zone.clone(),

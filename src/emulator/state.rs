@@ -174,9 +174,10 @@ pub struct State {
     pub faults: Faults,
     /// Every VM ever created, in order.
     pub history: Vec<HistoryRow>,
-    /// Every insert accepted without a fault that keeps it from creating its
-    /// VM, in order, whether its operation finished or not (a VM deleted
-    /// while it was being made is here, not in `history`).
+    /// Every insert accepted to make a VM (all but those failing, vanishing
+    /// or out of capacity/quota), in order, whether its operation finished
+    /// or not (a VM deleted while it was being made is here, not in
+    /// `history`).
     pub accepted_inserts: Vec<HistoryRow>,
     /// Compute API calls received, by method (e.g. `instances.insert`).
     pub calls: BTreeMap<&'static str, u64>,

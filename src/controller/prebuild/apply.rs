@@ -125,7 +125,10 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
             // Others keep writing (claims from many runs at once): not an
             // error to back off from; look again shortly.
             Err(e) if e.is_conflict() => {
-                tracing::debug!(conflicts, "the PrebuildPreset keeps changing; looking again shortly");
+                tracing::warn!(
+                    conflicts,
+                    "the PrebuildPreset keeps changing under this controller; looking again in a second"
+                );
                 return Ok(Action::requeue(CONFLICT_REQUEUE));
             }
             Err(e) => return Err(e),

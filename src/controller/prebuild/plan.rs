@@ -112,6 +112,11 @@ pub fn backoff(base: Duration, max: Duration, failures: i32) -> Duration {
     base.saturating_mul(2u32.saturating_pow(doublings)).min(max)
 }
 
+/// When a pool VM's create job was picked up (`now` if unknown).
+fn born(instance: &PresetInstance, now: Timestamp) -> Timestamp {
+    instance.created_at.as_ref().map_or(now, |t| t.0)
+}
+
 /// Plans one reconcile of a preset that is not being deleted.
 pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
     let preset = obs.preset;
@@ -418,7 +423,6 @@ impl Pool<'_> {
         let mut handed_over = Vec::new();
         let mut abandoned = Vec::new();
         let mut retiring = Vec::new();
-        let mut aged = Vec::new();
         let deleting: BTreeSet<String> = self
             .status
             .instances
@@ -454,12 +458,10 @@ impl Pool<'_> {
                     }
                 }
                 PresetInstanceState::Ready if gone => lost.push(i.name.clone()),
+                // Replaced from its recycle age on (see `scale`).
                 PresetInstanceState::Ready => {
-                    let born = i.created_at.as_ref().map(|t| t.0).unwrap_or(now);
-                    let due = born + signed(POOL_VM_RECYCLE_AGE);
-                    if now >= due {
-                        aged.push((i.zone.clone(), i.name.clone()));
-                    } else {
+                    let due = born(i, now) + signed(POOL_VM_RECYCLE_AGE);
+                    if now < due {
                         deadline = Some(deadline.map_or(due, |d| d.min(due)));
                     }
                 }
@@ -471,8 +473,10 @@ impl Pool<'_> {
                 // Retired while its insert could still act: once it cannot,
                 // the VM is deleted, or, verified absent, forgotten.
                 PresetInstanceState::Deleting if creating => {}
+                // The delete, not absence from a list, ends the entry (a
+                // list may not show a VM whose insert just ended): a delete
+                // answered notFound is done.
                 PresetInstanceState::Deleting if deleting.contains(&i.name) => {}
-                PresetInstanceState::Deleting if gone => lost.push(i.name.clone()),
                 PresetInstanceState::Deleting => retiring.push((i.zone.clone(), i.name.clone())),
                 _ => {}
             }
@@ -487,24 +491,13 @@ impl Pool<'_> {
             self.retire(&zone, &name);
         }
         for name in lost {
-            let retired =
-                self.status.instances.iter().any(|i| i.name == name && i.state == PresetInstanceState::Deleting);
             self.status.instances.retain(|i| i.name != name);
-            if !retired {
-                self.event(true, "VmVanished", format!("pool VM {name} disappeared"));
-            }
+            self.event(true, "VmVanished", format!("pool VM {name} disappeared"));
         }
         for (zone, name) in retiring {
             self.delete(&zone, &name);
         }
-        for (zone, name) in aged {
-            self.event(
-                false,
-                "VmRecycled",
-                format!("pool VM {name} is {}h old; replacing it", POOL_VM_RECYCLE_AGE.as_secs() / 3600),
-            );
-            self.retire(&zone, &name);
-        }
+
         for (name, zone) in late {
             if let Some(i) = self.status.instances.iter_mut().find(|i| i.name == name) {
                 i.state = PresetInstanceState::Deleting;
@@ -546,7 +539,19 @@ impl Pool<'_> {
         let active = self.active().to_string();
         let ready_active = self.count_state(PresetInstanceState::Ready, Some(true));
         let provisioning_active = self.count_state(PresetInstanceState::Provisioning, Some(true));
-        let have = ready_active + provisioning_active + self.status.pending_jobs.len();
+        // Ready VMs at their recycle age are replaced like outdated ones:
+        // they count as missing, and go only as their replacements are ready.
+        let now = self.obs.now;
+        let mut aged: Vec<(Timestamp, String, String)> = self
+            .status
+            .instances
+            .iter()
+            .filter(|i| i.state == PresetInstanceState::Ready && i.template_version == active)
+            .filter(|i| now >= born(i, now) + signed(POOL_VM_RECYCLE_AGE))
+            .map(|i| (born(i, now), i.zone.clone(), i.name.clone()))
+            .collect();
+        aged.sort();
+        let have = (ready_active - aged.len()) + provisioning_active + self.status.pending_jobs.len();
 
         if have < desired {
             for _ in have..desired {
@@ -577,6 +582,24 @@ impl Pool<'_> {
                     surplus -= 1;
                     self.retire(&zone, &name);
                 }
+            }
+        }
+
+        let ready_now = self.count_state(PresetInstanceState::Ready, Some(true));
+        let recyclable = ready_now.saturating_sub(desired).min(aged.len());
+        for (_, zone, name) in aged.into_iter().take(recyclable) {
+            let still_ready =
+                self.status.instances.iter().any(|i| i.name == name && i.state == PresetInstanceState::Ready);
+            if still_ready {
+                self.event(
+                    false,
+                    "VmRecycled",
+                    format!(
+                        "pool VM {name} is {}h old and its replacement is ready; deleting it",
+                        POOL_VM_RECYCLE_AGE.as_secs() / 3600
+                    ),
+                );
+                self.retire(&zone, &name);
             }
         }
 
@@ -998,15 +1021,19 @@ mod tests {
         w.advance_hours(17);
         assert!(w.reconcile().calls.is_empty(), "young enough to keep");
         w.advance_hours(1);
+        // Its replacement is made first; the old VM stays ready meanwhile.
         let plan = w.reconcile();
-        assert!(
-            plan.calls.iter().any(|c| matches!(c, CloudCall::Delete { name, .. } if *name == first)),
-            "{:?}",
-            plan.calls
-        );
-        assert!(plan.calls.iter().any(|c| matches!(c, CloudCall::Insert(_))), "replaced at once: {:?}", plan.calls);
+        assert!(matches!(&plan.calls[..], [CloudCall::Insert(_)]), "{:?}", plan.calls);
+        assert_eq!(w.ready("v1"), 1);
         w.finish(false);
         w.boot();
+        let plan = w.reconcile();
+        assert!(
+            matches!(&plan.calls[..], [CloudCall::Delete { name, .. }] if *name == first),
+            "deleted once the replacement is ready: {:?}",
+            plan.calls
+        );
+        w.finish(false);
         w.reconcile();
         let names: Vec<String> = w.status().instances.iter().map(|i| i.name.clone()).collect();
         assert_eq!(w.ready("v1"), 1);

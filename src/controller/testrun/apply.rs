@@ -116,7 +116,10 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<TestRun>, ctx: &Context
             // Others keep writing (claims from many runs at once): not an
             // error to back off from; look again shortly.
             Err(e) if e.is_conflict() => {
-                tracing::debug!(conflicts, "the TestRun keeps changing; looking again shortly");
+                tracing::warn!(
+                    conflicts,
+                    "the TestRun keeps changing under this controller; looking again in a second"
+                );
                 return Ok(Action::requeue(CONFLICT_REQUEUE));
             }
             Err(e) => return Err(e),
