@@ -84,6 +84,10 @@ impl Problems {
     }
 }
 
+/// The longest `spec.timeout`: a week (Compute Engine's `maxRunDuration`
+/// allows 120 days; a test that runs longer than a week is not a test).
+pub const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// Checks a TestRun spec beyond its schema.
 pub fn validate_testrun(spec: &TestRunSpec) -> Result<(), InvalidSpec> {
     let mut p = Problems::default();
@@ -113,6 +117,11 @@ pub fn validate_testrun(spec: &TestRunSpec) -> Result<(), InvalidSpec> {
         );
     }
     let timeout = p.duration("spec.timeout", &spec.timeout);
+    if let Some(timeout) = timeout
+        && timeout > MAX_TIMEOUT
+    {
+        p.add("spec.timeout", format!("{} is longer than the longest run allowed, 7 days", spec.timeout));
+    }
     let heartbeat = p.duration("spec.heartbeatTimeout", &spec.heartbeat_timeout);
     if let (Some(timeout), Some(heartbeat)) = (timeout, heartbeat)
         && heartbeat > timeout
@@ -291,6 +300,18 @@ mod tests {
         let mut spec = testrun();
         spec.env = ["A", "B", "A"].iter().map(|n| EnvVar { name: (*n).into(), value: String::new() }).collect();
         assert_eq!(fields(validate_testrun(&spec)), ["spec.env[2].name"]);
+    }
+
+    #[test]
+    fn a_timeout_longer_than_a_week_is_rejected() {
+        let mut spec = testrun();
+        spec.timeout = "168h".into();
+        assert!(validate_testrun(&spec).is_ok());
+        for long in ["169h", "99999999999h"] {
+            spec.timeout = long.into();
+            spec.heartbeat_timeout = "1m".into();
+            assert_eq!(fields(validate_testrun(&spec)), ["spec.timeout"], "{long}");
+        }
     }
 
     #[test]
