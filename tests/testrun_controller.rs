@@ -52,6 +52,16 @@ fn testrun(name: &str, shards: i32, command: &[&str]) -> Value {
     })
 }
 
+/// A one-shard run whose first attempt hangs (so its lease is lost after
+/// 3 s of silence, once its agent is frozen) and whose later attempts run
+/// `then`.
+fn hangs_in_attempt_1(name: &str, then: &str) -> Value {
+    let script = format!("if [ \"$TESTRUN_ATTEMPT\" = 1 ]; then exec sleep 120; fi; {then}");
+    let mut body = testrun(name, 1, &["sh", "-c", &script]);
+    body["spec"]["heartbeatTimeout"] = json!("3s");
+    body
+}
+
 impl Env {
     async fn create(&self, body: Value) -> TestRun {
         let run: TestRun = serde_json::from_value(body).expect("TestRun");
@@ -390,17 +400,7 @@ async fn a_zone_out_of_capacity_sends_the_vm_to_the_next_zone() {
 #[tokio::test]
 async fn a_lost_lease_moves_the_shard_to_a_new_attempt_and_the_old_worker_is_refused() {
     let env = setup("lost-lease", &[], &[]).await;
-    let mut body = testrun(
-        "flaky",
-        1,
-        &[
-            "sh",
-            "-c",
-            "if [ \"$TESTRUN_ATTEMPT\" = 1 ]; then exec sleep 120; fi; echo finished by attempt $TESTRUN_ATTEMPT",
-        ],
-    );
-    body["spec"]["heartbeatTimeout"] = json!("3s");
-    env.create(body).await;
+    env.create(hangs_in_attempt_1("flaky", "echo finished by attempt $TESTRUN_ATTEMPT")).await;
     let first = env.wait_phase("flaky", TestRunPhase::Running).await;
     let old = first.status.as_ref().expect("status").shards[0].clone();
     let uid = first.metadata.uid.clone().expect("uid");
@@ -448,17 +448,7 @@ async fn a_lost_lease_moves_the_shard_to_a_new_attempt_and_the_old_worker_is_ref
 #[tokio::test]
 async fn spec_changes_after_the_start_are_reported_and_every_attempt_runs_what_the_run_started_with() {
     let env = setup("spec-change", &[], &[]).await;
-    let mut body = testrun(
-        "steady",
-        1,
-        &[
-            "sh",
-            "-c",
-            "if [ \"$TESTRUN_ATTEMPT\" = 1 ]; then exec sleep 120; fi; echo attempt $TESTRUN_ATTEMPT of $TESTRUN_SHARDS",
-        ],
-    );
-    body["spec"]["heartbeatTimeout"] = json!("3s");
-    env.create(body).await;
+    env.create(hangs_in_attempt_1("steady", "echo attempt $TESTRUN_ATTEMPT of $TESTRUN_SHARDS")).await;
     env.wait_phase("steady", TestRunPhase::Running).await;
     let changed = json!({ "spec": { "shards": 2, "command": ["sh", "-c", "echo changed; exit 3"] } });
     env.runs.patch("steady", &PatchParams::default(), &Patch::Merge(&changed)).await.expect("patch");

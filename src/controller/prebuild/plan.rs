@@ -117,6 +117,11 @@ fn born(instance: &PresetInstance, now: Timestamp) -> Timestamp {
     instance.created_at.as_ref().map_or(now, |t| t.0)
 }
 
+/// When a ready pool VM reaches its recycle age.
+fn recycle_due(instance: &PresetInstance, now: Timestamp) -> Timestamp {
+    born(instance, now) + signed(POOL_VM_RECYCLE_AGE)
+}
+
 /// Plans one reconcile of a preset that is not being deleted.
 pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
     let preset = obs.preset;
@@ -219,6 +224,16 @@ impl Pool<'_> {
 
     /// Whether an operation of this kind on this VM may still act (a failed
     /// delete waiting for its retry counts).
+    /// The pool VMs with an operation of this kind that may still act.
+    fn names_in_flight(&self, kind: OperationKind) -> BTreeSet<String> {
+        self.status
+            .instances
+            .iter()
+            .filter(|i| self.in_flight(kind, &i.zone, &i.name))
+            .map(|i| i.name.clone())
+            .collect()
+    }
+
     fn in_flight(&self, kind: OperationKind, zone: &str, name: &str) -> bool {
         self.status.operations.iter().any(|op| {
             op.kind == kind
@@ -423,20 +438,8 @@ impl Pool<'_> {
         let mut handed_over = Vec::new();
         let mut abandoned = Vec::new();
         let mut retiring = Vec::new();
-        let deleting: BTreeSet<String> = self
-            .status
-            .instances
-            .iter()
-            .filter(|i| self.in_flight(OperationKind::Delete, &i.zone, &i.name))
-            .map(|i| i.name.clone())
-            .collect();
-        let creating: BTreeSet<String> = self
-            .status
-            .instances
-            .iter()
-            .filter(|i| self.in_flight(OperationKind::Insert, &i.zone, &i.name))
-            .map(|i| i.name.clone())
-            .collect();
+        let deleting = self.names_in_flight(OperationKind::Delete);
+        let creating = self.names_in_flight(OperationKind::Insert);
         let mut deadline: Option<Timestamp> = None;
         for i in &mut self.status.instances {
             // Only a view that covers the zone can say a VM is gone.
@@ -460,7 +463,7 @@ impl Pool<'_> {
                 PresetInstanceState::Ready if gone => lost.push(i.name.clone()),
                 // Replaced from its recycle age on (see `scale`).
                 PresetInstanceState::Ready => {
-                    let due = born(i, now) + signed(POOL_VM_RECYCLE_AGE);
+                    let due = recycle_due(i, now);
                     if now < due {
                         deadline = Some(deadline.map_or(due, |d| d.min(due)));
                     }
@@ -470,8 +473,8 @@ impl Pool<'_> {
                 PresetInstanceState::Claimed if self.obs.abandoned_claims.contains(&i.name) => {
                     abandoned.push((i.zone.clone(), i.name.clone()));
                 }
-                // Retired while its insert could still act: once it cannot,
-                // the VM is deleted, or, verified absent, forgotten.
+                // Retired while its insert could still act: the VM is
+                // deleted once the insert is over.
                 PresetInstanceState::Deleting if creating => {}
                 // The delete, not absence from a list, ends the entry (a
                 // list may not show a VM whose insert just ended): a delete
@@ -547,7 +550,7 @@ impl Pool<'_> {
             .instances
             .iter()
             .filter(|i| i.state == PresetInstanceState::Ready && i.template_version == active)
-            .filter(|i| now >= born(i, now) + signed(POOL_VM_RECYCLE_AGE))
+            .filter(|i| now >= recycle_due(i, now))
             .map(|i| (born(i, now), i.zone.clone(), i.name.clone()))
             .collect();
         aged.sort();

@@ -16,7 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::Instrument as _;
 
-use super::plan::MAX_RUN_MARGIN;
+use super::plan::vm_life_needed;
 use super::plan::{Observed, Plan, plan, plan_cleanup};
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
@@ -194,10 +194,9 @@ async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanu
         .filter(|c| may_claim && status.shards.iter().find(|s| s.index == c.shard).is_none_or(|s| s.attempt == 0))
         .cloned()
         .collect();
-    // A pool VM must outlive the run's timeout and the wait for its agent;
-    // a run that needs longer than any pool VM lives gets new VMs.
-    let timeout = run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600));
-    let needed = timeout + ctx.settings.registration_timeout + MAX_RUN_MARGIN;
+    // A pool VM must live as long as a VM of the run's own would; a run
+    // that needs longer than any pool VM lives gets new VMs.
+    let needed = vm_life_needed(&run.spec, ctx.settings.registration_timeout);
     let born_after = born_after(Timestamp::now(), POOL_VM_LIFETIME, needed);
     let mut taken = BTreeMap::new();
     if let Some(born_after) = born_after

@@ -30,7 +30,7 @@ use crate::agent::protocol::{
     META_AGENT_URL, META_ATTEMPT, META_NAME, META_NAMESPACE, META_OWNER_UID, META_SHARD, META_VM_TOKEN,
 };
 use crate::agent::tokens::LeaseKey;
-use crate::api::testrun::{ShardResult, ShardStatus, StartedWith, TestRun, TestRunPhase, TestRunStatus};
+use crate::api::testrun::{ShardResult, ShardStatus, StartedWith, TestRun, TestRunPhase, TestRunSpec, TestRunStatus};
 use crate::api::validation::validate_testrun;
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation, VmSpec};
 use crate::compute::messages::reason;
@@ -111,7 +111,15 @@ pub const HEARTBEAT_WRITE_INTERVAL: Duration = Duration::from_secs(15);
 /// How long a run waits before looking for its missing PrebuildPreset again.
 const PRESET_POLL: Duration = Duration::from_secs(15);
 /// Margin added to `timeout` for a VM's `maxRunDuration`.
-pub const MAX_RUN_MARGIN: Duration = Duration::from_secs(15 * 60);
+const MAX_RUN_MARGIN: Duration = Duration::from_secs(15 * 60);
+
+/// How long a VM of a run must be able to live: the run's `timeout`, the
+/// wait for its agent to register, and a margin. A shard's own VMs get it
+/// as `maxRunDuration`; a claimed pool VM must have this much life left.
+pub fn vm_life_needed(spec: &TestRunSpec, registration_timeout: Duration) -> Duration {
+    let timeout = spec.timeout.parse().unwrap_or(Duration::from_secs(3600));
+    timeout + registration_timeout + MAX_RUN_MARGIN
+}
 
 struct Planner<'a> {
     obs: &'a Observed<'a>,
@@ -589,7 +597,6 @@ impl Planner<'_> {
         metadata.insert(META_OWNER_UID.into(), uid.clone());
         metadata.insert(META_SHARD.into(), shard.to_string());
         metadata.insert(META_ATTEMPT.into(), attempt.to_string());
-        let timeout = run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600));
         InstanceSpec {
             name,
             zone: zone.to_string(),
@@ -600,7 +607,7 @@ impl Planner<'_> {
             metadata,
             service_account: vm.service_account.clone(),
             spot: vm.spot,
-            max_run_duration: timeout + self.obs.settings.registration_timeout + MAX_RUN_MARGIN,
+            max_run_duration: vm_life_needed(&run.spec, self.obs.settings.registration_timeout),
             request_id: request_id.to_string(),
         }
     }
@@ -679,22 +686,15 @@ impl Planner<'_> {
         if attempt < max {
             match wait {
                 Some(wait) => {
-                    shard.phase = TestRunPhase::Pending;
-                    shard.retry_after = Some(Time(now + signed(wait)));
-                    shard.message = Some(format!(
+                    let told = format!(
                         "attempt {attempt} failed: {why}; attempt {} starts in {}s",
                         attempt + 1,
                         wait.as_secs()
-                    ));
-                    self.event(
-                        true,
-                        "AttemptFailed",
-                        format!(
-                            "shard {i} attempt {attempt} failed: {why}; attempt {} starts in {}s",
-                            attempt + 1,
-                            wait.as_secs()
-                        ),
                     );
+                    shard.phase = TestRunPhase::Pending;
+                    shard.retry_after = Some(Time(now + signed(wait)));
+                    shard.message = Some(told.clone());
+                    self.event(true, "AttemptFailed", format!("shard {i} {told}"));
                     self.wake_within(wait);
                 }
                 None => {
@@ -1057,7 +1057,6 @@ mod tests {
     //! The planner against a small in-memory world: operations finish when
     //! the test says, agents register, beat and report when the test says.
     use super::*;
-    use crate::api::testrun::TestRunSpec;
     use crate::compute::{ComputeError, Instance};
     use proptest::prelude::*;
 
