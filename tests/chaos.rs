@@ -312,6 +312,11 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
         let list = runs.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
         let names: BTreeSet<String> = list.iter().filter_map(|r| r.metadata.name.clone()).collect();
         let lingering: Vec<&String> = disturbed.runs_deleted.iter().filter(|n| names.contains(*n)).collect();
+        let stuck: Vec<String> = list
+            .iter()
+            .filter(|r| r.metadata.name.as_ref().is_some_and(|n| lingering.contains(&n)))
+            .map(|r| serde_json::to_string_pretty(&(&r.metadata.name, &r.metadata.uid, &r.status)).unwrap_or_default())
+            .collect();
         let done: Vec<TestRun> = list
             .into_iter()
             .filter(|r| r.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_finished()))
@@ -322,9 +327,10 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
         }
         assert!(
             Instant::now() < deadline,
-            "{} of {} runs finished, deleted runs still there: {lingering:?}, pool-1 there: {}; log tail:\n{}",
+            "{} of {} runs finished, deleted runs still there: {lingering:?} {}, pool-1 there: {}; log tail:\n{}",
             done.len(),
             scale.runs - disturbed.runs_deleted.len(),
+            stuck.join("\n"),
             pool_1.is_some(),
             tail(&controller.log())
         );

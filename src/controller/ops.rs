@@ -121,6 +121,12 @@ pub fn until(now: jiff::Timestamp, at: jiff::Timestamp) -> std::time::Duration {
 /// Failed tries after which a delete that keeps failing is reported in a
 /// `DeletionFailing` condition (it is still retried, every few minutes).
 pub const DELETE_TRIES_BEFORE_ALARM: i32 = 5;
+
+/// How soon a cleanup pass that could not see every zone looks again. Only
+/// a list that covers every zone can say no VM is left; the inventory lists
+/// again within seconds while a zone is unreachable, and an object with no
+/// VM left to change is woken by nothing else.
+pub const UNSEEN_ZONE_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// The slowest retry of a failing delete.
 pub const DELETE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
 

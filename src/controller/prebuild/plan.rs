@@ -34,8 +34,8 @@ use crate::compute::InstanceSpec;
 use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
 use crate::controller::conditions;
 use crate::controller::ops::{
-    CloudCall, DeleteRetry, PlannedEvent, Seen, deletion_condition, describe, intent, may_still_act, retry_delete,
-    signed, until,
+    CloudCall, DeleteRetry, PlannedEvent, Seen, UNSEEN_ZONE_RECHECK, deletion_condition, describe, intent,
+    may_still_act, retry_delete, signed, until,
 };
 use crate::controller::testrun::plan::{Settings, startup_script};
 use crate::inventory::state::VmView;
@@ -197,6 +197,9 @@ pub fn plan_cleanup(obs: &PoolObserved<'_>) -> PoolPlan {
     p.sync_instances();
     p.collect_strays(true);
     p.count();
+    if !obs.vms.is_complete() {
+        p.wake_within(UNSEEN_ZONE_RECHECK);
+    }
     let done = obs.vms.vms.is_empty()
         && obs.vms.is_complete()
         && p.status.operations.is_empty()
@@ -1010,6 +1013,29 @@ mod tests {
         let plan = w.reconcile();
         assert!(plan.calls.is_empty(), "{:?}", plan.calls);
         assert!(w.status().instances.is_empty(), "{:?}", w.status().instances);
+    }
+
+    #[test]
+    fn a_deleted_preset_with_no_vm_left_looks_again_while_a_zone_cannot_be_seen() {
+        let w = World::new(preset(0, "v1", 1));
+        let cleanup = |view: &VmView| {
+            plan_cleanup(&PoolObserved {
+                preset: &w.preset,
+                now: w.now,
+                vms: view,
+                operations: &BTreeMap::new(),
+                outstanding: 0,
+                registered: &w.registered,
+                abandoned_claims: &w.abandoned,
+                settings: &w.settings,
+                key: &w.key,
+            })
+        };
+        let unseen = VmView { vms: Vec::new(), synced: true, unknown_zones: ["us-central1-b".to_string()].into() };
+        let plan = cleanup(&unseen);
+        assert!(!plan.cleanup_done);
+        assert!(plan.requeue_after <= UNSEEN_ZONE_RECHECK, "{:?}", plan.requeue_after);
+        assert!(cleanup(&VmView::complete(Vec::new())).cleanup_done);
     }
 
     #[test]

@@ -300,6 +300,16 @@ async fn observe_and_plan<C: Compute + Clone>(
         preset_vm: preset.vm.as_ref(),
     };
     let plan = if cleanup { plan_cleanup(&observed) } else { plan(&observed) };
+    if cleanup && !plan.cleanup_done {
+        tracing::debug!(
+            vms = vms.vms.len(),
+            complete = vms.is_complete(),
+            outstanding = observed.outstanding,
+            operations = plan.status.operations.len(),
+            calls = plan.calls.len(),
+            "cleanup not done yet"
+        );
+    }
     for zone in &plan.exhausted {
         ctx.exhausted_zones.mark(zone, &machine);
     }

@@ -38,7 +38,9 @@ use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
 use crate::compute::{ErrorCode, InstanceSpec, RetryClass};
 use crate::controller::conditions;
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
-use crate::controller::ops::{DeleteRetry, deletion_condition, intent, may_still_act, retry_delete, signed, until};
+use crate::controller::ops::{
+    DeleteRetry, UNSEEN_ZONE_RECHECK, deletion_condition, intent, may_still_act, retry_delete, signed, until,
+};
 use crate::inventory::state::VmView;
 
 /// Settings of the installation that shape every plan.
@@ -256,6 +258,9 @@ pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
     let vm = p.status.started.as_ref().map(|s| s.vm.clone()).or_else(|| obs.run.spec.vm.clone());
     p.follow_operations(&vm.unwrap_or_default());
     p.collect_strays(true);
+    if !obs.vms.is_complete() {
+        p.wake_within(UNSEEN_ZONE_RECHECK);
+    }
     let done = obs.vms.vms.is_empty()
         && obs.vms.is_complete()
         && p.status.operations.is_empty()
@@ -1280,6 +1285,42 @@ mod tests {
         w.reconcile();
         assert!(w.vms.is_empty());
         assert!(w.status().operations.is_empty());
+    }
+
+    #[test]
+    fn a_deleted_run_with_no_vm_left_looks_again_while_a_zone_cannot_be_seen() {
+        let mut w = World::new(run(1, 3));
+        w.reconcile();
+        w.finish_operations(None);
+        w.register(0);
+        w.report(0, 0);
+        w.reconcile();
+        w.finish_operations(None);
+        w.reconcile();
+        assert!(w.status().operations.is_empty() && w.vms.is_empty());
+        let exhausted = BTreeSet::new();
+        let cleanup = |view: &VmView| {
+            plan_cleanup(&Observed {
+                run: &w.run,
+                now: w.now,
+                vms: view,
+                operations: &BTreeMap::new(),
+                outstanding: 0,
+                heard: &BTreeMap::new(),
+                exhausted_zones: &exhausted,
+                settings: &w.settings,
+                key: &w.key,
+                claims: &BTreeMap::new(),
+                preset_vm: None,
+            })
+        };
+        // A zone is unreachable: "no VM left" cannot be believed yet, and
+        // nothing about the run will change to wake it: it looks again soon.
+        let unseen = VmView { vms: Vec::new(), synced: true, unknown_zones: ["us-central1-b".to_string()].into() };
+        let plan = cleanup(&unseen);
+        assert!(!plan.cleanup_done);
+        assert!(plan.requeue_after <= UNSEEN_ZONE_RECHECK, "{:?}", plan.requeue_after);
+        assert!(cleanup(&VmView::complete(Vec::new())).cleanup_done);
     }
 
     #[test]
