@@ -1,6 +1,6 @@
 //! Crash safety under injected faults: many TestRuns and two presets while
 //! the emulator injects capacity, quota, 503, slow, failing and vanishing
-//! operations at a fixed seed, the controller is killed with SIGKILL at
+//! operations, hung ones and calls whose answer is lost, at a fixed seed, the controller is killed with SIGKILL at
 //! random moments and restarted, and kube-apiserver is restarted once. At
 //! the end every run is finished with its results in status, no VM is left
 //! that no object owns, no shard attempt ever had two VMs, and no agent
@@ -195,6 +195,10 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
         "call=insert,kind=hang,probability=0.02",
         "--fault",
         "kind=unavailable,probability=0.03",
+        "--fault",
+        "call=insert,kind=lostAnswer,probability=0.05",
+        "--fault",
+        "call=delete,kind=lostAnswer,probability=0.05",
         "--fault",
         "call=delete,kind=slow,delayMs=800,probability=0.3",
         "--fault",

@@ -1,13 +1,16 @@
-//! Claims against a real kube-apiserver: many claimers at once, each with
-//! its own client as separate controller replicas would have, never take
-//! the same pool VM.
+//! Optimistic concurrency against a real kube-apiserver: many claimers at
+//! once, each with its own client as separate controller replicas would
+//! have, never take the same pool VM; a status or finalizer change planned
+//! from an old copy of an object (a cache behind a relist) never lands.
 
 mod common;
 
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use testrun_controller::api::prebuild::{PrebuildPreset, PresetInstanceState};
+use testrun_controller::api::testrun::{ShardResult, ShardStatus, TestRun, TestRunPhase, TestRunStatus};
 use testrun_controller::controller::claims::{Claim, claim_ready_vms, held};
+use testrun_controller::controller::execute::{set_finalizer, write_status};
 
 #[tokio::test]
 async fn concurrent_claimers_never_take_the_same_vm() {
@@ -112,4 +115,67 @@ async fn a_multi_shard_run_takes_its_vms_in_one_write() {
     // Claiming again with the stale copy: the shards keep what they hold, and no VM is left for the third.
     let again = claim_ready_vms(&presets, &read, &claims, None).await.expect("claiming again");
     assert!(again.taken.is_empty() && again.written.is_none(), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_status_planned_from_an_old_copy_never_lands() {
+    let (client, ns) = common::setup("stale-replay").await;
+    let runs: Api<TestRun> = Api::namespaced(client, &ns);
+    let run: TestRun = serde_json::from_value(json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun",
+        "metadata": { "name": "run" },
+        "spec": { "command": ["true"],
+                  "vm": { "zones": ["us-central1-a"], "machineType": "e2-small", "image": "img" } }
+    }))
+    .expect("run");
+    let created = runs.create(&PostParams::default(), &run).await.expect("create");
+    let with_finalizer = set_finalizer(&runs, &created, true).await.expect("finalizer");
+    let shard = |attempt: i32, phase: TestRunPhase, result: Option<ShardResult>| ShardStatus {
+        index: 0,
+        attempt,
+        lease_id: i64::from(attempt),
+        instance: Some(format!("vm-{attempt}")),
+        zone: Some("us-central1-a".into()),
+        phase,
+        requested_time: None,
+        retry_after: None,
+        start_time: None,
+        last_heartbeat: None,
+        result,
+        message: None,
+    };
+    let status = |shard: ShardStatus, phase: TestRunPhase| TestRunStatus {
+        phase: Some(phase),
+        shards: vec![shard],
+        ..TestRunStatus::default()
+    };
+    // Attempt 1 runs; the copy read now is what a lagging cache keeps.
+    let old =
+        write_status(&runs, &with_finalizer, &status(shard(1, TestRunPhase::Running, None), TestRunPhase::Running))
+            .await
+            .expect("attempt 1");
+    // Attempt 1 lost its lease; attempt 2 runs and fails.
+    let failed = ShardResult { exit_code: 1, duration_ms: 5, output_tail: "attempt 2".into() };
+    let newer =
+        write_status(&runs, &old, &status(shard(2, TestRunPhase::Failed, Some(failed.clone())), TestRunPhase::Failed))
+            .await
+            .expect("attempt 2");
+
+    // A pass planned from the old copy accepts a success from attempt 1's
+    // superseded worker, erasing attempt 2: refused as a conflict, which the
+    // reconcile answers by reading again and planning again.
+    let stale = ShardResult { exit_code: 0, duration_ms: 1, output_tail: "attempt 1".into() };
+    let replay = status(shard(1, TestRunPhase::Succeeded, Some(stale)), TestRunPhase::Succeeded);
+    let refused = write_status(&runs, &old, &replay).await.expect_err("the old copy's write is refused");
+    assert!(refused.is_conflict(), "{refused:?}");
+    // So is taking the finalizer off from the old copy.
+    let refused = set_finalizer(&runs, &old, false).await.expect_err("the old copy's finalizer change is refused");
+    assert!(refused.is_conflict(), "{refused:?}");
+
+    let stored = runs.get("run").await.expect("get");
+    assert_eq!(stored.metadata.resource_version, newer.metadata.resource_version, "nothing landed");
+    let kept = stored.status.expect("status");
+    assert_eq!((kept.phase, kept.shards[0].attempt), (Some(TestRunPhase::Failed), 2));
+    assert_eq!(kept.shards[0].result.as_ref(), Some(&failed));
+    assert_eq!(stored.metadata.finalizers.unwrap_or_default().len(), 1, "the finalizer stays");
 }

@@ -139,6 +139,24 @@ async fn request_ids_make_inserts_and_deletes_idempotent() {
 }
 
 #[tokio::test]
+async fn a_call_whose_answer_is_lost_happened_and_its_request_id_returns_its_operation() {
+    let emulator =
+        EmulatorProcess::start(&["--operation-delay", "50ms", "--fault", "call=insert,kind=lostAnswer,count=1"]);
+    let compute = emulator.compute("proj-lost").await;
+    let vm = spec("vm-1", ZONE);
+    let err = compute.insert(&vm).await.expect_err("the answer is lost");
+    assert_eq!((err.http_status(), err.code()), (Some(503), ErrorCode::Unavailable), "{err:?}");
+    // The call happened all the same: the same request id gets its operation.
+    let op = compute.insert(&vm).await.expect("the same requestId returns the operation");
+    assert!(wait_done(&compute, &op).await.succeeded());
+    assert_eq!(compute.list_by_labels(&BTreeMap::new()).await.expect("list").instances.len(), 1);
+    // A new request id for the same name is told the VM exists.
+    let mut other = vm.clone();
+    other.request_id = request_id("insert/vm-1", 1);
+    assert!(compute.insert(&other).await.expect_err("taken").is_already_exists());
+}
+
+#[tokio::test]
 async fn aggregated_list_filters_by_label_across_zones_and_pages() {
     let emulator = EmulatorProcess::start(&["--operation-delay", "0"]);
     let mut config = emulator.config("proj-list");

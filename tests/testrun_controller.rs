@@ -398,6 +398,36 @@ async fn a_zone_out_of_capacity_sends_the_vm_to_the_next_zone() {
 }
 
 #[tokio::test]
+async fn an_insert_whose_answer_was_lost_is_made_again_with_its_request_id_and_followed() {
+    // The first insert in zone a is carried out, but answered with HTTP 503;
+    // its operation takes 8 s and then fails for capacity. Made again with
+    // the same request id, the call returns that operation, and its failure
+    // sends the VM to zone b in the same attempt. (A new request id would be
+    // told the VM exists, take it for made, and lose it when the operation
+    // fails: a second attempt, or a VM in zone a.)
+    let env = setup(
+        "lost-answer",
+        &[
+            "--fault",
+            "call=insert,zone=us-central1-a,kind=lostAnswer,count=1",
+            "--fault",
+            "call=insert,zone=us-central1-a,kind=capacity,count=1",
+            "--fault",
+            "call=insert,zone=us-central1-a,kind=slow,delayMs=8000,count=1",
+        ],
+        &[],
+    )
+    .await;
+    env.create(testrun("lost", 1, &["true"])).await;
+    let run = env.wait_phase("lost", TestRunPhase::Succeeded).await;
+    let shard = &run.status.expect("status").shards[0];
+    assert_eq!((shard.zone.as_deref(), shard.attempt), (Some("us-central1-b"), 1), "{shard:?}");
+    let events = env.events().await;
+    assert!(events.iter().any(|(r, n)| r == "ZoneUnavailable" && n.contains("us-central1-a")), "{events:?}");
+    env.wait_no_vms().await;
+}
+
+#[tokio::test]
 async fn a_lost_lease_moves_the_shard_to_a_new_attempt_and_the_old_worker_is_refused() {
     let env = setup("lost-lease", &[], &[]).await;
     env.create(hangs_in_attempt_1("flaky", "echo finished by attempt $TESTRUN_ATTEMPT")).await;

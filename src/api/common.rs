@@ -181,4 +181,9 @@ pub struct TrackedOperation {
     /// A plain description of the last error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The last call got no answer that says whether Compute Engine took
+    /// it (no connection, or HTTP 5xx): it is made again with the same
+    /// request id, so it acts at most once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub answer_lost: bool,
 }

@@ -205,6 +205,18 @@ impl ComputeError {
         self.code() == ErrorCode::NotFound
     }
 
+    /// Whether the call may have been carried out although it failed: it got
+    /// no answer, or HTTP 5xx. Repeating it with the same request id is safe
+    /// (Compute Engine carries a request id out at most once) and returns
+    /// the operation, if the first call started one.
+    pub fn answer_lost(&self) -> bool {
+        match self {
+            Self::Transport { .. } => true,
+            Self::Api { status, .. } => *status >= 500,
+            Self::OperationFailed { .. } => false,
+        }
+    }
+
     /// Whether the error says the resource exists already.
     pub fn is_already_exists(&self) -> bool {
         self.code() == ErrorCode::AlreadyExists

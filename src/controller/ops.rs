@@ -150,9 +150,8 @@ pub fn retry_delete(op: &mut TrackedOperation, now: jiff::Timestamp, base: std::
     if now < due {
         return DeleteRetry::Wait(until(now, due));
     }
-    op.request_id = crate::compute::naming::request_id(&format!("delete/{}/{}", op.zone, op.instance), tries);
-    // The new call is one more try (a new request id: the old one would
-    // only replay the failure).
+    op.request_id = retry_request_id(op, &format!("delete/{}/{}", op.zone, op.instance), tries);
+    // The new call is one more try.
     op.tries = i32::try_from(tries + 1).unwrap_or(i32::MAX);
     op.state = crate::api::OperationState::Intended;
     op.operation = None;
@@ -235,5 +234,82 @@ pub fn intent(
         tries: 0,
         started_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
         last_error: None,
+        answer_lost: false,
+    }
+}
+
+/// The request id for the next try of a failed call: the same one when the
+/// last call's answer was lost (it may have been carried out, and Compute
+/// Engine acts on a request id at most once), else a new one (the old one
+/// would only replay the failure).
+pub fn retry_request_id(op: &TrackedOperation, purpose: &str, tries: u32) -> String {
+    if op.answer_lost { op.request_id.clone() } else { crate::compute::naming::request_id(purpose, tries) }
+}
+
+/// Records a failure the tracker saw on an operation.
+pub fn record_failure(op: &mut TrackedOperation, error: &ComputeError, vm: &VmSpec) {
+    op.state = crate::api::OperationState::Failed;
+    op.last_error = Some(describe(error, op, vm));
+    op.answer_lost = error.answer_lost();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::OperationState;
+    use crate::compute::ErrorCode;
+
+    fn failed_delete(error: &ComputeError) -> TrackedOperation {
+        let now = jiff::Timestamp::UNIX_EPOCH;
+        let mut op = intent(OperationKind::Delete, "vm-1", "us-central1-a", "rid-0", now);
+        op.tries = 1;
+        let vm = VmSpec {
+            zones: vec!["us-central1-a".into()],
+            machine_type: "e2-small".into(),
+            image: "img".into(),
+            ..VmSpec::default()
+        };
+        record_failure(&mut op, error, &vm);
+        op
+    }
+
+    #[test]
+    fn a_call_whose_answer_was_lost_is_made_again_with_its_request_id_and_others_with_a_new_one() {
+        let later = jiff::Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_secs(3600);
+        let base = std::time::Duration::from_secs(1);
+        let unanswered = [
+            ComputeError::Transport { call: "instances.delete", message: "connection reset".into() },
+            ComputeError::Api {
+                call: "instances.delete",
+                code: ErrorCode::Unavailable,
+                status: 503,
+                message: String::new(),
+            },
+        ];
+        for error in unanswered {
+            let mut op = failed_delete(&error);
+            assert!(op.answer_lost, "{error}");
+            assert_eq!(retry_delete(&mut op, later, base), DeleteRetry::Reissue);
+            assert_eq!((op.request_id.as_str(), op.state, op.tries), ("rid-0", OperationState::Intended, 2), "{error}");
+        }
+        let answered = [
+            ComputeError::Api {
+                call: "instances.delete",
+                code: ErrorCode::RateLimitExceeded,
+                status: 429,
+                message: String::new(),
+            },
+            ComputeError::OperationFailed {
+                operation: "op-1".into(),
+                code: ErrorCode::Unavailable,
+                message: String::new(),
+            },
+        ];
+        for error in answered {
+            let mut op = failed_delete(&error);
+            assert!(!op.answer_lost, "{error}");
+            assert_eq!(retry_delete(&mut op, later, base), DeleteRetry::Reissue);
+            assert_ne!(op.request_id, "rid-0", "{error}: the old id would replay the failure");
+        }
     }
 }

@@ -112,6 +112,16 @@ async fn begin(emulator: &Emulator, project: &str, zone: &str, params: &Params, 
     Ok(Begin::Fresh(rid, judge(emulator, call, Some(zone)).await?))
 }
 
+/// The answer to a mutation that started: its operation, or HTTP 503 when a
+/// `lostAnswer` fault hit it (the operation runs all the same).
+fn answer_mutation(started: Result<Value, GceError>, verdict: Verdict) -> Answer {
+    let op = started?;
+    if verdict.lose_answer {
+        return Err(GceError::unavailable());
+    }
+    ok(op)
+}
+
 fn ok(value: Value) -> Answer {
     Ok(Json(value).into_response())
 }
@@ -187,7 +197,7 @@ async fn insert(
     let resource: model::Instance = parse_body(&body)?;
     validate_instance(&resource)?;
     let key = InstanceKey { project, zone, name: resource.name.clone().unwrap_or_default() };
-    ok(emulator.start(key, rid, Mutation::Insert(Box::new(resource)), verdict)?)
+    answer_mutation(emulator.start(key, rid, Mutation::Insert(Box::new(resource)), verdict), verdict)
 }
 
 async fn delete(
@@ -199,7 +209,7 @@ async fn delete(
         Begin::Replay(op) => return ok(op),
         Begin::Fresh(rid, verdict) => (rid, verdict),
     };
-    ok(emulator.start(InstanceKey { project, zone, name }, rid, Mutation::Delete, verdict)?)
+    answer_mutation(emulator.start(InstanceKey { project, zone, name }, rid, Mutation::Delete, verdict), verdict)
 }
 
 async fn set_labels(
@@ -223,7 +233,7 @@ async fn set_labels(
     };
     let labels = request.labels.into_iter().collect();
     let mutation = Mutation::SetLabels { labels, fingerprint: fingerprint.to_vec() };
-    ok(emulator.start(InstanceKey { project, zone, name }, rid, mutation, verdict)?)
+    answer_mutation(emulator.start(InstanceKey { project, zone, name }, rid, mutation, verdict), verdict)
 }
 
 async fn get_instance(

@@ -85,6 +85,11 @@ pub enum FaultKind {
     /// The operation is forgotten right after it is returned and has no
     /// effect: reading it gives 404.
     Vanish,
+    /// The call is carried out, but its answer is lost: the caller gets
+    /// HTTP 503 `backendError` as if nothing happened (a connection dropped
+    /// after Compute Engine took the call). Repeating the call with the same
+    /// `requestId` returns the operation the first call started.
+    LostAnswer,
     /// The zone cannot be reached: calls in it are answered with HTTP 503,
     /// and an aggregated list leaves it out with an `UNREACHABLE` warning
     /// for its scope, as Compute Engine does. Needs `zone`.
@@ -96,7 +101,7 @@ impl FromStr for FaultKind {
     fn from_str(s: &str) -> Result<Self, String> {
         serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
             format!(
-                "unknown fault kind {s:?} (capacity, quota, rateLimit, unavailable, slow, fail, hang, vanish, unreachable)"
+                "unknown fault kind {s:?} (capacity, quota, rateLimit, unavailable, slow, fail, hang, vanish, lostAnswer, unreachable)"
             )
         })
     }
@@ -209,6 +214,8 @@ pub struct Verdict {
     pub http_error: Option<FaultKind>,
     /// Let the operation end this way instead of succeeding.
     pub operation: Option<FaultKind>,
+    /// Carry the call out, then answer HTTP 503 instead of the operation.
+    pub lose_answer: bool,
     /// Extra delay.
     pub delay: Duration,
 }
@@ -284,6 +291,10 @@ impl Faults {
                 }
                 FaultKind::Slow => {
                     verdict.delay += Duration::from_millis(rule.delay_ms);
+                    true
+                }
+                FaultKind::LostAnswer if !verdict.lose_answer => {
+                    verdict.lose_answer = true;
                     true
                 }
                 FaultKind::Capacity | FaultKind::Quota | FaultKind::Fail | FaultKind::Hang | FaultKind::Vanish

@@ -164,7 +164,19 @@ impl<C: Compute + Clone> Tracker<C> {
         };
         {
             let mut entries = self.entries();
-            if let Some(t) = entries.get_mut(&rid) {
+            let answer_lost =
+                |t: &Tracked| matches!(&t.phase, Phase::Resolved { seen: Seen::Failed(e), .. } if e.answer_lost());
+            if let Some(t) = entries.get_mut(&rid).filter(|t| answer_lost(t)) {
+                // The last call with this request id got no answer: it may
+                // have been carried out. Made again with the same id,
+                // Compute Engine answers with the operation it started, or
+                // makes the call now.
+                tracing::debug!(request_id = %rid, "call made again: its last answer was lost");
+                t.owners.insert(owner.to_string());
+                t.phase = Phase::Queued;
+                t.op_name = None;
+                self.count(&entries);
+            } else if let Some(t) = entries.get_mut(&rid) {
                 // Not made twice; the new owner is woken with the others.
                 let first_ask = t.owners.insert(owner.to_string());
                 if matches!(t.phase, Phase::Resolved { .. }) {
@@ -176,21 +188,22 @@ impl<C: Compute + Clone> Tracker<C> {
                     }
                 }
                 return;
+            } else {
+                entries.insert(
+                    rid.clone(),
+                    Tracked {
+                        owners: BTreeSet::from([owner.to_string()]),
+                        kind,
+                        zone,
+                        instance,
+                        labels,
+                        expected,
+                        phase: Phase::Queued,
+                        op_name: None,
+                    },
+                );
+                self.count(&entries);
             }
-            entries.insert(
-                rid.clone(),
-                Tracked {
-                    owners: BTreeSet::from([owner.to_string()]),
-                    kind,
-                    zone,
-                    instance,
-                    labels,
-                    expected,
-                    phase: Phase::Queued,
-                    op_name: None,
-                },
-            );
-            self.count(&entries);
         }
         tracing::debug!(request_id = %rid, ?kind, "call queued");
         self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push_back((rid, call));

@@ -34,8 +34,8 @@ use crate::compute::InstanceSpec;
 use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
 use crate::controller::conditions;
 use crate::controller::ops::{
-    CloudCall, DeleteRetry, PlannedEvent, Seen, UNSEEN_ZONE_RECHECK, deletion_condition, describe, intent,
-    may_still_act, retry_delete, signed, until,
+    CloudCall, DeleteRetry, PlannedEvent, Seen, UNSEEN_ZONE_RECHECK, deletion_condition, intent, may_still_act,
+    record_failure, retry_delete, signed, until,
 };
 use crate::controller::testrun::plan::{Settings, startup_script};
 use crate::inventory::state::VmView;
@@ -320,10 +320,7 @@ impl Pool<'_> {
                     }
                     continue;
                 }
-                (_, Some(Seen::Failed(error))) => {
-                    op.state = OperationState::Failed;
-                    op.last_error = Some(describe(error, &op, &vm));
-                }
+                (_, Some(Seen::Failed(error))) => record_failure(&mut op, error, &vm),
                 (OperationState::Intended, None) => {
                     if op.kind == OperationKind::Insert && (self.cleanup || !provisioning(self)) {
                         // Never made again; a VM an earlier process may have

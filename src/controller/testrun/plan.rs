@@ -39,7 +39,8 @@ use crate::compute::{ErrorCode, InstanceSpec, RetryClass};
 use crate::controller::conditions;
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
 use crate::controller::ops::{
-    DeleteRetry, UNSEEN_ZONE_RECHECK, deletion_condition, intent, may_still_act, retry_delete, signed, until,
+    DeleteRetry, UNSEEN_ZONE_RECHECK, deletion_condition, intent, may_still_act, record_failure, retry_delete,
+    retry_request_id, signed, until,
 };
 use crate::inventory::state::VmView;
 
@@ -420,8 +421,7 @@ impl Planner<'_> {
                     }
                 }
                 (_, Some(Seen::Failed(error))) => {
-                    op.state = OperationState::Failed;
-                    op.last_error = Some(describe(error, &op, vm));
+                    record_failure(&mut op, error, vm);
                     if let Some(op) = self.after_failure(op, vm, is_wanted) {
                         kept.push(op);
                     }
@@ -543,7 +543,8 @@ impl Planner<'_> {
                             return Some(op);
                         }
                         let shard = &self.status.shards[index];
-                        op.request_id = request_id(
+                        op.request_id = retry_request_id(
+                            &op,
                             &format!("insert/{}/{}/{}/{}", self.uid(), shard.index, shard.attempt, op.zone),
                             tries,
                         );
