@@ -511,18 +511,19 @@ async fn the_largest_legal_run_fits_in_etcd_to_the_end() {
     let env = setup("largest-run", &[], &["--compute-qps", "500"]).await;
     // 256 shards, each printing 8 KiB of control characters (six bytes each
     // once escaped in JSON), with command, env, labels and metadata at their
-    // limits.
+    // limits, reached with control characters too.
     let script = "head -c 8192 /dev/zero | tr '\\000' '\\001'";
     let env_vars: Vec<Value> =
         (0..256).map(|i| json!({ "name": format!("V{i:03}"), "value": "e".repeat(120) })).collect();
     let env_bytes: usize = 256 * (4 + 120);
-    let padding = "p".repeat(MAX_COMMAND_BYTES - env_bytes - script.len() - "sh".len() - "-c".len());
+    let script_bytes = testrun_controller::api::validation::json_len(script);
+    let padding = "\u{1}".repeat((MAX_COMMAND_BYTES - env_bytes - script_bytes - "sh".len() - "-c".len()) / 6);
     let mut body = testrun("largest", 256, &["sh", "-c", script, &padding]);
     body["spec"]["env"] = json!(env_vars);
     let labels: serde_json::Map<String, Value> =
         (0..56).map(|i| (format!("l{i:02}{}", "k".repeat(60)), json!("v".repeat(63)))).collect();
     let metadata: serde_json::Map<String, Value> =
-        (0..32).map(|i| (format!("m{i:02}"), json!("d".repeat(MAX_METADATA_BYTES / 32 - 3)))).collect();
+        (0..32).map(|i| (format!("m{i:02}"), json!("\u{1}".repeat((MAX_METADATA_BYTES / 32 - 3) / 6)))).collect();
     body["spec"]["vm"]["labels"] = json!(labels);
     body["spec"]["vm"]["metadata"] = json!(metadata);
     env.create(body).await;

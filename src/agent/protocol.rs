@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::api::validation::json_char_len;
+
 /// `POST`: a VM asks for its assignment.
 pub const REGISTER_PATH: &str = "/agent/v1/register";
 /// `POST`: the agent says its lease is alive.
@@ -33,11 +35,7 @@ pub fn json_tail(text: &str, budget: usize) -> &str {
     let mut used = 0;
     let mut start = text.len();
     for (at, c) in text.char_indices().rev() {
-        let cost = match c {
-            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
-            c if (c as u32) < 0x20 => 6,
-            c => c.len_utf8(),
-        };
+        let cost = json_char_len(c);
         if used + cost > budget {
             break;
         }

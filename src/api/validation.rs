@@ -29,11 +29,29 @@ pub const RESERVED_METADATA_PREFIX: &str = "testrun-";
 /// Compute Engine allows at most this many labels on a VM; the controller
 /// sets up to seven of its own.
 const MAX_USER_LABELS: usize = 64 - RESERVED_LABEL_KEYS.len();
-/// Bytes `command`, `env` and `workingDir` may take together: a started run
-/// keeps a copy in its status, which must stay far below etcd's limit.
+/// Bytes `command`, `env` and `workingDir` may take together, written as
+/// JSON (a control character takes six): a started run keeps a copy in its
+/// status, which must stay far below etcd's limit.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
-/// Bytes `vm.metadata` (keys and values) may take.
+/// Bytes `vm.metadata` (keys and values) may take, written as JSON; a
+/// started run keeps a copy in its status too.
 pub const MAX_METADATA_BYTES: usize = 128 * 1024;
+
+/// Bytes a character takes in a JSON string: a control character takes up
+/// to six (`\u0001`), a quote or backslash two.
+pub fn json_char_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// Bytes a string takes written as a JSON string, quotes aside: what it
+/// costs in etcd.
+pub fn json_len(text: &str) -> usize {
+    text.chars().map(json_char_len).sum()
+}
 
 /// One problem with a spec: which field, and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,14 +123,14 @@ pub fn validate_testrun(spec: &TestRunSpec) -> Result<(), InvalidSpec> {
             p.add(format!("spec.env[{i}].name"), format!("{:?} is set more than once", var.name));
         }
     }
-    let command_bytes = spec.command.iter().map(String::len).sum::<usize>()
-        + spec.env.iter().map(|e| e.name.len() + e.value.len()).sum::<usize>()
-        + spec.working_dir.as_ref().map_or(0, String::len);
+    let command_bytes = spec.command.iter().map(|c| json_len(c)).sum::<usize>()
+        + spec.env.iter().map(|e| json_len(&e.name) + json_len(&e.value)).sum::<usize>()
+        + spec.working_dir.as_ref().map_or(0, |d| json_len(d));
     if command_bytes > MAX_COMMAND_BYTES {
         p.add(
             "spec.command",
             format!(
-                "spec.command, spec.env and spec.workingDir take {command_bytes} bytes together; at most {MAX_COMMAND_BYTES} are allowed (pass large inputs as files)"
+                "spec.command, spec.env and spec.workingDir take {command_bytes} bytes together as JSON; at most {MAX_COMMAND_BYTES} are allowed (pass large inputs as files)"
             ),
         );
     }
@@ -182,11 +200,11 @@ fn check_vm(p: &mut Problems, at: &str, vm: &VmSpec) {
             );
         }
     }
-    let metadata_bytes: usize = vm.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let metadata_bytes: usize = vm.metadata.iter().map(|(k, v)| json_len(k) + json_len(v)).sum();
     if metadata_bytes > MAX_METADATA_BYTES {
         p.add(
             format!("{at}.metadata"),
-            format!("takes {metadata_bytes} bytes; at most {MAX_METADATA_BYTES} are allowed"),
+            format!("takes {metadata_bytes} bytes as JSON; at most {MAX_METADATA_BYTES} are allowed"),
         );
     }
     for key in vm.metadata.keys() {
@@ -291,6 +309,17 @@ mod tests {
         let mut spec = testrun();
         if let Some(vm) = spec.vm.as_mut() {
             vm.metadata.insert("big".into(), "z".repeat(MAX_METADATA_BYTES));
+        }
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.vm.metadata"]);
+        // Sizes count as JSON: a control character takes six bytes.
+        let mut spec = testrun();
+        spec.command = vec!["\u{1}".repeat(MAX_COMMAND_BYTES / 6)];
+        assert_eq!(validate_testrun(&spec), Ok(()));
+        spec.command[0].push('\u{1}');
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.command"]);
+        let mut spec = testrun();
+        if let Some(vm) = spec.vm.as_mut() {
+            vm.metadata.insert("big".into(), "\"".repeat(MAX_METADATA_BYTES / 2));
         }
         assert_eq!(fields(validate_testrun(&spec)), ["spec.vm.metadata"]);
     }

@@ -428,7 +428,8 @@ pub async fn run<C: Compute + Clone>(
         .applied_objects()
         .inspect_ok(move |run: &TestRun| {
             seen_runs.observed(run);
-            if run.spec.preset_ref.is_some() {
+            let started = run.status.as_ref().and_then(|s| s.started.as_ref());
+            if started.map_or(run.spec.preset_ref.is_some(), |s| s.preset_ref.is_some()) {
                 for instance in run.status.iter().flat_map(|s| &s.shards).filter_map(|s| s.instance.as_deref()) {
                     waiting.notify(instance);
                 }

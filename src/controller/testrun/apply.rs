@@ -284,7 +284,10 @@ async fn observe_and_plan<C: Compute + Clone>(
     let tracked = run.status.as_ref().map(|s| s.operations.clone()).unwrap_or_default();
     let operations = observe_operations(&ctx.tracker, &owner, &tracked, now);
     let heard = ctx.book.snapshot(&uid);
-    let machine = run.spec.vm.as_ref().or(preset.vm.as_ref()).map(|v| v.machine_type.clone()).unwrap_or_default();
+    // The shape new VMs get: what the run started with, else what it would start with.
+    let started_vm = run.status.as_ref().and_then(|s| s.started.as_ref()).map(|s| &s.vm);
+    let machine =
+        started_vm.or(run.spec.vm.as_ref()).or(preset.vm.as_ref()).map(|v| v.machine_type.clone()).unwrap_or_default();
     let exhausted = ctx.exhausted_zones.current(&machine);
     let observed = Observed {
         run,
@@ -342,7 +345,8 @@ async fn apply<C: Compute + Clone>(
         ctx.fresh_runs.wrote(run, written.clone());
         current = written;
         // A pool VM's agent waiting for this run's claim can have its assignment now.
-        if run.spec.preset_ref.is_some() {
+        let preset_ref = status.started.as_ref().map_or(run.spec.preset_ref.as_ref(), |s| s.preset_ref.as_ref());
+        if preset_ref.is_some() {
             for shard in &status.shards {
                 if let Some(instance) = &shard.instance {
                     ctx.agent_waiters.notify(instance);

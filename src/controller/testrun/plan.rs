@@ -158,34 +158,31 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
     p.status.observed_generation = run.metadata.generation;
 
     // A started run goes on with the shape it started with; only creating a
-    // VM needs a valid spec.
+    // VM needs a valid spec. A run begun before its shape was kept in status
+    // goes on too: following, advancing and deleting need no shape.
+    let begun = p.status.shards.iter().any(|s| s.attempt > 0);
     let invalid = validate_testrun(&run.spec).err().map(|e| e.to_string());
     if let Some(message) = &invalid {
         p.invalid(message);
-        if p.status.started.is_none() {
+        if p.status.started.is_none() && !begun {
             return p.finish(false);
         }
         p.blocked = Some(message.clone());
     }
     let started = p.status.started.as_ref().map(|s| s.vm.clone());
-    let Some(vm) = started.or_else(|| run.spec.vm.clone()).or_else(|| obs.preset_vm.cloned()) else {
-        // presetRef names a preset that does not exist (yet): wait for it.
-        let name = run.spec.preset_ref.as_ref().map(|r| r.name.clone()).unwrap_or_default();
-        let message = format!("PrebuildPreset {name} does not exist; waiting for it (or set spec.vm)");
-        if conditions::get(&p.status.conditions, "Ready").is_none_or(|c| c.reason != "PresetNotFound") {
-            p.event(true, "PresetNotFound", message.clone());
+    let vm = match started.or_else(|| run.spec.vm.clone()).or_else(|| obs.preset_vm.cloned()) {
+        Some(vm) => vm,
+        None => {
+            // presetRef names a preset that does not exist (yet): wait for it.
+            let message = p.preset_missing();
+            p.wake = PRESET_POLL;
+            if !begun {
+                return p.finish(false);
+            }
+            p.blocked.get_or_insert(message);
+            // Only error messages use the shape of a run that creates nothing.
+            VmSpec::default()
         }
-        conditions::set(
-            &mut p.status.conditions,
-            "Ready",
-            ConditionStatus::False,
-            "PresetNotFound",
-            message,
-            run.metadata.generation,
-            obs.now,
-        );
-        p.wake = PRESET_POLL;
-        return p.finish(false);
     };
     if invalid.is_none() {
         conditions::set(
@@ -219,6 +216,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
             .collect();
     }
     match &p.status.started {
+        None if p.blocked.is_some() => {}
         None => p.status.started = Some(StartedWith::from_spec(&run.spec, vm.clone())),
         Some(started) => {
             let changed = started.changed_in(&run.spec);
@@ -307,6 +305,27 @@ impl Planner<'_> {
             self.status.phase = Some(TestRunPhase::Pending);
         }
         self.wake = Duration::MAX;
+    }
+
+    /// Reports that the preset named in `presetRef` does not exist, in the
+    /// `Ready` condition (with a Warning when that is news); returns why.
+    fn preset_missing(&mut self) -> String {
+        let run = self.obs.run;
+        let name = run.spec.preset_ref.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+        let message = format!("PrebuildPreset {name} does not exist; waiting for it (or set spec.vm)");
+        if conditions::get(&self.status.conditions, "Ready").is_none_or(|c| c.reason != "PresetNotFound") {
+            self.event(true, "PresetNotFound", message.clone());
+        }
+        conditions::set(
+            &mut self.status.conditions,
+            "Ready",
+            ConditionStatus::False,
+            "PresetNotFound",
+            message.clone(),
+            run.metadata.generation,
+            self.obs.now,
+        );
+        message
     }
 
     /// Reports spec fields changed after the start (not applied) in the
@@ -635,10 +654,9 @@ impl Planner<'_> {
     fn start_attempt(&mut self, index: usize, vm: &VmSpec) {
         if let Some(why) = self.blocked.clone() {
             let shard = &mut self.status.shards[index];
-            if shard.phase != TestRunPhase::Pending {
-                shard.phase = TestRunPhase::Pending;
-                shard.message = Some(format!("attempt {} waits for a valid spec: {why}", shard.attempt + 1));
-            }
+            shard.phase = TestRunPhase::Pending;
+            shard.retry_after = None;
+            shard.message = Some(format!("attempt {} waits: {why}", shard.attempt + 1));
             return;
         }
         let lease_id = self.next_lease_id();
@@ -730,6 +748,7 @@ impl Planner<'_> {
         if run.spec.cancel {
             let s = &mut self.status.shards[index];
             s.phase = TestRunPhase::Cancelled;
+            s.retry_after = None;
             s.message = Some("the run was cancelled".into());
             return;
         }
@@ -1602,6 +1621,62 @@ mod tests {
         assert_eq!(inserts(&plan), 1);
         assert_eq!(w.shard(1).attempt, 2);
         assert_eq!(w.shard(1).phase, TestRunPhase::Provisioning);
+    }
+
+    #[test]
+    fn a_run_begun_without_its_shape_in_status_finishes_when_its_spec_turns_invalid_or_its_preset_goes() {
+        // Runs started by a controller that kept no `status.started`.
+        for broken in ["invalid spec", "preset gone"] {
+            let mut with_preset = run(2, 3);
+            let shape = with_preset.spec.vm.take();
+            with_preset.spec.preset_ref = Some(crate::api::testrun::PresetRef { name: "pool".into() });
+            let mut w = World::new(with_preset);
+            w.preset_vm = shape.clone();
+            w.reconcile();
+            w.finish_operations(None);
+            w.register(0);
+            w.register(1);
+            w.reconcile();
+            let mut status = w.status();
+            status.started = None;
+            w.run.status = Some(status);
+            match broken {
+                "invalid spec" => w.run.spec.heartbeat_timeout = "20m".into(),
+                _ => w.preset_vm = None,
+            }
+            // Shard 1 loses its VM: no new one while the run cannot say its shape.
+            let vm1 = w.shard(1).instance.expect("instance");
+            w.vms.retain(|v| v.name != vm1);
+            w.report(0, 0);
+            let plan = w.reconcile();
+            assert_eq!(inserts(&plan), 0, "{broken}: no VM without a shape");
+            assert_eq!(w.shard(0).phase, TestRunPhase::Succeeded, "{broken}: the result is stored");
+            assert_eq!(w.shard(1).phase, TestRunPhase::Pending, "{broken}");
+            assert!(w.shard(1).message.is_some_and(|m| m.starts_with("attempt 2 waits: ")), "{broken}");
+            assert_eq!(w.status().started, None, "{broken}: no shape is made up");
+            // Cancelled, it ends, and its VMs go.
+            w.run.spec.cancel = true;
+            w.reconcile();
+            assert_eq!(w.status().phase, Some(TestRunPhase::Cancelled), "{broken}");
+        }
+    }
+
+    #[test]
+    fn a_shard_waiting_out_a_stock_out_says_it_waits_for_a_valid_spec_once_its_spec_turns_invalid() {
+        let mut w = World::new(run(1, 3));
+        w.reconcile();
+        w.finish_operations(Some("us-central1-a"));
+        w.reconcile();
+        w.finish_operations(Some("us-central1-b"));
+        w.reconcile();
+        assert!(w.shard(0).message.is_some_and(|m| m.contains("attempt 2 starts in 30s")), "{:?}", w.shard(0));
+        w.run.spec.heartbeat_timeout = "20m".into();
+        w.advance(31);
+        let plan = w.reconcile();
+        assert_eq!(inserts(&plan), 0);
+        let shard = w.shard(0);
+        assert_eq!((shard.phase, shard.retry_after.clone()), (TestRunPhase::Pending, None));
+        assert!(shard.message.is_some_and(|m| m.starts_with("attempt 2 waits: ")), "{:?}", w.shard(0));
     }
 
     #[test]
