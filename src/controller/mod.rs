@@ -503,7 +503,7 @@ pub async fn run<C: Compute + Clone>(
         preset_slots: Slots::new(usize::from(config.concurrency)),
     });
     let gc_task = tokio::spawn(gc::run(ctx.clone(), gc_runs, gc_presets, config.gc.clone()));
-    tokio::spawn(housekeeping::run(ctx.clone()));
+    let housekeeping_task = tokio::spawn(housekeeping::run(ctx.clone()));
     // On SIGTERM or Ctrl-C kube-runtime waits for every started reconcile;
     // those still waiting for a slot end at once instead of running in turn.
     let closing = (ctx.run_slots.clone(), ctx.preset_slots.clone());
@@ -533,14 +533,16 @@ pub async fn run<C: Compute + Clone>(
                 tracing::debug!(error = %e, "reconcile did not complete");
             }
         });
-    // The inventory, the tracker and the orphan scan run forever; if one
-    // ends (it panicked), nothing would follow operations or see VMs while
-    // /readyz stayed green, so the process stops instead.
+    // The inventory, the tracker, the orphan scan and housekeeping run
+    // forever; if one ends (it panicked), nothing would follow operations or
+    // see VMs (or memory would grow) while /readyz stayed green, so the
+    // process stops instead.
     let part_stopped = async {
         let (part, result) = tokio::select! {
             r = inventory_task => ("VM inventory", r),
             r = tracker_task => ("operation tracker", r),
             r = gc_task => ("orphan scan", r),
+            r = housekeeping_task => ("housekeeping", r),
         };
         let why = match result {
             Err(e) if e.is_panic() => "it panicked".to_string(),
