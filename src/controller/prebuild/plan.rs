@@ -1265,6 +1265,13 @@ mod tests {
                     if let CloudCall::Delete { name, .. } = call {
                         prop_assert!(!claimed.contains(name), "the pool deleted claimed VM {}", name);
                     }
+                    // Every call is named by an operation in the status the
+                    // plan writes: a pass planned from an old copy, whose
+                    // guarded write is refused, makes no unrecorded call.
+                    prop_assert!(
+                        plan.status.operations.iter().any(|op| op.request_id == call.request_id()),
+                        "call {:?} is not recorded in status", call
+                    );
                 }
                 if w.deleting {
                     // A pass on a preset being deleted never creates

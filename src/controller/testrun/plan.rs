@@ -468,22 +468,29 @@ impl Planner<'_> {
     }
 
     /// Re-issues a recorded intent (same request id: Compute Engine runs it
-    /// at most once).
+    /// at most once). While no VM may be created (`blocked`) an insert is
+    /// kept unmade instead: its shard waits, with no registration clock
+    /// running, and the intent is made once the spec is valid again.
     fn reissue(&mut self, op: &TrackedOperation, vm: &VmSpec) {
         let call = match op.kind {
             OperationKind::Insert => {
-                let Some(shard) =
-                    self.status.shards.iter().find(|s| s.instance.as_deref() == Some(op.instance.as_str()))
-                else {
+                let Some(position) = self.status.shards.iter().position(|s| {
+                    s.instance.as_deref() == Some(op.instance.as_str()) && s.zone.as_deref() == Some(op.zone.as_str())
+                }) else {
                     return;
                 };
-                CloudCall::Insert(Box::new(self.instance_spec(
-                    shard.index,
-                    shard.attempt,
-                    &op.zone,
-                    vm,
-                    &op.request_id,
-                )))
+                let blocked = self.blocked.clone();
+                let now = self.obs.now;
+                let shard = &mut self.status.shards[position];
+                if let Some(why) = blocked {
+                    shard.requested_time = None;
+                    shard.message = Some(format!("attempt {} waits for its VM in {}: {why}", shard.attempt, op.zone));
+                    return;
+                }
+                // The registration deadline runs from when the VM is asked for.
+                shard.requested_time.get_or_insert(Time(now));
+                let (index, attempt) = (shard.index, shard.attempt);
+                CloudCall::Insert(Box::new(self.instance_spec(index, attempt, &op.zone, vm, &op.request_id)))
             }
             OperationKind::Delete | OperationKind::SetLabels => CloudCall::Delete {
                 zone: op.zone.clone(),
@@ -637,16 +644,18 @@ impl Planner<'_> {
         }
     }
 
-    /// Records the intent to create a shard attempt's VM and asks for the call.
+    /// Records the intent to create a shard attempt's VM and asks for the
+    /// call (kept unmade while `blocked`, see `reissue`).
     fn start_insert(&mut self, index: i32, attempt: i32, zone: &str, vm: &VmSpec) {
-        if self.cleanup || self.blocked.is_some() {
+        if self.cleanup {
             return;
         }
         let uid = self.uid();
         let rid = request_id(&format!("insert/{uid}/{index}/{attempt}/{zone}"), 0);
-        let spec = self.instance_spec(index, attempt, zone, vm, &rid);
-        self.status.operations.push(intent(OperationKind::Insert, &spec.name, zone, &rid, self.obs.now));
-        self.calls.push(CloudCall::Insert(Box::new(spec)));
+        let name = testrun_instance_name(&uid, index.max(0) as u32, attempt.max(0) as u32);
+        let op = intent(OperationKind::Insert, &name, zone, &rid, self.obs.now);
+        self.reissue(&op, vm);
+        self.status.operations.push(op);
     }
 
     /// Starts the next attempt of a shard with a new lease: on a claimed
@@ -1680,6 +1689,57 @@ mod tests {
     }
 
     #[test]
+    fn an_insert_that_fails_while_the_spec_is_invalid_waits_in_its_attempt_and_is_made_once_fixed() {
+        // maxAttempts 1: an attempt burned while blocked would end the run.
+        for error in [ErrorCode::ZoneResourcePoolExhausted, ErrorCode::Unavailable] {
+            let mut w = World::new(run(1, 1));
+            w.reconcile();
+            w.run.spec.heartbeat_timeout = "20m".into();
+            for (_, _, _, e, done) in w.ops.values_mut() {
+                *e = Some(ComputeError::OperationFailed {
+                    operation: "x".into(),
+                    code: error.clone(),
+                    message: String::new(),
+                });
+                *done = true;
+            }
+            w.vms.clear();
+            // The retry backoff of a 503 is over long before this.
+            w.advance(5);
+            assert_eq!(inserts(&w.reconcile()), 0, "{error:?}: no VM while the spec is invalid");
+            w.advance(3600);
+            assert_eq!(inserts(&w.reconcile()), 0, "{error:?}");
+            let shard = w.shard(0);
+            let zone = if error == ErrorCode::Unavailable { "us-central1-a" } else { "us-central1-b" };
+            assert_eq!((shard.attempt, shard.phase), (1, TestRunPhase::Provisioning), "{error:?}: {shard:?}");
+            assert_eq!(shard.zone.as_deref(), Some(zone), "{error:?}");
+            assert_eq!(shard.requested_time, None, "{error:?}: no registration clock runs");
+            let waits = format!("attempt 1 waits for its VM in {zone}: ");
+            assert!(shard.message.as_ref().is_some_and(|m| m.starts_with(&waits)), "{error:?}: {shard:?}");
+
+            // Fixed: the same attempt's insert is made, and its clock starts.
+            w.run.spec.heartbeat_timeout = "30s".into();
+            let plan = w.reconcile();
+            let made: Vec<_> = plan
+                .calls
+                .iter()
+                .filter_map(|c| match c {
+                    CloudCall::Insert(spec) => Some(spec.zone.clone()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(made, [zone], "{error:?}");
+            assert_eq!(w.shard(0).requested_time, Some(Time(w.now)), "{error:?}");
+            w.finish_operations(None);
+            w.reconcile();
+            w.register(0);
+            w.report(0, 0);
+            w.reconcile();
+            assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded), "{error:?}: {:?}", w.status());
+        }
+    }
+
+    #[test]
     fn spec_changes_after_the_start_are_reported_not_applied() {
         let mut w = World::new(run(1, 3));
         w.reconcile();
@@ -1709,6 +1769,8 @@ mod tests {
         Report(i32, i32),
         Vanish(i32),
         Delete,
+        /// The spec turns invalid (or valid again): no VM may be created.
+        BreakSpec(bool),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1720,6 +1782,7 @@ mod tests {
             ((0i32..3), prop_oneof![Just(0), Just(1)]).prop_map(|(s, c)| Step::Report(s, c)),
             (0i32..3).prop_map(Step::Vanish),
             Just(Step::Delete),
+            any::<bool>().prop_map(Step::BreakSpec),
         ]
     }
 
@@ -1738,10 +1801,28 @@ mod tests {
                     Step::Report(i, code) => w.report(i, code),
                     Step::Vanish(i) => { let name = w.shard(i).instance; w.vms.retain(|v| Some(&v.name) != name.as_ref()); }
                     Step::Delete => w.deleting = true,
+                    Step::BreakSpec(broken) => {
+                        w.run.spec.heartbeat_timeout = if broken { "20m" } else { "30s" }.into();
+                    }
                 }
                 let before: Vec<ShardStatus> = w.status().shards;
                 let plan = w.reconcile();
                 let status = w.status();
+
+                // Every call is named by an operation in the status the plan
+                // writes: a pass planned from an old copy, whose guarded
+                // write is refused, makes no call that is not recorded.
+                for call in &plan.calls {
+                    prop_assert!(
+                        plan.status.operations.iter().any(|op| op.request_id == call.request_id()),
+                        "call {:?} is not recorded in status", call
+                    );
+                }
+
+                // A run whose spec is invalid creates nothing.
+                if validate_testrun(&w.run.spec).is_err() {
+                    prop_assert_eq!(inserts(&plan), 0, "an invalid run asked for an insert: {:?}", plan.calls);
+                }
 
                 // A pass on a run being deleted never creates anything, and
                 // is done only when every VM it may have made is gone and no
