@@ -37,11 +37,14 @@ pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 /// started run keeps a copy in its status too.
 pub const MAX_METADATA_BYTES: usize = 128 * 1024;
 
-/// Bytes a character takes in a JSON string: a control character takes up
-/// to six (`\u0001`), a quote or backslash two.
+/// Bytes a character takes in a JSON string as kube-apiserver writes it
+/// (Go's encoder): a quote, a backslash, `\n`, `\r` and `\t` take two;
+/// every other control character, `<`, `>`, `&`, U+2028 and U+2029 take
+/// six (`\u0026`: the encoder escapes them for HTML).
 pub fn json_char_len(c: char) -> usize {
     match c {
-        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        '"' | '\\' | '\n' | '\r' | '\t' => 2,
+        '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => 6,
         c if (c as u32) < 0x20 => 6,
         c => c.len_utf8(),
     }
@@ -267,6 +270,14 @@ mod tests {
             "vm": vm(),
         }))
         .expect("valid preset")
+    }
+
+    #[test]
+    fn json_sizes_are_those_kube_apiserver_writes() {
+        // As Go's encoder writes them: `"a\u0026\u003c\u003e\u2028\u0008\n\"é"`.
+        assert_eq!(json_len("a&<>\u{2028}\u{8}\n\"é"), 1 + 6 * 5 + 2 + 2 + 2);
+        let written = serde_json::to_string("a\u{1}\t\\").expect("json");
+        assert_eq!(json_len("a\u{1}\t\\"), written.len() - 2);
     }
 
     fn fields(result: Result<(), InvalidSpec>) -> Vec<String> {
