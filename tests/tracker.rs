@@ -194,3 +194,32 @@ async fn a_settling_operation_in_an_unreachable_zone_waits_for_the_regular_resyn
     let seen = h.tracker.seen([rid.as_str()]).remove(&rid);
     assert!(matches!(seen, Some(Seen::InFlight)), "nothing is settled on a view that cannot see the zone: {seen:?}");
 }
+
+#[tokio::test]
+async fn a_vm_an_insert_with_a_lost_answer_may_have_made_stays_expected_until_a_delete_settles_it() {
+    let h = harness(&["--fault", "call=insert,kind=lostAnswer,count=1"], Patience::default()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.inventory.lock().synced() {
+        assert!(Instant::now() < deadline, "the inventory never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let vm = spec("vm-unanswered");
+    h.tracker.submit("owner", CloudCall::Insert(Box::new(vm.clone())));
+    match h.wait_seen(&vm.request_id).await {
+        Seen::Failed(e) => assert!(e.answer_lost(), "{e}"),
+        other => panic!("the insert's answer was lost: {other:?}"),
+    }
+    // The call was carried out. No list has shown the VM yet (the next is
+    // 30 s away): a cleanup that took "not in the inventory" for gone now
+    // would leave it behind.
+    assert!(h.inventory.lock().listed_at().is_some());
+    assert!(
+        h.inventory.get(ZONE, "vm-unanswered").is_some(),
+        "a VM the call may have made is still expected by the inventory"
+    );
+    let rid = request_id("delete/vm-unanswered", 0);
+    h.tracker.submit("owner", delete("vm-unanswered", &rid));
+    assert!(matches!(h.wait_seen(&rid).await, Seen::Done));
+    assert!(h.compute.get(ZONE, "vm-unanswered").await.expect("get").is_none());
+    assert!(h.inventory.get(ZONE, "vm-unanswered").is_none(), "the delete settles it");
+}

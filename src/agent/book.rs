@@ -17,6 +17,10 @@ pub struct Heard {
     pub lease_id: i64,
     /// When its agent registered.
     pub registered_at: Option<Timestamp>,
+    /// When anything was first heard under this lease (a registration, a
+    /// heartbeat or a result): when the lease began, as far as this process
+    /// knows, if the registration was heard by a process before it.
+    pub first_heard: Option<Timestamp>,
     /// Its last heartbeat.
     pub last_heartbeat: Option<Timestamp>,
     /// Its result, accepted but not yet in status.
@@ -47,23 +51,30 @@ impl LeaseBook {
         uid: &str,
         shard: i32,
         lease_id: i64,
+        now: Timestamp,
     ) -> Option<&'a mut Heard> {
         let shards = map.entry(uid.to_string()).or_default();
-        let heard =
-            shards.entry(shard).or_insert(Heard { lease_id, registered_at: None, last_heartbeat: None, result: None });
+        let heard = shards.entry(shard).or_insert(Heard {
+            lease_id,
+            registered_at: None,
+            first_heard: None,
+            last_heartbeat: None,
+            result: None,
+        });
         if heard.lease_id > lease_id {
             return None;
         }
         if heard.lease_id < lease_id {
-            *heard = Heard { lease_id, registered_at: None, last_heartbeat: None, result: None };
+            *heard = Heard { lease_id, registered_at: None, first_heard: None, last_heartbeat: None, result: None };
         }
+        heard.first_heard.get_or_insert(now);
         Some(heard)
     }
 
     /// Records a registration (which is also a first heartbeat).
     pub fn register(&self, uid: &str, shard: i32, lease_id: i64, now: Timestamp) {
         self.with(|m| {
-            if let Some(heard) = Self::entry(m, uid, shard, lease_id) {
+            if let Some(heard) = Self::entry(m, uid, shard, lease_id, now) {
                 heard.registered_at.get_or_insert(now);
                 heard.last_heartbeat = Some(now);
             }
@@ -73,7 +84,7 @@ impl LeaseBook {
     /// Records a heartbeat.
     pub fn heartbeat(&self, uid: &str, shard: i32, lease_id: i64, now: Timestamp) {
         self.with(|m| {
-            if let Some(heard) = Self::entry(m, uid, shard, lease_id) {
+            if let Some(heard) = Self::entry(m, uid, shard, lease_id, now) {
                 heard.last_heartbeat = Some(now);
             }
         });
@@ -91,7 +102,7 @@ impl LeaseBook {
         now: Timestamp,
     ) -> Result<Option<ShardResult>, Superseded> {
         self.with(|m| {
-            let heard = Self::entry(m, uid, shard, lease_id).ok_or(Superseded)?;
+            let heard = Self::entry(m, uid, shard, lease_id, now).ok_or(Superseded)?;
             heard.last_heartbeat = Some(now);
             Ok(match &heard.result {
                 Some(existing) => Some(existing.clone()),
@@ -235,6 +246,12 @@ mod tests {
         assert_eq!(book.result("u", 0, 1, result(9), t), Err(Superseded));
         book.heartbeat("u", 0, 1, Timestamp::MAX);
         assert_eq!(book.snapshot("u")[&0].last_heartbeat, Some(t));
+        // A lease first heard by heartbeats began with the first of them.
+        let later = t + jiff::SignedDuration::from_secs(60);
+        book.heartbeat("u", 0, 3, t);
+        book.heartbeat("u", 0, 3, later);
+        let heard = &book.snapshot("u")[&0];
+        assert_eq!((heard.registered_at, heard.first_heard, heard.last_heartbeat), (None, Some(t), Some(later)));
         book.forget("u");
         assert!(book.snapshot("u").is_empty());
     }

@@ -206,13 +206,14 @@ impl ComputeError {
     }
 
     /// Whether the call may have been carried out although it failed: it got
-    /// no answer, or HTTP 5xx. Repeating it with the same request id is safe
-    /// (Compute Engine carries a request id out at most once) and returns
-    /// the operation, if the first call started one.
+    /// no answer (no connection, or no answer in time), or HTTP 5xx.
+    /// Repeating it with the same request id is safe (Compute Engine carries
+    /// a request id out at most once) and returns the operation, if the
+    /// first call started one.
     pub fn answer_lost(&self) -> bool {
         match self {
             Self::Transport { .. } => true,
-            Self::Api { status, .. } => *status >= 500,
+            Self::Api { status, code, .. } => *status >= 500 || *status == 408 || *code == ErrorCode::Timeout,
             Self::OperationFailed { .. } => false,
         }
     }

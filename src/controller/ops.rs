@@ -285,6 +285,13 @@ mod tests {
                 status: 503,
                 message: String::new(),
             },
+            // No answer within the client's deadline.
+            ComputeError::Api {
+                call: "instances.delete",
+                code: ErrorCode::Timeout,
+                status: 408,
+                message: String::new(),
+            },
         ];
         for error in unanswered {
             let mut op = failed_delete(&error);

@@ -403,6 +403,14 @@ impl<C: Compute + Clone> Tracker<C> {
                 (OperationKind::Insert, Seen::Failed(ComputeError::OperationFailed { .. })) => {
                     inventory.gone(&t.zone, &t.instance);
                 }
+                // The call got no answer: it may have been carried out, so
+                // the VM is expected until its owner deletes it or the same
+                // call, made again, settles it.
+                (OperationKind::Insert, Seen::Failed(e)) if e.answer_lost() => {
+                    if let Some(expected) = t.expected.clone() {
+                        inventory.expect(expected);
+                    }
+                }
                 // Lost, timed out with no VM, or the call failed: expect
                 // nothing (a list still shows the VM if it exists after all).
                 (OperationKind::Insert, Seen::Failed(_)) => inventory.not_created(&t.zone, &t.instance),

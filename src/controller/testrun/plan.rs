@@ -439,6 +439,14 @@ impl Planner<'_> {
                         kept.push(op);
                     }
                 }
+                // A retry kept unmade while no VM could be created: the
+                // failure the tracker still holds is the one already counted.
+                (OperationState::Intended, Some(Seen::Failed(error)))
+                    if is_wanted && op.answer_lost && error.answer_lost() && self.parked(&op) =>
+                {
+                    self.reissue(&op, vm);
+                    kept.push(op);
+                }
                 (_, Some(Seen::Failed(error))) => {
                     record_failure(&mut op, error, vm);
                     if let Some(op) = self.after_failure(op, vm, is_wanted) {
@@ -465,6 +473,18 @@ impl Planner<'_> {
         // Operations started while following (a retry in the next zone) come after.
         kept.append(&mut self.status.operations);
         self.status.operations = kept;
+    }
+
+    /// Whether an insert intent is kept unmade: no VM may be created now,
+    /// or none could when it was recorded (its shard's clock is stopped).
+    fn parked(&self, op: &TrackedOperation) -> bool {
+        op.kind == OperationKind::Insert
+            && (self.blocked.is_some()
+                || self.status.shards.iter().any(|s| {
+                    s.instance.as_deref() == Some(op.instance.as_str())
+                        && s.zone.as_deref() == Some(op.zone.as_str())
+                        && s.requested_time.is_none()
+                }))
     }
 
     /// Re-issues a recorded intent (same request id: Compute Engine runs it
@@ -780,9 +800,9 @@ impl Planner<'_> {
 
         // The agent registered: its lease began. A heartbeat on the current
         // lease says the same (its registration was heard by a process
-        // that stopped before writing it).
+        // that stopped before writing it); the lease began with the first.
         if shard.phase == TestRunPhase::Provisioning
-            && let Some(registered) = heard.and_then(|h| h.registered_at.or(h.last_heartbeat))
+            && let Some(registered) = heard.and_then(|h| h.registered_at.or(h.first_heard).or(h.last_heartbeat))
         {
             let s = &mut self.status.shards[index];
             s.phase = TestRunPhase::Running;
@@ -1257,7 +1277,13 @@ mod tests {
             let lease_id = self.shard(index).lease_id;
             self.heard.insert(
                 index,
-                Heard { lease_id, registered_at: Some(self.now), last_heartbeat: Some(self.now), result: None },
+                Heard {
+                    lease_id,
+                    registered_at: Some(self.now),
+                    first_heard: Some(self.now),
+                    last_heartbeat: Some(self.now),
+                    result: None,
+                },
             );
         }
 
@@ -1266,6 +1292,7 @@ mod tests {
             let heard = self.heard.entry(index).or_insert(Heard {
                 lease_id,
                 registered_at: Some(self.now),
+                first_heard: Some(self.now),
                 last_heartbeat: None,
                 result: None,
             });
@@ -1410,13 +1437,28 @@ mod tests {
         // The registration was heard by the process before; this one hears
         // only heartbeats, right up to the registration deadline and past it.
         let lease_id = w.shard(0).lease_id;
+        let first = w.now + SignedDuration::from_secs(10);
         for _ in 0..61 {
             w.advance(10);
-            w.heard.insert(0, Heard { lease_id, registered_at: None, last_heartbeat: Some(w.now), result: None });
-            w.reconcile();
+            w.heard.insert(
+                0,
+                Heard {
+                    lease_id,
+                    registered_at: None,
+                    first_heard: Some(first),
+                    last_heartbeat: Some(w.now),
+                    result: None,
+                },
+            );
+            // This process is slow to look: its first pass after the
+            // restart comes when many heartbeats were heard.
+            if w.now >= first + SignedDuration::from_secs(300) {
+                w.reconcile();
+            }
         }
         let shard = w.shard(0);
         assert_eq!((shard.attempt, shard.phase), (1, TestRunPhase::Running), "{shard:?}");
+        assert_eq!(shard.start_time, Some(Time(first)), "the lease began with its first heartbeat heard");
         w.report(0, 0);
         w.reconcile();
         assert_eq!(w.shard(0).phase, TestRunPhase::Succeeded);
@@ -1504,6 +1546,7 @@ mod tests {
             Heard {
                 lease_id: first.lease_id,
                 registered_at: None,
+                first_heard: None,
                 last_heartbeat: Some(w.now),
                 result: Some(ShardResult { exit_code: 0, duration_ms: 1, output_tail: String::new() }),
             },
@@ -1737,6 +1780,40 @@ mod tests {
             w.reconcile();
             assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded), "{error:?}: {:?}", w.status());
         }
+    }
+
+    #[test]
+    fn an_insert_whose_answer_was_lost_while_the_spec_is_invalid_is_made_again_with_its_request_id_once_fixed() {
+        let mut w = World::new(run(1, 1));
+        let first = w.reconcile().calls[0].request_id().to_string();
+        w.run.spec.heartbeat_timeout = "20m".into();
+        let lost = ComputeError::Api {
+            call: "instances.insert",
+            code: ErrorCode::Unavailable,
+            status: 503,
+            message: String::new(),
+        };
+        for (_, _, _, e, done) in w.ops.values_mut() {
+            (*e, *done) = (Some(lost.clone()), true);
+        }
+        // Its retry comes due while no VM may be made, and stays unmade:
+        // the tracker's answer, still the same, is not counted again.
+        for _ in 0..20 {
+            w.advance(30);
+            assert_eq!(inserts(&w.reconcile()), 0);
+        }
+        let shard = w.shard(0);
+        assert_eq!((shard.attempt, shard.phase), (1, TestRunPhase::Provisioning), "{shard:?}");
+        w.run.spec.heartbeat_timeout = "30s".into();
+        let plan = w.reconcile();
+        let ids: Vec<&str> = plan.calls.iter().map(|c| c.request_id()).collect();
+        assert_eq!(ids, [first.as_str()], "made again with its own request id");
+        w.finish_operations(None);
+        w.reconcile();
+        w.register(0);
+        w.report(0, 0);
+        w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded), "{:?}", w.status());
     }
 
     #[test]
