@@ -1305,6 +1305,30 @@ mod tests {
         fn advance(&mut self, secs: i64) {
             self.now += SignedDuration::from_secs(secs);
         }
+
+        /// Both zones turn out to have no capacity, one after the other.
+        fn every_zone_out_of_capacity(&mut self) -> Plan {
+            self.finish_operations(Some("us-central1-a"));
+            self.reconcile();
+            self.finish_operations(Some("us-central1-b"));
+            self.reconcile()
+        }
+
+        /// Every call made so far ends with this error.
+        fn fail_every_call(&mut self, error: &ComputeError) {
+            for (_, _, _, e, done) in self.ops.values_mut() {
+                (*e, *done) = (Some(error.clone()), true);
+            }
+        }
+
+        /// Shard 0's insert finishes, its agent registers and succeeds.
+        fn shard_0_succeeds(&mut self) {
+            self.finish_operations(None);
+            self.reconcile();
+            self.register(0);
+            self.report(0, 0);
+            self.reconcile();
+        }
     }
 
     #[test]
@@ -1469,10 +1493,7 @@ mod tests {
         let mut w = World::new(run(1, 3));
         w.reconcile();
         // Every zone is out of capacity for attempt 1.
-        w.finish_operations(Some("us-central1-a"));
-        w.reconcile();
-        w.finish_operations(Some("us-central1-b"));
-        let plan = w.reconcile();
+        let plan = w.every_zone_out_of_capacity();
         let shard = w.shard(0);
         assert_eq!((shard.attempt, shard.phase), (1, TestRunPhase::Pending), "{shard:?}");
         assert!(plan.calls.is_empty(), "no VM is asked for while the shard waits: {:?}", plan.calls);
@@ -1717,10 +1738,7 @@ mod tests {
     fn a_shard_waiting_out_a_stock_out_says_it_waits_for_a_valid_spec_once_its_spec_turns_invalid() {
         let mut w = World::new(run(1, 3));
         w.reconcile();
-        w.finish_operations(Some("us-central1-a"));
-        w.reconcile();
-        w.finish_operations(Some("us-central1-b"));
-        w.reconcile();
+        w.every_zone_out_of_capacity();
         assert!(w.shard(0).message.is_some_and(|m| m.contains("attempt 2 starts in 30s")), "{:?}", w.shard(0));
         w.run.spec.heartbeat_timeout = "20m".into();
         w.advance(31);
@@ -1738,14 +1756,11 @@ mod tests {
             let mut w = World::new(run(1, 1));
             w.reconcile();
             w.run.spec.heartbeat_timeout = "20m".into();
-            for (_, _, _, e, done) in w.ops.values_mut() {
-                *e = Some(ComputeError::OperationFailed {
-                    operation: "x".into(),
-                    code: error.clone(),
-                    message: String::new(),
-                });
-                *done = true;
-            }
+            w.fail_every_call(&ComputeError::OperationFailed {
+                operation: "x".into(),
+                code: error.clone(),
+                message: String::new(),
+            });
             w.vms.clear();
             // The retry backoff of a 503 is over long before this.
             w.advance(5);
@@ -1773,11 +1788,7 @@ mod tests {
                 .collect();
             assert_eq!(made, [zone], "{error:?}");
             assert_eq!(w.shard(0).requested_time, Some(Time(w.now)), "{error:?}");
-            w.finish_operations(None);
-            w.reconcile();
-            w.register(0);
-            w.report(0, 0);
-            w.reconcile();
+            w.shard_0_succeeds();
             assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded), "{error:?}: {:?}", w.status());
         }
     }
@@ -1793,9 +1804,7 @@ mod tests {
             status: 503,
             message: String::new(),
         };
-        for (_, _, _, e, done) in w.ops.values_mut() {
-            (*e, *done) = (Some(lost.clone()), true);
-        }
+        w.fail_every_call(&lost);
         // Its retry comes due while no VM may be made, and stays unmade:
         // the tracker's answer, still the same, is not counted again.
         for _ in 0..20 {
@@ -1808,11 +1817,7 @@ mod tests {
         let plan = w.reconcile();
         let ids: Vec<&str> = plan.calls.iter().map(|c| c.request_id()).collect();
         assert_eq!(ids, [first.as_str()], "made again with its own request id");
-        w.finish_operations(None);
-        w.reconcile();
-        w.register(0);
-        w.report(0, 0);
-        w.reconcile();
+        w.shard_0_succeeds();
         assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded), "{:?}", w.status());
     }
 
