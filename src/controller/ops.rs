@@ -159,6 +159,46 @@ pub fn retry_delete(op: &mut TrackedOperation, now: jiff::Timestamp, base: std::
     DeleteRetry::Reissue
 }
 
+/// Tries after which an insert that keeps failing for a passing reason
+/// (HTTP 5xx, rate limits, lost answers) gives up.
+pub const INSERT_TRIES: u32 = 5;
+
+/// What to do with an insert that failed for a passing reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertRetry {
+    /// Not yet: look again after this long.
+    Wait(std::time::Duration),
+    /// The operation was turned into a new intent; issue it.
+    Reissue,
+    /// It failed [`INSERT_TRIES`] times: give up on it.
+    GiveUp,
+}
+
+/// Backs off an insert that failed for a passing reason (`base` seconds,
+/// doubling, up to five minutes) and, when due, turns it into a new intent:
+/// with its own request id if its answer was lost, else a new one made
+/// from `purpose`.
+pub fn retry_insert(op: &mut TrackedOperation, now: jiff::Timestamp, base: u64, purpose: &str) -> InsertRetry {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let tries = u32::try_from(op.tries.max(1)).unwrap_or(1);
+    if tries >= INSERT_TRIES {
+        return InsertRetry::GiveUp;
+    }
+    let backoff = std::time::Duration::from_secs(base.saturating_mul(2u64.saturating_pow(tries.min(6))))
+        .min(std::time::Duration::from_secs(300));
+    let since = op.started_at.as_ref().map(|t| t.0).unwrap_or(now);
+    let due = since + signed(backoff);
+    if now < due {
+        return InsertRetry::Wait(until(now, due));
+    }
+    op.request_id = retry_request_id(op, purpose, tries);
+    op.tries = i32::try_from(tries + 1).unwrap_or(i32::MAX);
+    op.state = crate::api::OperationState::Intended;
+    op.operation = None;
+    op.started_at = Some(Time(now));
+    InsertRetry::Reissue
+}
+
 /// The `DeletionFailing` condition from the tracked operations: True while a
 /// delete has failed [`DELETE_TRIES_BEFORE_ALARM`] times or more. Returns
 /// the message when it turned True in this call.

@@ -34,8 +34,8 @@ use crate::compute::InstanceSpec;
 use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
 use crate::controller::conditions;
 use crate::controller::ops::{
-    CloudCall, DeleteRetry, PlannedEvent, Seen, UNSEEN_ZONE_RECHECK, deletion_condition, intent, may_still_act,
-    record_failure, retry_delete, signed, until,
+    CloudCall, DeleteRetry, InsertRetry, PlannedEvent, Seen, UNSEEN_ZONE_RECHECK, deletion_condition, intent,
+    may_still_act, record_failure, retry_delete, retry_insert, signed, until,
 };
 use crate::controller::testrun::plan::{Settings, startup_script};
 use crate::inventory::state::VmView;
@@ -305,6 +305,7 @@ impl Pool<'_> {
             let provisioning = |p: &Self| {
                 p.status.instances.iter().any(|i| i.name == op.instance && i.state == PresetInstanceState::Provisioning)
             };
+            let still_wanted = provisioning(self);
             match (op.state, self.obs.operations.get(&op.request_id)) {
                 (OperationState::Done, _) => continue,
                 (OperationState::Failed, _) => {}
@@ -348,6 +349,27 @@ impl Pool<'_> {
             // Failed.
             let message = op.last_error.clone().unwrap_or_default();
             match op.kind {
+                // It may have been carried out: made again with its own
+                // request id (Compute Engine acts on it once), not counted
+                // as a failed provision unless it keeps failing.
+                OperationKind::Insert if op.answer_lost && !self.cleanup && still_wanted => {
+                    let purpose = format!("insert/{}/{}", op.zone, op.instance);
+                    match retry_insert(&mut op, self.obs.now, 2, &purpose) {
+                        InsertRetry::Wait(wait) => {
+                            self.wake_within(wait);
+                            kept.push(op);
+                        }
+                        InsertRetry::Reissue => {
+                            self.reissue(&op);
+                            kept.push(op);
+                        }
+                        InsertRetry::GiveUp => {
+                            self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
+                            let code = message.split_once(": ").map_or("UNKNOWN", |(code, _)| code).to_string();
+                            self.failed_provision(&code, format!("creating pool VM {} failed: {message}", op.instance));
+                        }
+                    }
+                }
                 OperationKind::Insert => {
                     self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
                     if !self.cleanup {
@@ -844,6 +866,8 @@ mod tests {
         key: LeaseKey,
         /// The preset is being deleted: passes plan its cleanup.
         deleting: bool,
+        /// Request ids whose call was carried out but its answer lost.
+        lost: BTreeSet<String>,
     }
 
     impl World {
@@ -866,6 +890,7 @@ mod tests {
                 },
                 key: LeaseKey::from_bytes(&[2; 32]).expect("key"),
                 deleting: false,
+                lost: BTreeSet::new(),
             }
         }
 
@@ -881,6 +906,13 @@ mod tests {
                 .map(|(rid, (instance, _, kind, done))| {
                     let seen = if !done {
                         Seen::InFlight
+                    } else if self.lost.contains(rid) {
+                        Seen::Failed(ComputeError::Api {
+                            call: "instances.insert",
+                            code: crate::compute::ErrorCode::Unavailable,
+                            status: 503,
+                            message: String::new(),
+                        })
                     } else if *kind == OperationKind::Insert && !self.vms.iter().any(|v| v.name == *instance) {
                         Seen::Failed(ComputeError::OperationFailed {
                             operation: rid.clone(),
@@ -975,6 +1007,29 @@ mod tests {
                 .filter(|i| i.state == PresetInstanceState::Ready && i.template_version == version)
                 .count()
         }
+    }
+
+    #[test]
+    fn a_pool_insert_whose_answer_was_lost_is_made_again_with_its_request_id_and_counts_as_no_failure() {
+        let mut w = World::new(preset(1, "v1", 1));
+        let rid = w.reconcile().calls[0].request_id().to_string();
+        // Carried out (the VM exists), but its answer was lost.
+        w.finish(false);
+        w.lost.insert(rid.clone());
+        assert!(w.reconcile().calls.is_empty(), "made again after a pause");
+        w.now += SignedDuration::from_secs(10);
+        let plan = w.reconcile();
+        let inserts: Vec<&str> = plan.calls.iter().map(|c| c.request_id()).collect();
+        assert_eq!(inserts, [rid.as_str()], "made again with its own request id");
+        // Compute Engine answers with the operation the first call started.
+        w.lost.clear();
+        w.ops.values_mut().for_each(|op| op.3 = true);
+        w.reconcile();
+        w.boot();
+        w.reconcile();
+        assert_eq!((w.ready("v1"), w.vms.len()), (1, 1), "{:?}", w.status());
+        assert_eq!(w.status().consecutive_failures, 0, "a lost answer is no failed provision");
+        assert!(w.reconcile().calls.is_empty());
     }
 
     #[test]

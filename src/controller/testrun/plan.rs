@@ -39,8 +39,8 @@ use crate::compute::{ErrorCode, InstanceSpec, RetryClass};
 use crate::controller::conditions;
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
 use crate::controller::ops::{
-    DeleteRetry, UNSEEN_ZONE_RECHECK, deletion_condition, intent, may_still_act, record_failure, retry_delete,
-    retry_request_id, signed, until,
+    DeleteRetry, InsertRetry, UNSEEN_ZONE_RECHECK, deletion_condition, intent, may_still_act, record_failure,
+    retry_delete, retry_insert, signed, until,
 };
 use crate::inventory::state::VmView;
 
@@ -574,32 +574,23 @@ impl Planner<'_> {
                         None
                     }
                     RetryClass::RetrySoon | RetryClass::RetryLater => {
-                        let tries = u32::try_from(op.tries.max(1)).unwrap_or(1);
                         let base = if retry == RetryClass::RetryLater { 10 } else { 2 };
-                        let backoff =
-                            Duration::from_secs(base * 2u64.saturating_pow(tries.min(6))).min(Duration::from_secs(300));
-                        let since = op.started_at.as_ref().map(|t| t.0).unwrap_or(self.obs.now);
-                        let due = since + signed(backoff);
-                        if tries >= 5 {
-                            self.fail_attempt(index, &format!("creating the VM kept failing: {message}"), vm);
-                            return None;
-                        }
-                        if self.obs.now < due {
-                            self.wake_within(until(self.obs.now, due));
-                            return Some(op);
-                        }
                         let shard = &self.status.shards[index];
-                        op.request_id = retry_request_id(
-                            &op,
-                            &format!("insert/{}/{}/{}/{}", self.uid(), shard.index, shard.attempt, op.zone),
-                            tries,
-                        );
-                        op.tries = i32::try_from(tries + 1).unwrap_or(i32::MAX);
-                        op.state = OperationState::Intended;
-                        op.operation = None;
-                        op.started_at = Some(Time(self.obs.now));
-                        self.reissue(&op, vm);
-                        Some(op)
+                        let purpose = format!("insert/{}/{}/{}/{}", self.uid(), shard.index, shard.attempt, op.zone);
+                        match retry_insert(&mut op, self.obs.now, base, &purpose) {
+                            InsertRetry::GiveUp => {
+                                self.fail_attempt(index, &format!("creating the VM kept failing: {message}"), vm);
+                                None
+                            }
+                            InsertRetry::Wait(wait) => {
+                                self.wake_within(wait);
+                                Some(op)
+                            }
+                            InsertRetry::Reissue => {
+                                self.reissue(&op, vm);
+                                Some(op)
+                            }
+                        }
                     }
                     RetryClass::Permanent => {
                         self.event(true, "VmCreateFailed", message.clone());
