@@ -417,6 +417,10 @@ impl<C: Compute + Clone> Tracker<C> {
                 (OperationKind::Delete, Seen::Done) => {
                     inventory.gone(&t.zone, &t.instance);
                 }
+                // The operation says there was no such VM.
+                (OperationKind::Delete, Seen::Failed(e)) if e.is_not_found() => {
+                    inventory.gone(&t.zone, &t.instance);
+                }
                 (OperationKind::SetLabels, Seen::Done) => {
                     if let Some(labels) = t.labels.clone() {
                         woken.extend(inventory.relabelled(&t.zone, &t.instance, labels));

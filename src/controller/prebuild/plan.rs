@@ -305,7 +305,18 @@ impl Pool<'_> {
             let provisioning = |p: &Self| {
                 p.status.instances.iter().any(|i| i.name == op.instance && i.state == PresetInstanceState::Provisioning)
             };
-            let still_wanted = provisioning(self);
+            // A VM of the active version the pool still waits for.
+            let still_wanted = self.status.instances.iter().any(|i| {
+                i.name == op.instance
+                    && i.state == PresetInstanceState::Provisioning
+                    && i.template_version == self.obs.preset.spec.template_version
+            });
+            // Its agent registered: the VM exists, whatever the insert's answer said.
+            let booted = self.status.instances.iter().any(|i| {
+                i.name == op.instance
+                    && i.zone == op.zone
+                    && matches!(i.state, PresetInstanceState::Ready | PresetInstanceState::Claimed)
+            });
             match (op.state, self.obs.operations.get(&op.request_id)) {
                 (OperationState::Done, _) => continue,
                 (OperationState::Failed, _) => {}
@@ -349,6 +360,7 @@ impl Pool<'_> {
             // Failed.
             let message = op.last_error.clone().unwrap_or_default();
             match op.kind {
+                OperationKind::Insert if booted => {}
                 // It may have been carried out: made again with its own
                 // request id (Compute Engine acts on it once), not counted
                 // as a failed provision unless it keeps failing.
@@ -372,7 +384,9 @@ impl Pool<'_> {
                 }
                 OperationKind::Insert => {
                     self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
-                    if !self.cleanup {
+                    // A failed provision of a VM the pool still waits for
+                    // (one retired meanwhile, e.g. late, was counted then).
+                    if !self.cleanup && still_wanted {
                         let code = message.split_once(": ").map_or("UNKNOWN", |(code, _)| code).to_string();
                         self.failed_provision(&code, format!("creating pool VM {} failed: {message}", op.instance));
                     }
@@ -969,6 +983,8 @@ mod tests {
                 }
                 *done = true;
                 match kind {
+                    // A call made again after a lost answer finds its VM.
+                    OperationKind::Insert if self.vms.iter().any(|v| v.name == *instance) => {}
                     OperationKind::Insert if !fail => self.vms.push(Instance {
                         name: instance.clone(),
                         zone: zone.clone(),
@@ -1030,6 +1046,24 @@ mod tests {
         assert_eq!((w.ready("v1"), w.vms.len()), (1, 1), "{:?}", w.status());
         assert_eq!(w.status().consecutive_failures, 0, "a lost answer is no failed provision");
         assert!(w.reconcile().calls.is_empty());
+    }
+
+    #[test]
+    fn a_pool_vm_whose_agent_registers_while_its_lost_insert_waits_stays_ready() {
+        let mut w = World::new(preset(1, "v1", 1));
+        let rid = w.reconcile().calls[0].request_id().to_string();
+        w.finish(false);
+        w.lost.insert(rid);
+        w.reconcile();
+        // The VM boots while the insert waits to be made again.
+        w.boot();
+        w.reconcile();
+        w.now += SignedDuration::from_secs(10);
+        let plan = w.reconcile();
+        assert!(plan.calls.is_empty(), "neither made again nor deleted: {:?}", plan.calls);
+        assert_eq!((w.ready("v1"), w.vms.len()), (1, 1), "{:?}", w.status());
+        assert_eq!(w.status().consecutive_failures, 0);
+        assert!(w.status().operations.is_empty(), "the insert is over: {:?}", w.status().operations);
     }
 
     #[test]
@@ -1276,6 +1310,14 @@ mod tests {
         Instances(i32),
         Advance(i64),
         Delete,
+        /// Every open call is carried out but answered with HTTP 503.
+        LoseAnswers,
+    }
+
+    impl World {
+        fn open_calls(&self) -> Vec<String> {
+            self.ops.iter().filter(|(_, op)| !op.3).map(|(rid, _)| rid.clone()).collect()
+        }
     }
 
     proptest! {
@@ -1289,6 +1331,7 @@ mod tests {
             (0i32..6).prop_map(Step::Instances),
             (1i64..60).prop_map(Step::Advance),
             Just(Step::Delete),
+            Just(Step::LoseAnswers),
         ], 1..40)) {
             let mut w = World::new(preset(3, "v1", 2));
             let mut claimed = BTreeSet::new();
@@ -1305,7 +1348,18 @@ mod tests {
                         }
                         w.preset.status = Some(status);
                     }
-                    Step::Finish(fail) => w.finish(fail),
+                    Step::Finish(fail) => {
+                        // Calls made again are answered this time.
+                        for rid in w.open_calls() {
+                            w.lost.remove(&rid);
+                        }
+                        w.finish(fail);
+                    }
+                    Step::LoseAnswers => {
+                        let open = w.open_calls();
+                        w.finish(false);
+                        w.lost.extend(open);
+                    }
                     Step::Boot => w.boot(),
                     Step::Version(v) => w.set_version(&format!("v{v}")),
                     Step::Instances(n) => { w.preset.spec.instances = n; w.preset.metadata.generation = w.preset.metadata.generation.map(|g| g + 1); }

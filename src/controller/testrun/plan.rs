@@ -442,7 +442,7 @@ impl Planner<'_> {
                 // A retry kept unmade while no VM could be created: the
                 // failure the tracker still holds is the one already counted.
                 (OperationState::Intended, Some(Seen::Failed(error)))
-                    if is_wanted && op.answer_lost && error.answer_lost() && self.parked(&op) =>
+                    if is_wanted && !self.cleanup && op.answer_lost && error.answer_lost() && self.parked(&op) =>
                 {
                     self.reissue(&op, vm);
                     kept.push(op);
@@ -493,6 +493,8 @@ impl Planner<'_> {
     /// running, and the intent is made once the spec is valid again.
     fn reissue(&mut self, op: &TrackedOperation, vm: &VmSpec) {
         let call = match op.kind {
+            // A run being deleted creates nothing.
+            OperationKind::Insert if self.cleanup => return,
             OperationKind::Insert => {
                 let Some(position) = self.status.shards.iter().position(|s| {
                     s.instance.as_deref() == Some(op.instance.as_str()) && s.zone.as_deref() == Some(op.zone.as_str())
@@ -1305,6 +1307,26 @@ mod tests {
             self.reconcile()
         }
 
+        /// Every open call is carried out (a delete deletes its VM; an
+        /// insert's VM is there from the call), but answered with HTTP 503.
+        fn lose_open_answers(&mut self) {
+            let lost = ComputeError::Api {
+                call: "instances",
+                code: ErrorCode::Unavailable,
+                status: 503,
+                message: String::new(),
+            };
+            for (instance, zone, kind, error, done) in self.ops.values_mut() {
+                if *done {
+                    continue;
+                }
+                (*error, *done) = (Some(lost.clone()), true);
+                if *kind == OperationKind::Delete {
+                    self.vms.retain(|v| !(v.name == *instance && v.zone == *zone));
+                }
+            }
+        }
+
         /// Every call made so far ends with this error.
         fn fail_every_call(&mut self, error: &ComputeError) {
             for (_, _, _, e, done) in self.ops.values_mut() {
@@ -1844,6 +1866,8 @@ mod tests {
         Delete,
         /// The spec turns invalid (or valid again): no VM may be created.
         BreakSpec(bool),
+        /// Every open call is carried out, but its answer is lost (HTTP 503).
+        LoseAnswers,
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1856,6 +1880,7 @@ mod tests {
             (0i32..3).prop_map(Step::Vanish),
             Just(Step::Delete),
             any::<bool>().prop_map(Step::BreakSpec),
+            Just(Step::LoseAnswers),
         ]
     }
 
@@ -1877,6 +1902,7 @@ mod tests {
                     Step::BreakSpec(broken) => {
                         w.run.spec.heartbeat_timeout = if broken { "20m" } else { "30s" }.into();
                     }
+                    Step::LoseAnswers => w.lose_open_answers(),
                 }
                 let before: Vec<ShardStatus> = w.status().shards;
                 let plan = w.reconcile();
