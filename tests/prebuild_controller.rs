@@ -437,3 +437,50 @@ async fn an_invalid_run_takes_nothing_from_the_pool_until_it_is_fixed() {
     assert_eq!(status.phase, Some(TestRunPhase::Succeeded), "{status:?}");
     assert_eq!(status.shards[0].instance.as_deref(), Some(warm.as_str()), "ran on the warm VM");
 }
+
+#[tokio::test]
+async fn a_preset_that_keeps_changing_under_the_controller_is_looked_at_again_not_failed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = setup("conflicts", &["--operation-delay", "300ms"]).await;
+    env.create(preset(0, "v1", 3)).await;
+    // Writers change the preset as fast as they can, as claims from many
+    // runs at once do, from before its finalizer goes on: the controller's
+    // guarded writes keep conflicting.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..6)
+        .map(|w| {
+            let (presets, stop) = (env.presets.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let touch = json!({ "metadata": { "annotations": { format!("writer-{w}"): n.to_string() } } });
+                    let _ = presets.patch("pool", &PatchParams::default(), &Patch::Merge(&touch)).await;
+                }
+            })
+        })
+        .collect();
+    // The pool keeps changing size, so every pass has a status to write.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut size = 0;
+    while !env.controller.log().contains("keeps changing under this controller") {
+        assert!(Instant::now() < deadline, "the writers never made a reconcile conflict five times in a row");
+        size = if size == 3 { 2 } else { 3 };
+        env.patch(json!({ "instances": size })).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    env.patch(json!({ "instances": 3 })).await;
+    // Not an error (whose backoff grows to minutes): looked at again, the
+    // pool fills.
+    env.wait_for("3 ready VMs", |p| p.status.as_ref().is_some_and(|s| s.ready == 3)).await;
+    let metrics = env.controller.metrics().await;
+    let errors = metrics.lines().find(|l| l.contains(r#"kind="prebuildpreset""#) && l.contains(r#"result="error""#));
+    let log = env.controller.log();
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains("reconcile failed")).take(3).collect();
+    assert_eq!(errors, None, "a conflict counted as a failed reconcile: {failed:?}");
+}

@@ -265,6 +265,20 @@ pub struct Context<C: Compute> {
     pub preset_slots: Arc<Slots>,
 }
 
+/// A reconcile that ended in a conflict (someone wrote the object since it
+/// was read, e.g. under a finalizer patch) is no failure to back off from:
+/// it looks again in a second. A change that does not bump the generation
+/// would wake nothing else.
+pub fn conflict_is_no_failure(result: Result<Action, Error>) -> Result<Action, Error> {
+    match result {
+        Err(e) if e.is_conflict() => {
+            tracing::debug!(error = %e, "the object changed since it was read; looking again in a second");
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
+        other => other,
+    }
+}
+
 /// Retries a failed reconcile with per-object exponential backoff.
 pub fn error_policy<C: Compute>(run: Arc<TestRun>, error: &Error, ctx: Arc<Context<C>>) -> Action {
     let delay = ctx.backoff.delay(&format!("testrun/{}", run.uid().unwrap_or_default()));

@@ -28,7 +28,7 @@ use crate::controller::execute::{
 };
 use crate::controller::slots::Lane;
 use crate::controller::wake::Owner;
-use crate::controller::{Context, Error};
+use crate::controller::{Context, Error, conflict_is_no_failure};
 
 /// Times a reconcile re-reads and plans again after a conflicting write.
 const CONFLICT_RETRIES: usize = 4;
@@ -56,7 +56,7 @@ async fn reconcile_now<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc
     let span = tracing::info_span!("reconcile", prebuildpreset = %preset.name_any(), namespace = %preset.namespace().unwrap_or_default());
     async move {
         let key = format!("preset/{}", preset.uid().unwrap_or_default());
-        let result = reconcile_inner(preset, &ctx).await;
+        let result = conflict_is_no_failure(reconcile_inner(preset, &ctx).await);
         ctx.backoff.record(&key, result.is_ok());
         ctx.metrics.reconciled("prebuildpreset", result.is_ok());
         result

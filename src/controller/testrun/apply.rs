@@ -33,7 +33,7 @@ use crate::controller::ops::{CloudCall, Seen};
 use crate::controller::prebuild::plan::POOL_VM_LIFETIME;
 use crate::controller::slots::Lane;
 use crate::controller::wake::Owner;
-use crate::controller::{Context, Error};
+use crate::controller::{Context, Error, conflict_is_no_failure};
 
 /// Times a reconcile re-reads and plans again after a conflicting write.
 const CONFLICT_RETRIES: usize = 4;
@@ -68,7 +68,7 @@ async fn reconcile_now<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C
     let span =
         tracing::info_span!("reconcile", testrun = %run.name_any(), namespace = %run.namespace().unwrap_or_default());
     async move {
-        let result = reconcile_inner(run.clone(), &ctx).await;
+        let result = conflict_is_no_failure(reconcile_inner(run.clone(), &ctx).await);
         ctx.backoff.record(&format!("testrun/{}", run.uid().unwrap_or_default()), result.is_ok());
         ctx.metrics.reconciled("testrun", result.is_ok());
         result
