@@ -27,6 +27,13 @@ pub struct Heard {
     pub result: Option<ShardResult>,
 }
 
+impl Heard {
+    /// A lease nothing was heard under yet.
+    fn nothing_yet(lease_id: i64) -> Self {
+        Self { lease_id, registered_at: None, first_heard: None, last_heartbeat: None, result: None }
+    }
+}
+
 /// A newer lease holds the shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Superseded;
@@ -54,18 +61,12 @@ impl LeaseBook {
         now: Timestamp,
     ) -> Option<&'a mut Heard> {
         let shards = map.entry(uid.to_string()).or_default();
-        let heard = shards.entry(shard).or_insert(Heard {
-            lease_id,
-            registered_at: None,
-            first_heard: None,
-            last_heartbeat: None,
-            result: None,
-        });
+        let heard = shards.entry(shard).or_insert_with(|| Heard::nothing_yet(lease_id));
         if heard.lease_id > lease_id {
             return None;
         }
         if heard.lease_id < lease_id {
-            *heard = Heard { lease_id, registered_at: None, first_heard: None, last_heartbeat: None, result: None };
+            *heard = Heard::nothing_yet(lease_id);
         }
         heard.first_heard.get_or_insert(now);
         Some(heard)

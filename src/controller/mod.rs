@@ -265,6 +265,9 @@ pub struct Context<C: Compute> {
     pub preset_slots: Arc<Slots>,
 }
 
+/// When a reconcile that ended in a conflict looks again.
+pub const CONFLICT_REQUEUE: Duration = Duration::from_secs(1);
+
 /// A reconcile that ended in a conflict (someone wrote the object since it
 /// was read, e.g. under a finalizer patch) is no failure to back off from:
 /// it looks again in a second. A change that does not bump the generation
@@ -273,7 +276,7 @@ pub fn conflict_is_no_failure(result: Result<Action, Error>) -> Result<Action, E
     match result {
         Err(e) if e.is_conflict() => {
             tracing::debug!(error = %e, "the object changed since it was read; looking again in a second");
-            Ok(Action::requeue(Duration::from_secs(1)))
+            Ok(Action::requeue(CONFLICT_REQUEUE))
         }
         other => other,
     }

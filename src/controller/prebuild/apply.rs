@@ -28,13 +28,10 @@ use crate::controller::execute::{
 };
 use crate::controller::slots::Lane;
 use crate::controller::wake::Owner;
-use crate::controller::{Context, Error, conflict_is_no_failure};
+use crate::controller::{CONFLICT_REQUEUE, Context, Error, conflict_is_no_failure};
 
 /// Times a reconcile re-reads and plans again after a conflicting write.
 const CONFLICT_RETRIES: usize = 4;
-
-/// When a reconcile that kept conflicting looks again.
-const CONFLICT_REQUEUE: Duration = Duration::from_secs(1);
 
 /// Reconciles one PrebuildPreset.
 pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc<Context<C>>) -> Result<Action, Error> {

@@ -305,18 +305,6 @@ impl Pool<'_> {
             let provisioning = |p: &Self| {
                 p.status.instances.iter().any(|i| i.name == op.instance && i.state == PresetInstanceState::Provisioning)
             };
-            // A VM of the active version the pool still waits for.
-            let still_wanted = self.status.instances.iter().any(|i| {
-                i.name == op.instance
-                    && i.state == PresetInstanceState::Provisioning
-                    && i.template_version == self.obs.preset.spec.template_version
-            });
-            // Its agent registered: the VM exists, whatever the insert's answer said.
-            let booted = self.status.instances.iter().any(|i| {
-                i.name == op.instance
-                    && i.zone == op.zone
-                    && matches!(i.state, PresetInstanceState::Ready | PresetInstanceState::Claimed)
-            });
             match (op.state, self.obs.operations.get(&op.request_id)) {
                 (OperationState::Done, _) => continue,
                 (OperationState::Failed, _) => {}
@@ -360,29 +348,39 @@ impl Pool<'_> {
             // Failed.
             let message = op.last_error.clone().unwrap_or_default();
             match op.kind {
-                OperationKind::Insert if booted => {}
-                // It may have been carried out: made again with its own
-                // request id (Compute Engine acts on it once), not counted
-                // as a failed provision unless it keeps failing.
-                OperationKind::Insert if op.answer_lost && !self.cleanup && still_wanted => {
-                    let purpose = format!("insert/{}/{}", op.zone, op.instance);
-                    match retry_insert(&mut op, self.obs.now, 2, &purpose) {
-                        InsertRetry::Wait(wait) => {
-                            self.wake_within(wait);
-                            kept.push(op);
-                        }
-                        InsertRetry::Reissue => {
-                            self.reissue(&op);
-                            kept.push(op);
-                        }
-                        InsertRetry::GiveUp => {
-                            self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
-                            let code = message.split_once(": ").map_or("UNKNOWN", |(code, _)| code).to_string();
-                            self.failed_provision(&code, format!("creating pool VM {} failed: {message}", op.instance));
+                OperationKind::Insert => {
+                    let state = self
+                        .status
+                        .instances
+                        .iter()
+                        .find(|i| i.name == op.instance && i.zone == op.zone)
+                        .map(|i| (i.state, i.template_version == self.obs.preset.spec.template_version));
+                    // Its agent registered: the VM exists, whatever the insert's answer said.
+                    if matches!(state, Some((PresetInstanceState::Ready | PresetInstanceState::Claimed, _))) {
+                        continue;
+                    }
+                    // A VM of the active version the pool still waits for.
+                    let still_wanted = state == Some((PresetInstanceState::Provisioning, true));
+                    // It may have been carried out: made again with its own
+                    // request id (Compute Engine acts on it once), not counted
+                    // as a failed provision unless it keeps failing.
+                    if op.answer_lost && !self.cleanup && still_wanted {
+                        let purpose = format!("insert/{}/{}", op.zone, op.instance);
+                        match retry_insert(&mut op, self.obs.now, 2, &purpose) {
+                            InsertRetry::Wait(wait) => {
+                                self.wake_within(wait);
+                                kept.push(op);
+                                continue;
+                            }
+                            InsertRetry::Reissue => {
+                                self.reissue(&op);
+                                kept.push(op);
+                                continue;
+                            }
+                            // Kept failing: a failed provision like any other.
+                            InsertRetry::GiveUp => {}
                         }
                     }
-                }
-                OperationKind::Insert => {
                     self.status.instances.retain(|i| !(i.name == op.instance && i.zone == op.zone));
                     // A failed provision of a VM the pool still waits for
                     // (one retired meanwhile, e.g. late, was counted then).

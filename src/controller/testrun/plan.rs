@@ -795,7 +795,7 @@ impl Planner<'_> {
         // lease says the same (its registration was heard by a process
         // that stopped before writing it); the lease began with the first.
         if shard.phase == TestRunPhase::Provisioning
-            && let Some(registered) = heard.and_then(|h| h.registered_at.or(h.first_heard).or(h.last_heartbeat))
+            && let Some(registered) = heard.and_then(|h| h.registered_at.or(h.first_heard))
         {
             let s = &mut self.status.shards[index];
             s.phase = TestRunPhase::Running;
