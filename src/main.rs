@@ -85,13 +85,16 @@ struct RunArgs {
     /// Only log and count what the orphan scan would mark and delete.
     #[arg(long, env = "TESTRUN_GC_DRY_RUN")]
     gc_dry_run: bool,
-    /// URL VMs use to reach the agent API. Default: `http://127.0.0.1:PORT`
-    /// with the port of `--agent-listen` (right for the emulator only).
+    /// URL VMs use to reach the agent API, e.g. `http://10.128.0.5:8090`
+    /// (an internal load balancer in front of the agent port). Required with
+    /// Compute Engine; with `--compute-endpoint` the default is
+    /// `http://127.0.0.1:PORT` with the port of `--agent-listen`.
     #[arg(long, env = "TESTRUN_AGENT_URL")]
     agent_url: Option<String>,
-    /// Command the VM startup script runs (followed by `agent`). Default:
-    /// `testrun-controller` on the VM's PATH, or this executable's path when
-    /// `--compute-endpoint` is set, so local runs need no install step.
+    /// Command the VM startup script runs (followed by `agent`), for images
+    /// that carry the agent already. Default: the startup script fetches
+    /// this controller's own executable from the agent API
+    /// (`GET /agent/v1/binary`), checks its sha256 and runs it.
     #[arg(long, env = "TESTRUN_AGENT_COMMAND")]
     agent_command: Option<String>,
     /// Watch TestRuns in this namespace only (default: all namespaces).
@@ -274,6 +277,8 @@ async fn emulator(args: EmulatorArgs) -> Result<(), String> {
 }
 
 async fn controller(mut args: RunArgs) -> Result<(), String> {
+    use testrun_controller::agent::binary::AgentBinary;
+    use testrun_controller::agent::startup::{AgentLaunch, startup_script};
     use testrun_controller::compute::gce::{GceCompute, GceConfig};
     use testrun_controller::controller::testrun::plan::Settings;
     use testrun_controller::controller::{RunConfig, run};
@@ -301,14 +306,27 @@ async fn controller(mut args: RunArgs) -> Result<(), String> {
     // against HTTP/2 to the same kube-apiserver, a burst of writes finished
     // sooner over HTTP/1.1 (README, "Scale").
     let client = kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {e}"))?;
-    let agent_url = args.agent_url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", args.agent_listen.port()));
-    let agent_command = match (&args.agent_command, &args.compute_endpoint) {
-        (Some(command), _) => command.clone(),
-        (None, Some(_)) => {
-            let exe = std::env::current_exe().map_err(|e| format!("finding this executable: {e}"))?;
-            format!("'{}'", exe.display().to_string().replace('\'', "'\\''"))
+    let agent_url = match (args.agent_url.clone().filter(|url| !url.is_empty()), &args.compute_endpoint) {
+        (Some(url), _) => url,
+        (None, Some(_)) => format!("http://127.0.0.1:{}", args.agent_listen.port()),
+        (None, None) => {
+            return Err("--agent-url is required with Compute Engine (no --compute-endpoint): the URL VMs reach \
+                        the agent API at, such as http://10.128.0.5:8090 or an internal load balancer's address"
+                .into());
         }
-        (None, None) => "testrun-controller".to_string(),
+    };
+    match reqwest::Url::parse(&agent_url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+        Ok(_) => return Err(format!("--agent-url {agent_url:?} is not an http:// or https:// URL with a host")),
+        Err(e) => return Err(format!("--agent-url {agent_url:?} is not a URL: {e}")),
+    }
+    let binary = tokio::task::spawn_blocking(AgentBinary::this_process)
+        .await
+        .map_err(|e| format!("hashing this executable: {e}"))?
+        .map_err(|e| e.to_string())?;
+    let launch = match args.agent_command.clone().filter(|command| !command.is_empty()) {
+        Some(command) => AgentLaunch::Command(command),
+        None => AgentLaunch::Fetch { agent_url: agent_url.clone(), sha256: binary.sha256.clone() },
     };
     // An empty namespace (e.g. an unset chart value) means all namespaces.
     args.watch_namespace = args.watch_namespace.take().filter(|ns| !ns.is_empty());
@@ -319,7 +337,7 @@ async fn controller(mut args: RunArgs) -> Result<(), String> {
             .filter(|id| !id.is_empty())
             .unwrap_or_else(|| default_installation_id(&args.namespace, args.watch_namespace.as_deref())),
         agent_url,
-        agent_command,
+        startup_script: startup_script(&launch),
         registration_timeout: args.registration_timeout,
         delete_retry_base: args.delete_retry_base.max(Duration::from_millis(10)),
         started_at: jiff::Timestamp::now(),
@@ -347,6 +365,7 @@ async fn controller(mut args: RunArgs) -> Result<(), String> {
         },
         operation_reads: 16,
         calls_in_flight: args.compute_max_mutations.max(1),
+        agent_binary: binary,
     };
     run(client, compute, settings, config, metrics).await.map_err(|e| e.to_string())
 }

@@ -43,6 +43,13 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// A result label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// What came of it.
+    pub result: String,
+}
+
 /// Labels of a reconcile.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
@@ -121,6 +128,8 @@ pub struct Metrics {
     pub forged_requests: Counter,
     /// Agent calls with a body that could not be read.
     pub malformed_requests: Counter,
+    /// Requests for the agent executable by answer (`full`, `not_modified`, `failed`).
+    pub agent_binary_requests: Family<ResultLabels, Counter>,
     /// Compute API calls by method and outcome.
     pub compute_requests: Family<MethodCodeLabels, Counter>,
     /// Compute API call latency by method, in seconds (after the rate limiter).
@@ -188,6 +197,12 @@ impl Metrics {
             "Agent calls with an unreadable body",
             malformed_requests.clone(),
         );
+        let agent_binary_requests = Family::default();
+        registry.register(
+            "agent_binary_requests",
+            "Requests for the agent executable by answer (full, not_modified, failed)",
+            agent_binary_requests.clone(),
+        );
         let compute_requests = Family::default();
         registry.register("compute_requests", "Compute API calls by method and outcome", compute_requests.clone());
         let compute_latency: LatencyFamily = Family::new_with_constructor(latency_histogram);
@@ -243,6 +258,7 @@ impl Metrics {
             stale_reports,
             forged_requests,
             malformed_requests,
+            agent_binary_requests,
             ready: AtomicBool::new(false),
         }
     }

@@ -177,6 +177,25 @@ async fn three_shards_succeed_and_every_vm_is_deleted() {
         assert!(Instant::now() < deadline, "no RunFinished Event");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // Every VM fetched its agent from the agent API: the emulator's VMs
+    // share one agent folder, so one downloaded it and two were told their
+    // copy is current. The copy is the controller's own executable.
+    let metrics = env.controller.metrics().await;
+    let count = |result: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("testrun_controller_agent_binary_requests_total{{result=\"{result}\"}} "))
+            })
+            .map_or(0, |v| v.trim().parse::<u64>().expect("a count"))
+    };
+    assert_eq!((count("full"), count("not_modified")), (1, 2), "{metrics}");
+    let exe = std::fs::read(env!("CARGO_BIN_EXE_testrun-controller")).expect("the controller executable");
+    let kept: Vec<_> =
+        std::fs::read_dir(env.emulator.work_dir.join("agent")).expect("the agent folder").flatten().collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].file_name().to_string_lossy().starts_with("testrun-agent-"), "{kept:?}");
+    assert!(std::fs::read(kept[0].path()).expect("the fetched agent") == exe, "the VMs ran another executable");
 }
 
 #[tokio::test]

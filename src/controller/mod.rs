@@ -351,6 +351,8 @@ pub struct RunConfig {
     pub operation_reads: usize,
     /// Cloud calls (mutations) in flight at once.
     pub calls_in_flight: usize,
+    /// The executable served to VMs at `/agent/v1/binary`.
+    pub agent_binary: crate::agent::binary::AgentBinary,
 }
 
 /// Waits until a cache holds its first full list. The store's own wait
@@ -488,8 +490,10 @@ pub async fn run<C: Compute + Clone>(
         metrics: metrics.clone(),
     });
     let agent_addr = listener.local_addr().unwrap_or(config.agent_listen);
+    let (agent_binary, served_to) = (config.agent_binary.clone(), metrics.clone());
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, crate::agent::api::router(agent_api)).await {
+        let routes = crate::agent::api::router(agent_api).merge(crate::agent::binary::router(agent_binary, served_to));
+        if let Err(e) = axum::serve(listener, routes).await {
             tracing::error!(error = %e, "agent API stopped");
         }
     });

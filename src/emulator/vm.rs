@@ -73,7 +73,8 @@ pub async fn boot(emulator: &Arc<Emulator>, info: BootInfo) -> Result<VmProcess,
     });
 
     let dir = emulator.config.work_dir.join("vms").join(&info.key.zone).join(format!("{}-{}", info.key.name, info.id));
-    let started = start_script(&dir, &info, &metadata_host);
+    let agent_dir = emulator.config.work_dir.join("agent");
+    let started = start_script(&dir, &agent_dir, &info, &metadata_host);
     let pid = match started {
         Ok(pid) => pid,
         Err(e) => {
@@ -84,7 +85,12 @@ pub async fn boot(emulator: &Arc<Emulator>, info: BootInfo) -> Result<VmProcess,
     Ok(VmProcess { pid, metadata_host, dir, metadata_server })
 }
 
-fn start_script(dir: &Path, info: &BootInfo, metadata_host: &str) -> Result<i32, BootError> {
+/// Starts the script in `dir`. `agent_dir` is the emulator's one folder for
+/// fetched agents (`TESTRUN_AGENT_DIR`): every VM asks the agent API for the
+/// agent, and the first of each build downloads it, the others get 304, as a
+/// VM would that kept the build on its disk. (A debug build of the agent is
+/// about 90 MiB; a copy per emulated VM would cost a disk write per boot.)
+fn start_script(dir: &Path, agent_dir: &Path, info: &BootInfo, metadata_host: &str) -> Result<i32, BootError> {
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BootError::Write { path, source }
@@ -105,6 +111,7 @@ fn start_script(dir: &Path, info: &BootInfo, metadata_host: &str) -> Result<i32,
         .stderr(Stdio::from(log_err))
         .process_group(0)
         .env("GCE_METADATA_HOST", metadata_host)
+        .env("TESTRUN_AGENT_DIR", agent_dir)
         .env("GCE_INSTANCE_NAME", &info.key.name)
         .env("GCE_INSTANCE_ZONE", &info.key.zone)
         .env("GCE_PROJECT", &info.key.project);

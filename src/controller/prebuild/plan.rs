@@ -37,7 +37,7 @@ use crate::controller::ops::{
     CloudCall, DeleteRetry, InsertRetry, PlannedEvent, Seen, UNSEEN_ZONE_RECHECK, deletion_condition, intent,
     may_still_act, record_failure, retry_delete, retry_insert, signed, until,
 };
-use crate::controller::testrun::plan::{Settings, startup_script};
+use crate::controller::testrun::plan::Settings;
 use crate::inventory::state::VmView;
 
 /// How long a pool VM may live before Compute Engine deletes it; the pool
@@ -441,7 +441,7 @@ impl Pool<'_> {
             version,
         ));
         let mut metadata = vm.metadata.clone();
-        metadata.insert("startup-script".into(), startup_script(&self.obs.settings.agent_command));
+        metadata.insert("startup-script".into(), self.obs.settings.startup_script.clone());
         metadata.insert(META_AGENT_URL.into(), self.obs.settings.agent_url.clone());
         metadata.insert(META_VM_TOKEN.into(), self.obs.key.vm_token(name, &uid));
         metadata.insert(META_NAMESPACE.into(), preset.metadata.namespace.clone().unwrap_or_default());
@@ -895,7 +895,7 @@ mod tests {
                 settings: Settings {
                     installation: "t".into(),
                     agent_url: "http://agent".into(),
-                    agent_command: "agent".into(),
+                    startup_script: "#!/bin/sh\nexec agent\n".into(),
                     registration_timeout: Duration::from_secs(600),
                     delete_retry_base: Duration::from_secs(2),
                     started_at: now,

@@ -51,8 +51,8 @@ pub struct Settings {
     pub installation: String,
     /// The agent API's URL as VMs reach it.
     pub agent_url: String,
-    /// The command the startup script runs before `agent`.
-    pub agent_command: String,
+    /// The startup script every VM runs ([`crate::agent::startup`]).
+    pub startup_script: String,
     /// How long a VM may take from request to agent registration.
     pub registration_timeout: Duration,
     /// First wait before retrying a failed delete (it doubles per try).
@@ -634,7 +634,7 @@ impl Planner<'_> {
             attempt.max(0) as u32,
         ));
         let mut metadata = vm.metadata.clone();
-        metadata.insert("startup-script".into(), startup_script(&self.obs.settings.agent_command));
+        metadata.insert("startup-script".into(), self.obs.settings.startup_script.clone());
         metadata.insert(META_AGENT_URL.into(), self.obs.settings.agent_url.clone());
         metadata.insert(META_VM_TOKEN.into(), self.obs.key.vm_token(&name, &uid));
         metadata.insert(META_NAMESPACE.into(), run.metadata.namespace.clone().unwrap_or_default());
@@ -1094,11 +1094,6 @@ fn capacity_wait(attempt: i32) -> Duration {
     (Duration::from_secs(30) * 2u32.pow(doublings)).min(Duration::from_secs(300))
 }
 
-/// The startup script every VM runs: the agent, nothing else.
-pub fn startup_script(agent_command: &str) -> String {
-    format!("#!/bin/sh\n# Written by testrun-controller: start the agent.\nexec {agent_command} agent\n")
-}
-
 #[cfg(test)]
 mod tests {
     //! The planner against a small in-memory world: operations finish when
@@ -1154,7 +1149,7 @@ mod tests {
                 settings: Settings {
                     installation: "test".into(),
                     agent_url: "http://agent".into(),
-                    agent_command: "agent".into(),
+                    startup_script: "#!/bin/sh\nexec agent\n".into(),
                     registration_timeout: Duration::from_secs(600),
                     delete_retry_base: Duration::from_secs(2),
                     started_at: now,

@@ -1,0 +1,214 @@
+//! The startup script the controller puts on every VM (metadata key
+//! `startup-script`): it fetches the agent from the agent API, checks its
+//! sha256, and runs it. The same script runs on Compute Engine and in the
+//! emulator, so every test goes through the real delivery path.
+//!
+//! Where the agent is put: the first of these folders where a file may be
+//! executed (tried with a small script, since many images mount writable
+//! folders `noexec`):
+//!
+//! 1. `$TESTRUN_AGENT_DIR`, when the image (or the emulator) sets it;
+//! 2. `/var/lib/testrun-agent` (Debian, Ubuntu, most images);
+//! 3. `/var/lib/cloud/testrun-agent` and `/var/lib/docker/testrun-agent`
+//!    (Container-Optimized OS, where only these are writable and exec-able);
+//! 4. `/tmp/testrun-agent`.
+//!
+//! The file is named after its sha256; a folder that holds the build
+//! already is sent as `If-None-Match`, and a 304 runs it without a download.
+
+use super::binary::{BINARY_PATH, SHA256_HEADER};
+
+/// How VMs start the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentLaunch {
+    /// Fetch the controller's own executable from the agent API (the
+    /// default in every mode).
+    Fetch {
+        /// The agent API's URL as VMs reach it.
+        agent_url: String,
+        /// The sha256 of the executable the controller serves.
+        sha256: String,
+    },
+    /// Run this command (followed by `agent`), for images that carry the
+    /// agent already (`--agent-command`).
+    Command(String),
+}
+
+/// `value` as one shell word.
+pub fn sh_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "'\\''"))
+}
+
+/// The startup script for `launch`.
+pub fn startup_script(launch: &AgentLaunch) -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    match launch {
+        AgentLaunch::Command(command) => {
+            format!("#!/bin/sh\n# Written by testrun-controller {version}: start the agent.\nexec {command} agent\n")
+        }
+        AgentLaunch::Fetch { agent_url, sha256 } => {
+            let url = format!("{}{BINARY_PATH}", agent_url.trim_end_matches('/'));
+            FETCH_SCRIPT
+                .replace("@VERSION@", version)
+                .replace("@URL@", &sh_quote(&url))
+                .replace("@SHA256@", &sh_quote(sha256))
+                .replace("@HEADER@", SHA256_HEADER)
+        }
+    }
+}
+
+/// The fetching script: POSIX sh, curl or wget, sha256sum or openssl.
+const FETCH_SCRIPT: &str = r#"#!/bin/sh
+# Written by testrun-controller @VERSION@: fetch the agent (the controller's
+# own executable) from the agent API, check its sha256, and run it.
+url=@URL@
+want=@SHA256@
+log() { echo "testrun-agent: $*" >&2; }
+command -v curl >/dev/null 2>&1 || command -v wget >/dev/null 2>&1 || {
+  log "neither curl nor wget is on PATH: the agent cannot be fetched (bake it into the image, set --agent-command)"
+  exit 1
+}
+command -v sha256sum >/dev/null 2>&1 || command -v openssl >/dev/null 2>&1 || {
+  log "neither sha256sum nor openssl is on PATH: the agent cannot be checked"
+  exit 1
+}
+
+# A folder where a file may be executed.
+exec_dir() {
+  for dir in ${TESTRUN_AGENT_DIR:+"$TESTRUN_AGENT_DIR"} /var/lib/testrun-agent /var/lib/cloud/testrun-agent \
+    /var/lib/docker/testrun-agent /tmp/testrun-agent; do
+    mkdir -p "$dir" 2>/dev/null || continue
+    probe="$dir/.probe.$$"
+    printf '#!/bin/sh\nexit 0\n' >"$probe" 2>/dev/null && chmod 0755 "$probe" && "$probe" 2>/dev/null
+    ok=$?
+    rm -f "$probe"
+    [ "$ok" = 0 ] && { echo "$dir"; return 0; }
+  done
+  return 1
+}
+
+sha256() {
+  if command -v sha256sum >/dev/null 2>&1; then
+    sha256sum "$1" | cut -d' ' -f1
+  else
+    openssl dgst -sha256 -r "$1" | cut -d' ' -f1
+  fi
+}
+
+# fetch OUT HEADERS [ETAG]: the answer's body into OUT, its headers into HEADERS.
+fetch() {
+  if command -v curl >/dev/null 2>&1; then
+    curl -sS --connect-timeout 10 --max-time 900 ${3:+-H "If-None-Match: \"$3\""} -D "$2" -o "$1" "$url"
+  else
+    wget -q -S -T 30 -t 1 ${3:+--header="If-None-Match: \"$3\""} -O "$1" "$url" 2>"$2"
+    # wget exits non-zero on 304 and on HTTP errors; the status line decides.
+    [ -s "$2" ]
+  fi
+}
+
+# The last status code and the checksum header of a header dump.
+status() { tr -d '\r' <"$1" | awk '$1 ~ /^HTTP\// { code = $2 } END { print code }'; }
+served_sha() { tr -d '\r' <"$1" | awk 'tolower($1) == "@HEADER@:" { sha = $2 } END { print sha }'; }
+
+# VMs that share a folder (an image's shared mount, or the emulator's VMs)
+# fetch a build once: one holds "$dir/.fetching" while it downloads, the
+# others wait for the file, or take over when the holder died.
+lock() {
+  [ -x "$dir/testrun-agent-$want" ] && return 1
+  while ! mkdir "$dir/.fetching" 2>/dev/null; do
+    holder=$(cat "$dir/.fetching/pid" 2>/dev/null)
+    if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null; then
+      rm -rf "$dir/.fetching"
+      continue
+    fi
+    sleep 1
+    [ -x "$dir/testrun-agent-$want" ] && return 1
+  done
+  echo $$ >"$dir/.fetching/pid"
+  locked=1
+}
+unlock() {
+  [ -n "$locked" ] && rm -rf "$dir/.fetching"
+  locked=
+}
+
+# One try: returns only when it failed.
+try() {
+  dir=$(exec_dir) || { log "no writable folder lets files run: set TESTRUN_AGENT_DIR in the image"; exit 1; }
+  part="$dir/.download.$$"
+  cached=
+  lock || cached=$want
+  rm -f "$part" "$part.headers"
+  fetch "$part" "$part.headers" "$cached" || { log "fetching $url failed"; rm -f "$part" "$part.headers"; unlock; return 1; }
+  code=$(status "$part.headers")
+  sha=$(served_sha "$part.headers")
+  rm -f "$part.headers"
+  case "$code" in
+  304)
+    rm -f "$part"
+    unlock
+    log "running the agent kept in $dir (build $want)"
+    exec "$dir/testrun-agent-$want" agent
+    ;;
+  200) ;;
+  *)
+    log "$url answered ${code:-nothing}"
+    rm -f "$part"
+    unlock
+    return 1
+    ;;
+  esac
+  got=$(sha256 "$part") || { rm -f "$part"; unlock; return 1; }
+  if [ -z "$sha" ] || [ "$got" != "$sha" ]; then
+    log "the download's sha256 is $got, the agent API said ${sha:-nothing}: discarded"
+    rm -f "$part"
+    unlock
+    return 1
+  fi
+  [ "$sha" = "$want" ] || log "the controller serves build $sha now (this VM was made by build $want)"
+  chmod 0755 "$part" && mv -f "$part" "$dir/testrun-agent-$sha" || { rm -f "$part"; unlock; return 1; }
+  unlock
+  log "fetched the agent into $dir (build $sha)"
+  exec "$dir/testrun-agent-$sha" agent
+}
+
+# The agent API may not be reachable yet (a new controller, a network being
+# set up): try until it is. A VM whose agent never registers is deleted by
+# the controller after its registration timeout.
+pause=1
+while :; do
+  try
+  sleep "$pause"
+  pause=$((pause * 2))
+  [ "$pause" -gt 30 ] && pause=30
+done
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_launch_runs_the_command() {
+        let script = startup_script(&AgentLaunch::Command("/opt/bin/agent".into()));
+        assert!(script.ends_with("exec /opt/bin/agent agent\n"), "{script}");
+    }
+
+    #[test]
+    fn a_fetch_launch_names_the_route_and_the_build_quoted() {
+        let script = startup_script(&AgentLaunch::Fetch {
+            agent_url: "http://10.0.0.2:8090/it's/".into(),
+            sha256: "ab".repeat(32),
+        });
+        assert!(script.contains("url='http://10.0.0.2:8090/it'\\''s/agent/v1/binary'\n"), "{script}");
+        assert!(script.contains(&format!("want='{}'\n", "ab".repeat(32))), "{script}");
+        assert!(script.contains("tolower($1) == \"testrun-agent-sha256:\""), "{script}");
+        assert!(!script.contains('@'), "a placeholder was left: {script}");
+    }
+
+    #[test]
+    fn sh_quote_makes_one_word() {
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("'"), "''\\'''");
+    }
+}

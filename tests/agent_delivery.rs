@@ -1,0 +1,204 @@
+//! The startup script the controller writes, run by the real `/bin/sh`
+//! against the real agent route (`GET /agent/v1/binary`) over HTTP, with
+//! curl, with wget only, with neither, with a bad checksum, and with VMs
+//! sharing one agent folder. The "agent" served is a small shell script
+//! that writes down how it was started.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use testrun_controller::agent::binary::{AgentBinary, router};
+use testrun_controller::agent::startup::{AgentLaunch, startup_script};
+use testrun_controller::metrics::Metrics;
+
+struct Served {
+    url: String,
+    metrics: Arc<Metrics>,
+    sha256: String,
+}
+
+impl Served {
+    fn count(&self, result: &str) -> u64 {
+        let text = self.metrics.encode();
+        text.lines()
+            .find(|l| {
+                l.starts_with("testrun_controller_agent_binary_requests_total{")
+                    && l.contains(&format!("result=\"{result}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0, |n| n.parse().expect("a count"))
+    }
+
+    fn script(&self) -> String {
+        startup_script(&AgentLaunch::Fetch { agent_url: self.url.clone(), sha256: self.sha256.clone() })
+    }
+}
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("agent-delivery-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch folder");
+    dir
+}
+
+/// An "agent" that appends its arguments to `$AGENT_RAN`, padded to `size`
+/// bytes so a download takes a while.
+fn fake_agent(dir: &Path, size: usize) -> PathBuf {
+    let path = dir.join("served-agent");
+    let mut body = b"#!/bin/sh\necho \"ran: $*\" >>\"$AGENT_RAN\"\nexit 0\n#".to_vec();
+    body.resize(size.max(body.len()), b'x');
+    body.push(b'\n');
+    std::fs::write(&path, body).expect("writing the agent");
+    path
+}
+
+async fn serve(binary: AgentBinary) -> Served {
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let sha256 = binary.sha256.clone();
+    let app = router(binary, metrics.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Served { url, metrics, sha256 }
+}
+
+/// A PATH folder with only these tools (and what every script needs).
+fn tools(dir: &Path, extra: &[&str]) -> PathBuf {
+    let bin = dir.join(format!("bin-{}", extra.join("-")));
+    std::fs::create_dir_all(&bin).expect("bin folder");
+    for tool in
+        ["sh", "mkdir", "chmod", "rm", "mv", "cat", "sleep", "tr", "awk", "cut", "sha256sum"].iter().chain(extra)
+    {
+        let found = ["/usr/bin", "/bin"].iter().map(|d| Path::new(d).join(tool)).find(|p| p.exists());
+        let found = found.unwrap_or_else(|| panic!("{tool} is not installed"));
+        let _ = std::os::unix::fs::symlink(found, bin.join(tool));
+    }
+    bin
+}
+
+/// Runs the startup script with `PATH=bin` and the agent folder `agent_dir`,
+/// killed after `limit` when it has not ended (it retries forever).
+async fn run_script(script: &str, dir: &Path, bin: &Path, agent_dir: &Path, limit: Duration) -> Output {
+    let path = dir.join(format!("startup-script-{}", rand_suffix()));
+    std::fs::write(&path, script).expect("writing the script");
+    let child = tokio::process::Command::new("/bin/sh")
+        .arg(&path)
+        .env_clear()
+        .env("PATH", bin)
+        .env("TESTRUN_AGENT_DIR", agent_dir)
+        .env("AGENT_RAN", dir.join("ran"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting the script");
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(output) => output.expect("the script's output"),
+        Err(_) => Output { status: std::os::unix::process::ExitStatusExt::from_raw(9), stdout: vec![], stderr: vec![] },
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id())
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn ran(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("ran")).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+fn kept_builds(agent_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(agent_dir)
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+async fn fetches_checks_and_runs_the_agent_with(tool: &str) {
+    let dir = scratch(tool);
+    let served = serve(AgentBinary::read(fake_agent(&dir, 0)).expect("hashing")).await;
+    let bin = tools(&dir, &[tool]);
+    let agent_dir = dir.join("agent");
+
+    let first = run_script(&served.script(), &dir, &bin, &agent_dir, Duration::from_secs(30)).await;
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(ran(&dir), ["ran: agent"], "{}", stderr(&first));
+    assert_eq!(kept_builds(&agent_dir), [format!("testrun-agent-{}", served.sha256)]);
+    assert_eq!((served.count("full"), served.count("not_modified")), (1, 0));
+
+    // A VM that kept the build (a reboot) asks again and is told to keep it.
+    let second = run_script(&served.script(), &dir, &bin, &agent_dir, Duration::from_secs(30)).await;
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(ran(&dir), ["ran: agent", "ran: agent"], "{}", stderr(&second));
+    assert_eq!((served.count("full"), served.count("not_modified")), (1, 1));
+    assert!(stderr(&second).contains("running the agent kept in"), "{}", stderr(&second));
+}
+
+#[tokio::test]
+async fn the_script_fetches_checks_and_runs_the_agent_with_curl() {
+    fetches_checks_and_runs_the_agent_with("curl").await;
+}
+
+#[tokio::test]
+async fn the_script_fetches_checks_and_runs_the_agent_with_wget_alone() {
+    fetches_checks_and_runs_the_agent_with("wget").await;
+}
+
+#[tokio::test]
+async fn a_download_whose_checksum_does_not_match_is_never_run() {
+    let dir = scratch("checksum");
+    let mut binary = AgentBinary::read(fake_agent(&dir, 0)).expect("hashing");
+    binary.sha256 = "0".repeat(64);
+    let served = serve(binary).await;
+    let bin = tools(&dir, &["curl"]);
+    let agent_dir = dir.join("agent");
+    let out = run_script(&served.script(), &dir, &bin, &agent_dir, Duration::from_secs(4)).await;
+    assert!(!out.status.success(), "the script must keep trying, not end");
+    assert!(ran(&dir).is_empty(), "a download with the wrong checksum ran");
+    assert!(
+        kept_builds(&agent_dir).is_empty(),
+        "a download with the wrong checksum was kept: {:?}",
+        kept_builds(&agent_dir)
+    );
+    assert!(served.count("full") >= 2, "the script retries");
+}
+
+#[tokio::test]
+async fn without_curl_or_wget_the_script_says_so_and_stops() {
+    let dir = scratch("notools");
+    let served = serve(AgentBinary::read(fake_agent(&dir, 0)).expect("hashing")).await;
+    let bin = tools(&dir, &[]);
+    let out = run_script(&served.script(), &dir, &bin, &dir.join("agent"), Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("neither curl nor wget is on PATH"), "{}", stderr(&out));
+    assert_eq!(served.count("full"), 0);
+}
+
+#[tokio::test]
+async fn vms_sharing_an_agent_folder_download_each_build_once() {
+    let dir = scratch("shared");
+    // 32 MiB: the others start while the first still downloads.
+    let served = serve(AgentBinary::read(fake_agent(&dir, 32 << 20)).expect("hashing")).await;
+    let bin = tools(&dir, &["curl"]);
+    let agent_dir = dir.join("agent");
+    let script = served.script();
+    let runs = (0..6).map(|_| run_script(&script, &dir, &bin, &agent_dir, Duration::from_secs(60)));
+    for out in futures::future::join_all(runs).await {
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert_eq!(ran(&dir).len(), 6);
+    assert_eq!((served.count("full"), served.count("not_modified")), (1, 5));
+    assert_eq!(
+        kept_builds(&agent_dir),
+        [format!("testrun-agent-{}", served.sha256)],
+        "no lock or download left behind"
+    );
+}
