@@ -36,6 +36,9 @@ if [ "${TESTRUN_SKIP_LINT:-0}" != 1 ]; then
   fi
 fi
 
+step "building the controller image (tests/image.rs runs it)"
+TESTRUN_IMAGE_PROFILE=${TESTRUN_IMAGE_PROFILE:-image-test} bash scripts/image.sh
+
 step "running tests"
 profile=default
 [ -n "${CI:-}" ] && profile=ci

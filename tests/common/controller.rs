@@ -2,6 +2,7 @@
 //! users run it) against the local control plane and an emulator, watching
 //! one test namespace only, so tests run side by side.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -17,6 +18,7 @@ pub struct ControllerProcess {
     pub agent_port: u16,
     /// Port of `/metrics`, `/healthz` and `/readyz`.
     pub metrics_port: u16,
+    program: Vec<OsString>,
     args: Vec<String>,
     kubeconfig: PathBuf,
     log: PathBuf,
@@ -26,6 +28,20 @@ pub struct ControllerProcess {
 impl ControllerProcess {
     /// Starts a controller for `namespace` using the emulator at `compute`.
     pub fn start(kubeconfig: PathBuf, namespace: &str, compute: &str, extra: &[&str]) -> Self {
+        let program = vec![OsString::from(env!("CARGO_BIN_EXE_testrun-controller"))];
+        Self::start_program(program, kubeconfig, namespace, compute, extra)
+    }
+
+    /// Starts a controller with `program` (a command and its first
+    /// arguments, e.g. a `chroot` into an image) in place of this build's
+    /// executable.
+    pub fn start_program(
+        program: Vec<OsString>,
+        kubeconfig: PathBuf,
+        namespace: &str,
+        compute: &str,
+        extra: &[&str],
+    ) -> Self {
         let agent_port = free_port();
         let metrics_port = free_port();
         let mut args: Vec<String> =
@@ -43,7 +59,7 @@ impl ControllerProcess {
         args.push(format!("127.0.0.1:{agent_port}"));
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::env::temp_dir().join(format!("controller-{namespace}.log"));
-        let mut me = Self { agent_port, metrics_port, args, kubeconfig, log, child: None };
+        let mut me = Self { agent_port, metrics_port, program, args, kubeconfig, log, child: None };
         me.restart();
         me
     }
@@ -51,7 +67,8 @@ impl ControllerProcess {
     /// Starts the process (again), with the same settings and port.
     pub fn restart(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("controller log");
-        let child = Command::new(env!("CARGO_BIN_EXE_testrun-controller"))
+        let child = Command::new(&self.program[0])
+            .args(&self.program[1..])
             .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", std::env::var("TESTRUN_TEST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
@@ -68,6 +85,22 @@ impl ControllerProcess {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops the process with SIGTERM, as a rollout would, and waits for it
+    /// to exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
+    /// The HTTP status of `/readyz`, or None while nothing listens.
+    pub async fn readyz(&self) -> Option<u16> {
+        let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
+        reqwest::get(&url).await.ok().map(|r| r.status().as_u16())
     }
 
     /// The controller's log so far (for failure messages).
