@@ -10,6 +10,7 @@
 //! - [`tracker`]: follows every cloud operation and wakes its owner.
 //! - [`compute`] and [`emulator`]: the cloud, and a local stand-in for it.
 //! - [`agent`]: the agent on each VM and the API it reports to.
+//! - [`leader`]: leader election between replicas.
 
 pub mod agent;
 pub mod api;
@@ -18,6 +19,7 @@ pub mod controller;
 pub mod crd;
 pub mod emulator;
 pub mod inventory;
+pub mod leader;
 pub mod metrics;
 pub mod telemetry;
 pub mod tracker;

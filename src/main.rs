@@ -151,6 +151,26 @@ struct RunArgs {
     /// once cost little memory and keep a burst of new runs moving.
     #[arg(long, env = "TESTRUN_CONCURRENCY", default_value_t = 64)]
     concurrency: u16,
+    /// Elect a leader among replicas on a `coordination.k8s.io` Lease in
+    /// `--namespace`: only the leader reconciles, scans for orphans and
+    /// serves agents; the others report not ready on `/readyz` until they
+    /// take over. A leader that cannot renew for
+    /// `--leader-elect-renew-deadline` exits.
+    #[arg(long, env = "TESTRUN_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(long, env = "TESTRUN_LEADER_ELECT_LEASE", default_value = "testrun-controller")]
+    leader_elect_lease: String,
+    /// How long a leader Lease stays valid without renewal: the longest
+    /// time a standby waits after the leader died.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    leader_elect_lease_duration: Duration,
+    /// How long the leader keeps leading without a successful renewal.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    leader_elect_renew_deadline: Duration,
+    /// Time between tries to take or renew the Lease.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    leader_elect_retry_period: Duration,
     /// Log format.
     #[arg(long, value_enum, env = "TESTRUN_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -282,6 +302,7 @@ async fn controller(mut args: RunArgs) -> Result<(), String> {
     use testrun_controller::compute::gce::{GceCompute, GceConfig};
     use testrun_controller::controller::testrun::plan::Settings;
     use testrun_controller::controller::{RunConfig, run};
+    use testrun_controller::leader::{self, ElectionConfig, Elector};
 
     telemetry::init(args.log_format);
     let project = match (&args.project, &args.compute_endpoint) {
@@ -348,7 +369,6 @@ async fn controller(mut args: RunArgs) -> Result<(), String> {
         namespace: args.namespace,
         secret_name: args.lease_secret,
         watch_namespace: args.watch_namespace.clone(),
-        metrics_listen: args.metrics_listen,
         gc: testrun_controller::controller::gc::GcConfig {
             interval: args.gc_interval.max(Duration::from_millis(100)),
             grace: args.gc_grace,
@@ -367,7 +387,41 @@ async fn controller(mut args: RunArgs) -> Result<(), String> {
         calls_in_flight: args.compute_max_mutations.max(1),
         agent_binary: binary,
     };
-    run(client, compute, settings, config, metrics).await.map_err(|e| e.to_string())
+    let metrics_addr = testrun_controller::metrics::serve(args.metrics_listen, metrics.clone())
+        .await
+        .map_err(|e| format!("serving metrics on {}: {e}", args.metrics_listen))?;
+    tracing::info!(metrics = %metrics_addr, "serving metrics and health");
+    if !args.leader_elect {
+        metrics.set_leading();
+        return run(client, compute, settings, config, metrics).await.map_err(|e| e.to_string());
+    }
+    let election = ElectionConfig {
+        namespace: config.namespace.clone(),
+        name: args.leader_elect_lease.clone(),
+        identity: leader::identity(),
+        lease_duration: args.leader_elect_lease_duration,
+        renew_deadline: args.leader_elect_renew_deadline,
+        retry_period: args.leader_elect_retry_period,
+    };
+    let mut elector = Elector::new(client.clone(), election).map_err(|e| e.to_string())?;
+    metrics.set_standby();
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = shutdown_signal() => return Ok(()),
+    }
+    metrics.set_leading();
+    let outcome = tokio::select! {
+        ran = run(client, compute, settings, config, metrics) => Ok(ran),
+        lost = elector.keep() => Err(lost),
+    };
+    match outcome {
+        Ok(ran) => {
+            elector.release().await;
+            ran.map_err(|e| e.to_string())
+        }
+        // Everything this process did as the leader stops with it.
+        Err(lost) => Err(lost.to_string()),
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -2,7 +2,7 @@
 //! at `/metrics`, `/healthz` and `/readyz`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -15,6 +15,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+/// Readiness: caches not filled yet.
+const STARTING: u8 = 0;
+/// Readiness: another replica leads.
+const STANDBY: u8 = 1;
+/// Readiness: leading (or alone) with caches filled.
+const READY: u8 = 2;
 
 /// Labels naming a PrebuildPreset.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -146,7 +153,11 @@ pub struct Metrics {
     pub operations_tracked: Gauge,
     /// Cloud operations whose outcome is known, by kind and how it was learned.
     pub operations_resolved: Family<ResolvedLabels, Counter>,
-    ready: AtomicBool,
+    /// [`STARTING`], [`STANDBY`] or [`READY`].
+    readiness: AtomicU8,
+    /// 1 while this replica holds the leader Lease (or runs without
+    /// leader election), 0 while it stands by.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -196,6 +207,12 @@ impl Metrics {
             "agent_malformed_requests",
             "Agent calls with an unreadable body",
             malformed_requests.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica leads (holds the leader Lease), 0 while it stands by",
+            leader.clone(),
         );
         let agent_binary_requests = Family::default();
         registry.register(
@@ -259,7 +276,8 @@ impl Metrics {
             forged_requests,
             malformed_requests,
             agent_binary_requests,
-            ready: AtomicBool::new(false),
+            readiness: AtomicU8::new(STARTING),
+            leader,
         }
     }
 
@@ -271,12 +289,24 @@ impl Metrics {
 
     /// Whether the controller is ready.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.readiness.load(Ordering::Relaxed) == READY
     }
 
     /// Marks the controller ready (its caches and the inventory synced).
     pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+        self.readiness.store(READY, Ordering::Relaxed);
+    }
+
+    /// Marks the replica a standby: another holds the leader Lease.
+    pub fn set_standby(&self) {
+        self.readiness.store(STANDBY, Ordering::Relaxed);
+        self.leader.set(0);
+    }
+
+    /// Marks the replica the leader, still starting until [`Self::set_ready`].
+    pub fn set_leading(&self) {
+        self.readiness.store(STARTING, Ordering::Relaxed);
+        self.leader.set(1);
     }
 
     /// The metrics in the OpenMetrics text format.
@@ -304,11 +334,24 @@ async fn render(State(metrics): State<Arc<Metrics>>) -> Response {
 }
 
 async fn readyz(State(metrics): State<Arc<Metrics>>) -> Response {
-    if metrics.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    match metrics.readiness.load(Ordering::Relaxed) {
+        READY => (StatusCode::OK, "ok").into_response(),
+        STANDBY => (StatusCode::SERVICE_UNAVAILABLE, "standby: another replica holds the leader Lease").into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response(),
     }
+}
+
+/// Serves [`router`] on `addr` in a task of its own; returns the address
+/// it listens on.
+pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(metrics)).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(local)
 }
 
 #[cfg(test)]

@@ -39,13 +39,25 @@ fn run_helm(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn the_chart_lints_and_renders_least_privilege_rbac() {
-    let (ok, out) = run_helm(&["lint", "charts/testrun-controller", "--set", "project=my-project"]);
+    let agent = "agentUrl=http://10.0.0.5:8090";
+    let (ok, out) = run_helm(&["lint", "charts/testrun-controller", "--set", "project=my-project", "--set", agent]);
     assert!(ok, "{out}");
     let (ok, out) = run_helm(&["template", "r", "charts/testrun-controller"]);
     assert!(!ok && out.contains("set .Values.project"), "a release without a project is refused: {out}");
+    let (ok, out) = run_helm(&["template", "r", "charts/testrun-controller", "--set", "project=my-project"]);
+    assert!(!ok && out.contains("set .Values.agentUrl"), "Compute Engine without an agent URL is refused: {out}");
 
-    let (ok, rendered) =
-        run_helm(&["template", "r", "charts/testrun-controller", "--namespace", "ci", "--set", "project=my-project"]);
+    let (ok, rendered) = run_helm(&[
+        "template",
+        "r",
+        "charts/testrun-controller",
+        "--namespace",
+        "ci",
+        "--set",
+        "project=my-project",
+        "--set",
+        agent,
+    ]);
     assert!(ok, "{rendered}");
     let docs: Vec<serde_json::Value> = rendered
         .split("\n---")
@@ -65,6 +77,10 @@ fn the_chart_lints_and_renders_least_privilege_rbac() {
         .filter_map(|a| a.as_str())
         .collect();
     assert!(args.contains(&"--project=my-project") && args.contains(&"run"), "{args:?}");
+    assert!(
+        args.contains(&"--leader-elect") && args.contains(&"--leader-elect-lease=r-testrun-controller"),
+        "{args:?}"
+    );
     // No wildcard anywhere in the RBAC.
     for doc in docs.iter().filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role") {
         let text = doc.to_string();
@@ -112,7 +128,12 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
     let impersonating = std::env::temp_dir().join(format!("kubeconfig-{ns}"));
     std::fs::write(&impersonating, serde_norway::to_string(&config).expect("YAML")).expect("writing kubeconfig");
     let secret = format!("{fullname}-lease-key");
-    let controller = ControllerProcess::start(impersonating, &ns, &emulator.url, &["--lease-secret", &secret]);
+    let controller = ControllerProcess::start(
+        impersonating,
+        &ns,
+        &emulator.url,
+        &["--lease-secret", &secret, "--leader-elect", "--leader-elect-lease", &fullname],
+    );
 
     let presets: Api<PrebuildPreset> = Api::namespaced(client.clone(), &ns);
     let preset: PrebuildPreset = serde_json::from_value(json!({

@@ -339,8 +339,6 @@ pub struct RunConfig {
     pub secret_name: String,
     /// Watch only this namespace.
     pub watch_namespace: Option<String>,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served.
-    pub metrics_listen: SocketAddr,
     /// The orphan scan.
     pub gc: gc::GcConfig,
     /// How the inventory lists.
@@ -407,17 +405,6 @@ pub async fn run<C: Compute + Clone>(
     let listener = tokio::net::TcpListener::bind(config.agent_listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.agent_listen, source })?;
-    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
-        .await
-        .map_err(|source| StartError::Listen { addr: config.metrics_listen, source })?;
-    let metrics_addr = metrics_listener.local_addr().unwrap_or(config.metrics_listen);
-    let served = metrics.clone();
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(metrics_listener, crate::metrics::router(served)).await {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    });
-
     let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
     let wake = futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -497,7 +484,7 @@ pub async fn run<C: Compute + Clone>(
             tracing::error!(error = %e, "agent API stopped");
         }
     });
-    tracing::info!(metrics = %metrics_addr, agent_api = %agent_addr, agent_url = %settings.agent_url, installation = %settings.installation, "controller starting");
+    tracing::info!(agent_api = %agent_addr, agent_url = %settings.agent_url, installation = %settings.installation, "controller starting");
 
     let inventory_task = tokio::spawn(inventory.clone().run(compute.clone(), wakers.as_owner_wake()));
     let tracker_task = tokio::spawn(tracker.clone().run());
