@@ -4,19 +4,14 @@
 #
 #   docker build -t REGISTRY/testrun-controller:TAG .
 #
-# scripts/image.sh builds this same final stage without a daemon or network
-# from an executable built on the machine (--build-arg BINARY_FROM=prebuilt).
-ARG BINARY_FROM=build
+# scripts/image.sh builds this file's final stage (from the last
+# `FROM scratch`) without a daemon, from an executable built on the machine:
+# it copies from target/image/ what this stage copies from the build stage.
 
 FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN bash scripts/build-static.sh /out
-
-FROM scratch AS prebuilt
-COPY target/image/ /out/
-
-FROM ${BINARY_FROM} AS binary
 
 FROM scratch
 ARG VERSION=0.1.0
@@ -28,9 +23,9 @@ LABEL org.opencontainers.image.title="testrun-controller" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}"
-COPY --from=binary /out/testrun-controller /testrun-controller
-COPY --from=binary /out/sbom/ /sbom/
-COPY --from=binary /out/etc/ /etc/
+COPY --from=build /out/testrun-controller /testrun-controller
+COPY --from=build /out/sbom/ /sbom/
+COPY --from=build /out/etc/ /etc/
 USER 65532:65532
 ENTRYPOINT ["/testrun-controller"]
 CMD ["run"]

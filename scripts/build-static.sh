@@ -29,6 +29,8 @@ esac
 # cannot: it is told to call it directly, not to fall back to /dev/urandom.
 target_var="CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
 profile_var="CARGO_PROFILE_$(echo "$profile" | tr 'a-z-' 'A-Z_')_STRIP"
+# RUSTFLAGS would override the target's flags: the build would not be static.
+unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
 step "building a static $profile executable for $host"
 env "$target_var=-C target-feature=+crt-static --cfg getrandom_backend=\"linux_getrandom\"" "$profile_var=symbols" \
   cargo build --locked --profile "$profile" --target "$host" --bin testrun-controller
@@ -36,9 +38,8 @@ dir=$profile
 [ "$profile" = dev ] && dir=debug
 binary="target/$host/$dir/testrun-controller"
 [ -x "$binary" ] || { echo "build-static.sh: $binary was not built" >&2; exit 1; }
-if ldd "$binary" 2>&1 | grep -q '=>'; then
-  echo "build-static.sh: $binary links shared libraries:" >&2
-  ldd "$binary" >&2
+if readelf -lW "$binary" | grep -q INTERP; then
+  echo "build-static.sh: $binary is linked dynamically (it has a program interpreter)" >&2
   exit 1
 fi
 

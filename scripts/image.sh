@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the controller image without a daemon or network: the Dockerfile's
-# final stage, fed the static executable and SBOM built here
+# Builds the controller image without a daemon: the Dockerfile's final stage,
+# fed the static executable, SBOM and CA bundle built here
 # (scripts/build-static.sh) instead of its build stage, so it is the same
 # image `docker build .` makes. Written as an OCI archive:
 #
@@ -27,9 +27,15 @@ bash scripts/build-static.sh target/image
 storage=(--root "$STATE/containers/storage" --runroot "$STATE/containers/run" --storage-driver vfs)
 tag="localhost/testrun-controller:build-$$"
 step "building the image"
+# The final stage, from the last `FROM scratch`, copying from target/image/.
+containerfile=target/Containerfile.local
+awk '/^FROM scratch$/ { stage = "" } { stage = stage $0 "\n" } END { printf "%s", stage }' Dockerfile |
+  sed 's#COPY --from=build /out/#COPY target/image/#' >"$containerfile"
+grep -q '^COPY target/image/testrun-controller ' "$containerfile" ||
+  { echo "image.sh: the Dockerfile's final stage does not copy the executable from the build stage" >&2; exit 1; }
 buildah "${storage[@]}" bud --quiet --isolation chroot --timestamp "$epoch" \
-  --build-arg BINARY_FROM=prebuilt --build-arg VERSION="$version" --build-arg REVISION="$revision" \
-  -f Dockerfile -t "$tag" . >/dev/null
+  --build-arg VERSION="$version" --build-arg REVISION="$revision" \
+  -f "$containerfile" -t "$tag" . >/dev/null
 out=target/testrun-controller-image.tar
 rm -f "$out"
 buildah "${storage[@]}" push --quiet "$tag" "oci-archive:$out:testrun-controller:$version"

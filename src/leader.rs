@@ -18,6 +18,8 @@
 //!
 //! [`decide`] is the pure rule; [`Elector`] talks to the API server.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -26,6 +28,80 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::time::Instant;
+
+/// Whether this process may act as the leader: valid until a deadline that
+/// every successful renewal moves to (its request's start + renew deadline).
+/// Compute Engine mutations check it right before they are sent, and a
+/// watchdog thread, outside the async runtime, ends the process once it
+/// passed, so a process that stalled (CPU throttling, a paused container)
+/// never acts after a standby may have taken over.
+#[derive(Debug)]
+pub struct Fence {
+    base: std::time::Instant,
+    /// Milliseconds after `base`; `u64::MAX` when there is no election.
+    valid_until: AtomicU64,
+    /// Set once the process stopped acting (its runtime is shut down): the
+    /// watchdog then lets it give the Lease up and exit on its own.
+    disarmed: AtomicBool,
+}
+
+impl Fence {
+    /// A fence that always holds (no leader election).
+    pub fn open() -> Arc<Self> {
+        Arc::new(Self {
+            base: std::time::Instant::now(),
+            valid_until: AtomicU64::new(u64::MAX),
+            disarmed: AtomicBool::new(false),
+        })
+    }
+
+    /// A fence that holds nothing yet.
+    pub fn closed() -> Arc<Self> {
+        Arc::new(Self {
+            base: std::time::Instant::now(),
+            valid_until: AtomicU64::new(0),
+            disarmed: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the process may act now.
+    pub fn holds(&self) -> bool {
+        let until = self.valid_until.load(Ordering::Acquire);
+        until == u64::MAX || self.millis(std::time::Instant::now()) < until
+    }
+
+    /// Stops the watchdog: the process no longer acts (its runtime stopped).
+    pub fn disarm(&self) {
+        self.disarmed.store(true, Ordering::Release);
+    }
+
+    fn millis(&self, at: std::time::Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn extend(&self, until: std::time::Instant) {
+        self.valid_until.store(self.millis(until), Ordering::Release);
+    }
+
+    /// Ends the process once the fence no longer holds; checks every 100 ms
+    /// on a thread of its own.
+    fn watch(self: &Arc<Self>) {
+        let fence = self.clone();
+        let spawned = std::thread::Builder::new().name("leader-fence".into()).spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                if !fence.holds() && !fence.disarmed.load(Ordering::Acquire) {
+                    tracing::error!("stopping: the leader Lease was not renewed in time");
+                    std::process::exit(1);
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "starting the leader fence thread");
+            std::process::exit(1);
+        }
+    }
+}
 
 /// How often a standby reads the Lease: one small GET, so a dead leader's
 /// last renewal is known to within this.
@@ -140,16 +216,17 @@ fn observed(lease: &Lease) -> Observed {
 pub struct Elector {
     api: Api<Lease>,
     config: ElectionConfig,
+    fence: Arc<Fence>,
     /// The record last read and since when it has looked so.
     seen: Option<(Observed, Instant)>,
 }
 
 impl Elector {
     /// An elector over the Lease in `config.namespace`.
-    pub fn new(client: Client, config: ElectionConfig) -> Result<Self, ElectionError> {
+    pub fn new(client: Client, config: ElectionConfig, fence: Arc<Fence>) -> Result<Self, ElectionError> {
         config.validate()?;
         let api = Api::namespaced(client, &config.namespace);
-        Ok(Self { api, config, seen: None })
+        Ok(Self { api, config, fence, seen: None })
     }
 
     /// The election's settings.
@@ -162,23 +239,34 @@ impl Elector {
     /// seen within that and the Lease is taken as soon as it went unchanged
     /// for the lease duration: a standby takes over a dead leader at most
     /// `lease_duration + STANDBY_POLL` after its last renewal.
-    pub async fn acquire(&mut self) {
+    pub async fn acquire(&mut self) -> Instant {
         let mut logged_holder = None;
+        // A try that takes longer than this is given up: its write may land,
+        // but the lead it gave is then counted from its start, below.
+        let patience = self.config.renew_deadline / 2;
         loop {
-            let wait = match self.try_acquire_or_renew().await {
-                Ok(None) => {
+            let started = Instant::now();
+            let wait = match tokio::time::timeout(patience, self.try_acquire_or_renew()).await {
+                Ok(Ok(Held::ByUs)) if started.elapsed() < self.config.renew_deadline => {
                     tracing::info!(lease = %self.config.name, identity = %self.config.identity, "became the leader");
-                    return;
+                    self.fence.extend((started + self.config.renew_deadline).into_std());
+                    self.fence.watch();
+                    return started;
                 }
-                Ok(Some(holder)) => {
+                Ok(Ok(Held::ByUs)) => self.config.retry_period,
+                Ok(Ok(Held::By(holder))) => {
                     if logged_holder.as_ref() != Some(&holder) {
                         tracing::info!(lease = %self.config.name, %holder, "standing by: another replica leads");
                         logged_holder = Some(holder);
                     }
                     STANDBY_POLL.min(self.config.retry_period)
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(lease = %self.config.name, error = %e, "reading or writing the leader Lease");
+                    jittered(self.config.retry_period)
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %self.config.name, "the leader Lease did not answer in {patience:?}");
                     jittered(self.config.retry_period)
                 }
             };
@@ -188,17 +276,22 @@ impl Elector {
 
     /// Renews the Lease until a renewal has not succeeded for the renew
     /// deadline, or another replica holds it; returns why leading ended.
-    pub async fn keep(&mut self) -> ElectionError {
-        let mut last_renewed = Instant::now();
+    /// `last_renewed` is the start of the try that won the Lease: a lead
+    /// counts from when its request left, never from when its answer came.
+    pub async fn keep(&mut self, mut last_renewed: Instant) -> ElectionError {
         loop {
             let deadline = last_renewed + self.config.renew_deadline;
             tokio::time::sleep_until((Instant::now() + self.config.retry_period).min(deadline)).await;
             if Instant::now() >= deadline {
                 return self.lost(format!("no renewal succeeded for {:?}", self.config.renew_deadline));
             }
+            let started = Instant::now();
             match tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await {
-                Ok(Ok(None)) => last_renewed = Instant::now(),
-                Ok(Ok(Some(holder))) => return self.lost(format!("{holder} holds it now")),
+                Ok(Ok(Held::ByUs)) => {
+                    last_renewed = started;
+                    self.fence.extend((started + self.config.renew_deadline).into_std());
+                }
+                Ok(Ok(Held::By(holder))) => return self.lost(format!("{holder} holds it now")),
                 Ok(Err(e)) => tracing::warn!(lease = %self.config.name, error = %e, "renewing the leader Lease"),
                 Err(_) => return self.lost(format!("no renewal succeeded for {:?}", self.config.renew_deadline)),
             }
@@ -209,8 +302,15 @@ impl Elector {
         ElectionError::Lost { namespace: self.config.namespace.clone(), name: self.config.name.clone(), why }
     }
 
-    /// Gives the Lease up when this process holds it (on shutdown).
+    /// Gives the Lease up when this process holds it (on shutdown), within
+    /// two seconds.
     pub async fn release(&mut self) {
+        if tokio::time::timeout(Duration::from_secs(2), self.give_up()).await.is_err() {
+            tracing::warn!(lease = %self.config.name, "giving up the leader Lease timed out");
+        }
+    }
+
+    async fn give_up(&mut self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await else { return };
         if observed(&lease).holder.as_deref() != Some(self.config.identity.as_str()) {
             return;
@@ -226,11 +326,10 @@ impl Elector {
         }
     }
 
-    /// One try: `Ok(None)` when this process holds the Lease now,
-    /// `Ok(Some(holder))` when another does.
-    async fn try_acquire_or_renew(&mut self) -> Result<Option<String>, kube::Error> {
+    /// One try: whether this process holds the Lease now.
+    async fn try_acquire_or_renew(&mut self) -> Result<Held, kube::Error> {
         let me = self.config.identity.clone();
-        let seconds = i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(i32::MAX).max(1);
+        let seconds = i32::try_from(self.config.lease_duration.as_secs_f64().ceil() as u64).unwrap_or(i32::MAX).max(1);
         let now = Timestamp::now();
         let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
             let lease = Lease {
@@ -247,9 +346,9 @@ impl Elector {
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(created) => {
                     self.seen = Some((observed(&created), Instant::now()));
-                    Ok(None)
+                    Ok(Held::ByUs)
                 }
-                Err(e) if is_conflict(&e) => Ok(Some("another replica".into())),
+                Err(e) if is_conflict(&e) => Ok(Held::By("another replica".into())),
                 Err(e) => Err(e),
             };
         };
@@ -263,7 +362,7 @@ impl Elector {
             }
         };
         if decide(&record, &me, since.elapsed(), self.config.lease_duration) == Decision::Wait {
-            return Ok(record.holder);
+            return Ok(Held::By(record.holder.unwrap_or_default()));
         }
         let ours = record.holder.as_deref() == Some(me.as_str());
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -278,12 +377,20 @@ impl Elector {
         match self.api.replace(&self.config.name, &PostParams::default(), &lease).await {
             Ok(written) => {
                 self.seen = Some((observed(&written), Instant::now()));
-                Ok(None)
+                Ok(Held::ByUs)
             }
-            Err(e) if is_conflict(&e) => Ok(Some(record.holder.unwrap_or_else(|| "another replica".into()))),
+            Err(e) if is_conflict(&e) => Ok(Held::By(record.holder.unwrap_or_else(|| "another replica".into()))),
             Err(e) => Err(e),
         }
     }
+}
+
+/// Who holds the Lease after a try.
+enum Held {
+    /// This process.
+    ByUs,
+    /// Another replica.
+    By(String),
 }
 
 fn is_conflict(e: &kube::Error) -> bool {

@@ -220,7 +220,7 @@ fn main() -> ExitCode {
         Command::Emulator(args) => run_async(emulator(args)),
         Command::Run(args) => {
             keep_freed_memory_small();
-            run_async(controller(*args))
+            run_controller(*args)
         }
         Command::Agent { log_format } => {
             telemetry::init(log_format);
@@ -296,13 +296,59 @@ async fn emulator(args: EmulatorArgs) -> Result<(), String> {
     Emulator::new(config).serve(listener, shutdown_signal()).await.map_err(|e| format!("serving: {e}"))
 }
 
-async fn controller(mut args: RunArgs) -> Result<(), String> {
+/// What a process that led does once its runtime stopped: nothing of it
+/// acts any more, so the Lease may be given up.
+struct Handover {
+    election: testrun_controller::leader::ElectionConfig,
+    fence: std::sync::Arc<testrun_controller::leader::Fence>,
+}
+
+/// Runs the controller; a leader gives its Lease up only after every task
+/// of its runtime has stopped (at most 2 s after the controllers ended).
+fn run_controller(args: RunArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("testrun-controller: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut handover = None;
+    let result = runtime.block_on(controller(args, &mut handover));
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    if let Some(Handover { election, fence }) = handover {
+        fence.disarm();
+        let released = tokio::runtime::Builder::new_current_thread().enable_all().build().map(|rt| {
+            rt.block_on(async {
+                match kube::Client::try_default().await {
+                    Ok(client) => match testrun_controller::leader::Elector::new(client, election, fence) {
+                        Ok(mut elector) => elector.release().await,
+                        Err(e) => eprintln!("testrun-controller: {e}"),
+                    },
+                    Err(e) => eprintln!("testrun-controller: connecting to Kubernetes to give up the Lease: {e}"),
+                }
+            })
+        });
+        if let Err(e) = released {
+            eprintln!("testrun-controller: starting a runtime to give up the Lease: {e}");
+        }
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("testrun-controller: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Result<(), String> {
     use testrun_controller::agent::binary::AgentBinary;
     use testrun_controller::agent::startup::{AgentLaunch, startup_script};
     use testrun_controller::compute::gce::{GceCompute, GceConfig};
     use testrun_controller::controller::testrun::plan::Settings;
     use testrun_controller::controller::{RunConfig, run};
-    use testrun_controller::leader::{self, ElectionConfig, Elector};
+    use testrun_controller::leader::{self, ElectionConfig, Elector, Fence};
 
     telemetry::init(args.log_format);
     let project = match (&args.project, &args.compute_endpoint) {
@@ -321,8 +367,10 @@ async fn controller(mut args: RunArgs) -> Result<(), String> {
         reads: args.compute_read_qps.unwrap_or(args.compute_qps),
         operation_reads: args.compute_operation_read_qps.unwrap_or(args.compute_qps),
     };
+    let fence = if args.leader_elect { Fence::closed() } else { Fence::open() };
     let compute =
-        testrun_controller::compute::limit::Limited::new(compute, rates, args.compute_max_mutations, metrics.clone());
+        testrun_controller::compute::limit::Limited::new(compute, rates, args.compute_max_mutations, metrics.clone())
+            .with_fence(fence.clone());
     // kube's own client: HTTP/1.1 over a pool of connections. Measured
     // against HTTP/2 to the same kube-apiserver, a burst of writes finished
     // sooner over HTTP/1.1 (README, "Scale").
@@ -403,24 +451,28 @@ async fn controller(mut args: RunArgs) -> Result<(), String> {
         renew_deadline: args.leader_elect_renew_deadline,
         retry_period: args.leader_elect_retry_period,
     };
-    let mut elector = Elector::new(client.clone(), election).map_err(|e| e.to_string())?;
+    let mut elector = Elector::new(client.clone(), election.clone(), fence.clone()).map_err(|e| e.to_string())?;
     metrics.set_standby();
-    tokio::select! {
-        () = elector.acquire() => {}
+    let won = tokio::select! {
+        won = elector.acquire() => won,
         () = shutdown_signal() => return Ok(()),
-    }
+    };
+    // From here on, a stop hands the Lease over (after the runtime stopped).
+    *handover = Some(Handover { election, fence });
     metrics.set_leading();
     let outcome = tokio::select! {
         ran = run(client, compute, settings, config, metrics) => Ok(ran),
-        lost = elector.keep() => Err(lost),
+        lost = elector.keep(won) => Err(lost),
     };
     match outcome {
-        Ok(ran) => {
-            elector.release().await;
-            ran.map_err(|e| e.to_string())
+        Ok(ran) => ran.map_err(|e| e.to_string()),
+        // Everything this process did as the leader stops with it; the
+        // Lease is someone else's or lapses.
+        Err(lost) => {
+            *handover = None;
+            tracing::error!(error = %lost, "stopping: this replica lost the leader Lease");
+            Err(lost.to_string())
         }
-        // Everything this process did as the leader stops with it.
-        Err(lost) => Err(lost.to_string()),
     }
 }
 

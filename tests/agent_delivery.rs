@@ -69,7 +69,9 @@ fn tools(dir: &Path, extra: &[&str]) -> PathBuf {
     let bin = dir.join(format!("bin-{}", extra.join("-")));
     std::fs::create_dir_all(&bin).expect("bin folder");
     for tool in
-        ["sh", "mkdir", "chmod", "rm", "mv", "cat", "sleep", "tr", "awk", "cut", "sha256sum"].iter().chain(extra)
+        ["sh", "mkdir", "chmod", "rm", "mv", "cat", "sleep", "tr", "awk", "cut", "sha256sum", "uname", "wc", "sync"]
+            .iter()
+            .chain(extra)
     {
         let found = ["/usr/bin", "/bin"].iter().map(|d| Path::new(d).join(tool)).find(|p| p.exists());
         let found = found.unwrap_or_else(|| panic!("{tool} is not installed"));
@@ -200,5 +202,27 @@ async fn vms_sharing_an_agent_folder_download_each_build_once() {
         kept_builds(&agent_dir),
         [format!("testrun-agent-{}", served.sha256)],
         "no lock or download left behind"
+    );
+}
+
+#[tokio::test]
+async fn a_kept_copy_cut_short_is_fetched_again_not_run() {
+    let dir = scratch("short");
+    let served = serve(AgentBinary::read(fake_agent(&dir, 4096)).expect("hashing")).await;
+    let bin = tools(&dir, &["curl"]);
+    let agent_dir = dir.join("agent");
+    let first = run_script(&served.script(), &dir, &bin, &agent_dir, Duration::from_secs(30)).await;
+    assert!(first.status.success(), "{}", stderr(&first));
+    // A crash left the kept copy short (as a lost write would).
+    let kept = agent_dir.join(format!("testrun-agent-{}", served.sha256));
+    std::fs::write(&kept, b"#!/bin/sh\n").expect("cutting the copy short");
+    let second = run_script(&served.script(), &dir, &bin, &agent_dir, Duration::from_secs(30)).await;
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(stderr(&second).contains("cut short: fetching it again"), "{}", stderr(&second));
+    assert_eq!(ran(&dir), ["ran: agent", "ran: agent"], "{}", stderr(&second));
+    assert_eq!((served.count("full"), served.count("not_modified")), (2, 1));
+    assert_eq!(
+        std::fs::metadata(&kept).expect("kept").len(),
+        std::fs::metadata(dir.join("served-agent")).expect("served").len()
     );
 }

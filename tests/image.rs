@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use common::controller::ControllerProcess;
 use common::emulator::EmulatorProcess;
 use kube::Api;
-use kube::api::PostParams;
 use serde_json::{Value, json};
 use testrun_controller::api::testrun::{TestRun, TestRunPhase};
 
@@ -128,23 +127,7 @@ async fn the_controller_from_the_image_runs_a_testrun_whose_vms_fetch_the_agent_
     let controller = ControllerProcess::start_program(program, PathBuf::from("/kubeconfig"), &ns, &emulator.url, &[]);
 
     let runs: Api<TestRun> = Api::namespaced(client, &ns);
-    let run: TestRun = serde_json::from_value(json!({
-        "apiVersion": "testrun.dev/v1alpha1",
-        "kind": "TestRun",
-        "metadata": { "name": "from-the-image" },
-        "spec": {
-            "shards": 2,
-            "command": ["sh", "-c", "echo shard $TESTRUN_SHARD"],
-            "timeout": "2m",
-            "vm": {
-                "zones": ["us-central1-a"],
-                "machineType": "e2-standard-2",
-                "image": "projects/debian-cloud/global/images/family/debian-12"
-            }
-        }
-    }))
-    .expect("a TestRun");
-    runs.create(&PostParams::default(), &run).await.expect("creating the TestRun");
+    common::create_shell_run(&runs, "from-the-image", 2, "echo shard $TESTRUN_SHARD").await;
 
     let deadline = Instant::now() + Duration::from_secs(90);
     let finished = loop {

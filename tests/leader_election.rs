@@ -16,7 +16,6 @@ use common::controller::ControllerProcess;
 use common::emulator::EmulatorProcess;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
-use kube::api::PostParams;
 use serde_json::json;
 use testrun_controller::api::testrun::{TestRun, TestRunPhase};
 
@@ -106,23 +105,7 @@ async fn the_standby_takes_over_a_killed_leader_and_the_run_loses_no_result_and_
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", second.agent_port)).await.is_err());
 
     let runs: Api<TestRun> = Api::namespaced(client.clone(), &ns);
-    let run: TestRun = serde_json::from_value(json!({
-        "apiVersion": "testrun.dev/v1alpha1",
-        "kind": "TestRun",
-        "metadata": { "name": "across-failover" },
-        "spec": {
-            "shards": 3,
-            "command": ["sh", "-c", "sleep 8; echo done $TESTRUN_SHARD"],
-            "timeout": "3m",
-            "vm": {
-                "zones": ["us-central1-a"],
-                "machineType": "e2-standard-2",
-                "image": "projects/debian-cloud/global/images/family/debian-12"
-            }
-        }
-    }))
-    .expect("a TestRun");
-    runs.create(&PostParams::default(), &run).await.expect("creating the TestRun");
+    common::create_shell_run(&runs, "across-failover", 3, "sleep 8; echo done $TESTRUN_SHARD").await;
 
     // Every shard's agent registered with the leader: kill it.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -182,4 +165,87 @@ async fn the_standby_takes_over_a_killed_leader_and_the_run_loses_no_result_and_
     let (after, _) = holder(&leases).await;
     assert_eq!(after, None, "the Lease still names a holder after a graceful stop");
     drop(first);
+}
+
+/// A TCP proxy to the kube-apiserver that can be cut: every connection
+/// through it is dropped and new ones are refused, as a network partition
+/// between one replica and the API server would.
+struct Partition {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Partition {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (cut, watching) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                let mut cut = watching.clone();
+                if *cut.borrow() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Self { port, cut }
+    }
+}
+
+/// The time of the first log line containing `what` (RFC 3339, UTC).
+fn logged_at(log: &str, what: &str) -> Option<jiff::Timestamp> {
+    let line = log.lines().find(|l| l.contains(what))?;
+    let plain: String = line.split('\u{1b}').map(|part| part.split_once('m').map_or(part, |(_, rest)| rest)).collect();
+    plain.split_whitespace().find_map(|word| word.parse::<jiff::Timestamp>().ok())
+}
+
+#[tokio::test]
+async fn a_leader_cut_off_from_the_api_server_stops_before_the_standby_takes_over() {
+    let (client, ns) = common::setup("leader-cut").await;
+    let emulator = EmulatorProcess::start(&["--operation-delay", "100ms", "--boot-delay", "50ms"]);
+    let admin = std::fs::read_to_string(common::control_plane_kubeconfig()).expect("kubeconfig");
+    let mut config: serde_json::Value = serde_norway::from_str(&admin).expect("kubeconfig YAML");
+    let server = config["clusters"][0]["cluster"]["server"].as_str().expect("server").to_string();
+    let upstream: std::net::SocketAddr =
+        server.trim_start_matches("https://").parse().expect("the API server's address");
+    let partition = Partition::start(upstream).await;
+    config["clusters"][0]["cluster"]["server"] = json!(format!("https://127.0.0.1:{}", partition.port));
+    let through_partition = std::env::temp_dir().join(format!("kubeconfig-{ns}"));
+    std::fs::write(&through_partition, serde_norway::to_string(&config).expect("YAML")).expect("kubeconfig");
+
+    let mut first = ControllerProcess::start(through_partition, &ns, &emulator.url, &["--leader-elect"]);
+    wait_readyz(&first, 200, "the first controller never led").await;
+    let second = ControllerProcess::start(common::control_plane_kubeconfig(), &ns, &emulator.url, &["--leader-elect"]);
+    wait_readyz(&second, 503, "the second controller never stood by").await;
+
+    partition.cut.send_replace(true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Some(code) = first.exit_code() {
+            break code;
+        }
+        assert!(Instant::now() < deadline, "the cut-off leader kept running; log:\n{}", first.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(code, Some(1), "{}", first.log());
+    wait_readyz(&second, 200, "the standby never took over").await;
+
+    // The old leader stopped before the new one began (one clock: this machine's).
+    let first_log = first.log();
+    let stopped = logged_at(&first_log, "stopping: ")
+        .unwrap_or_else(|| panic!("no line says why the leader stopped:\n{first_log}"));
+    let second_log = second.log();
+    let began = logged_at(&second_log, "became the leader").expect("the standby says it leads");
+    assert!(stopped < began, "the old leader stopped at {stopped}, after the new one began at {began}");
+    let leases: Api<Lease> = Api::namespaced(client, &ns);
+    let (_, transitions) = holder(&leases).await;
+    assert_eq!(transitions, 1);
 }

@@ -26,6 +26,12 @@ use crate::metrics::{Metrics, ResultLabels};
 pub const BINARY_PATH: &str = "/agent/v1/binary";
 /// Response header with the lowercase hex sha256 of the executable.
 pub const SHA256_HEADER: &str = "testrun-agent-sha256";
+/// Response header with the executable's size in bytes (also on 304, so a
+/// kept copy that was cut short is noticed).
+pub const SIZE_HEADER: &str = "testrun-agent-size";
+/// Response header with the executable's CPU architecture, as `uname -m`
+/// names it (`x86_64`, `aarch64`).
+pub const ARCH_HEADER: &str = "testrun-agent-arch";
 
 /// Why the executable could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +127,8 @@ async fn serve(State(served): State<Arc<Served>>, request: HeaderMap) -> Respons
     if let Ok(sha) = HeaderValue::from_str(&binary.sha256) {
         headers.insert(SHA256_HEADER, sha);
     }
+    headers.insert(SIZE_HEADER, HeaderValue::from(binary.len));
+    headers.insert(ARCH_HEADER, HeaderValue::from_static(std::env::consts::ARCH));
     let cached =
         request.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).any(|v| binary.matches(v));
     if cached {

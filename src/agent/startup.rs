@@ -16,7 +16,7 @@
 //! The file is named after its sha256; a folder that holds the build
 //! already is sent as `If-None-Match`, and a 304 runs it without a download.
 
-use super::binary::{BINARY_PATH, SHA256_HEADER};
+use super::binary::{ARCH_HEADER, BINARY_PATH, SHA256_HEADER, SIZE_HEADER};
 
 /// How VMs start the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +53,8 @@ pub fn startup_script(launch: &AgentLaunch) -> String {
                 .replace("@URL@", &sh_quote(&url))
                 .replace("@SHA256@", &sh_quote(sha256))
                 .replace("@HEADER@", SHA256_HEADER)
+                .replace("@SIZE_HEADER@", SIZE_HEADER)
+                .replace("@ARCH_HEADER@", ARCH_HEADER)
         }
     }
 }
@@ -106,9 +108,9 @@ fetch() {
   fi
 }
 
-# The last status code and the checksum header of a header dump.
+# The last status code, and a header, of a header dump.
 status() { tr -d '\r' <"$1" | awk '$1 ~ /^HTTP\// { code = $2 } END { print code }'; }
-served_sha() { tr -d '\r' <"$1" | awk 'tolower($1) == "@HEADER@:" { sha = $2 } END { print sha }'; }
+header() { tr -d '\r' <"$1" | awk -v name="$2:" 'tolower($1) == name { value = $2 } END { print value }'; }
 
 # VMs that share a folder (an image's shared mount, or the emulator's VMs)
 # fetch a build once: one holds "$dir/.fetching" while it downloads, the
@@ -126,6 +128,11 @@ lock() {
   done
   echo $$ >"$dir/.fetching/pid"
   locked=1
+  # The previous holder may have finished between the look and the lock.
+  if [ -x "$dir/testrun-agent-$want" ]; then
+    unlock
+    return 1
+  fi
 }
 unlock() {
   [ -n "$locked" ] && rm -rf "$dir/.fetching"
@@ -141,14 +148,28 @@ try() {
   rm -f "$part" "$part.headers"
   fetch "$part" "$part.headers" "$cached" || { log "fetching $url failed"; rm -f "$part" "$part.headers"; unlock; return 1; }
   code=$(status "$part.headers")
-  sha=$(served_sha "$part.headers")
+  sha=$(header "$part.headers" @HEADER@)
+  size=$(header "$part.headers" @SIZE_HEADER@)
+  arch=$(header "$part.headers" @ARCH_HEADER@)
   rm -f "$part.headers"
+  if [ -n "$arch" ] && [ "$arch" != "$(uname -m)" ]; then
+    log "the agent API serves a $arch agent and this VM is $(uname -m): use a machine type of the controller's architecture, or bake the agent into the image and set --agent-command"
+    rm -f "$part"
+    unlock
+    exit 1
+  fi
   case "$code" in
   304)
     rm -f "$part"
     unlock
-    log "running the agent kept in $dir (build $want)"
-    exec "$dir/testrun-agent-$want" agent
+    kept="$dir/testrun-agent-$want"
+    if [ -x "$kept" ] && [ "$(wc -c <"$kept" | tr -d ' ')" = "$size" ]; then
+      log "running the agent kept in $dir (build $want)"
+      exec "$kept" agent
+    fi
+    log "the agent kept in $dir is gone or cut short: fetching it again"
+    rm -f "$kept"
+    return 1
     ;;
   200) ;;
   *)
@@ -166,6 +187,8 @@ try() {
     return 1
   fi
   [ "$sha" = "$want" ] || log "the controller serves build $sha now (this VM was made by build $want)"
+  # On disk before it takes its name: a crash never leaves a short copy named as whole.
+  sync "$part" 2>/dev/null || sync
   chmod 0755 "$part" && mv -f "$part" "$dir/testrun-agent-$sha" || { rm -f "$part"; unlock; return 1; }
   unlock
   log "fetched the agent into $dir (build $sha)"
@@ -202,7 +225,7 @@ mod tests {
         });
         assert!(script.contains("url='http://10.0.0.2:8090/it'\\''s/agent/v1/binary'\n"), "{script}");
         assert!(script.contains(&format!("want='{}'\n", "ab".repeat(32))), "{script}");
-        assert!(script.contains("tolower($1) == \"testrun-agent-sha256:\""), "{script}");
+        assert!(script.contains("sha=$(header \"$part.headers\" testrun-agent-sha256)"), "{script}");
         assert!(!script.contains('@'), "a placeholder was left: {script}");
     }
 

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use crate::leader::Fence;
 use std::time::Duration;
 
 use tokio::sync::{Mutex, Semaphore};
@@ -97,6 +99,7 @@ pub struct Limited<C> {
     operation_reads: Arc<RateLimiter>,
     in_flight: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    fence: Arc<Fence>,
 }
 
 impl<C: Compute> Limited<C> {
@@ -110,7 +113,14 @@ impl<C: Compute> Limited<C> {
             operation_reads: limiter(rates.operation_reads),
             in_flight: Arc::new(Semaphore::new(max_mutations.max(1))),
             metrics,
+            fence: Fence::open(),
         }
+    }
+
+    /// Sends mutations only while `fence` holds (this replica leads).
+    pub fn with_fence(mut self, fence: Arc<Fence>) -> Self {
+        self.fence = fence;
+        self
     }
 
     /// Waits for a token of the call's class, makes the call, counts it.
@@ -133,6 +143,13 @@ impl<C: Compute> Limited<C> {
         };
         limiter.acquire().await;
         waiting.dec();
+        if class == QuotaClass::Mutation && !self.fence.holds() {
+            // Not sent: the call's future is lazy and is dropped here.
+            return Err(ComputeError::Transport {
+                call: method,
+                message: "this replica no longer holds the leader Lease; the call was not sent".into(),
+            });
+        }
         let started = std::time::Instant::now();
         let result = call.await;
         drop(slot);

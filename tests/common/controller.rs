@@ -58,7 +58,7 @@ impl ControllerProcess {
         args.push("--agent-listen".into());
         args.push(format!("127.0.0.1:{agent_port}"));
         args.extend(extra.iter().map(|s| s.to_string()));
-        let log = std::env::temp_dir().join(format!("controller-{namespace}.log"));
+        let log = std::env::temp_dir().join(format!("controller-{namespace}-{agent_port}.log"));
         let mut me = Self { agent_port, metrics_port, program, args, kubeconfig, log, child: None };
         me.restart();
         me
@@ -101,6 +101,11 @@ impl ControllerProcess {
     pub async fn readyz(&self) -> Option<u16> {
         let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
         reqwest::get(&url).await.ok().map(|r| r.status().as_u16())
+    }
+
+    /// The exit code once the process ended on its own.
+    pub fn exit_code(&mut self) -> Option<Option<i32>> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(|status| status.code())
     }
 
     /// The controller's log so far (for failure messages).

@@ -146,3 +146,30 @@ pub async fn events(client: &Client, namespace: &str) -> Vec<(String, String)> {
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
 }
+
+/// Creates a TestRun of `shards` shards running `sh -c script` on fresh VMs
+/// in one zone, and waits for nothing.
+pub async fn create_shell_run(
+    runs: &Api<testrun_controller::api::testrun::TestRun>,
+    name: &str,
+    shards: i32,
+    script: &str,
+) {
+    let run: testrun_controller::api::testrun::TestRun = serde_json::from_value(serde_json::json!({
+        "apiVersion": "testrun.dev/v1alpha1",
+        "kind": "TestRun",
+        "metadata": { "name": name },
+        "spec": {
+            "shards": shards,
+            "command": ["sh", "-c", script],
+            "timeout": "3m",
+            "vm": {
+                "zones": ["us-central1-a"],
+                "machineType": "e2-standard-2",
+                "image": "projects/debian-cloud/global/images/family/debian-12"
+            }
+        }
+    }))
+    .expect("a TestRun");
+    runs.create(&PostParams::default(), &run).await.expect("creating the TestRun");
+}
