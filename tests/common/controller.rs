@@ -7,9 +7,23 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A free loopback port (bound and released).
+/// A free loopback port for a process to listen on later: picked below the
+/// kernel's ephemeral range (`ip_local_port_range`, 32768 and up by
+/// default), so no port 0 listener and no outgoing connection of any test
+/// can take it between this pick and the process's bind.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    let below: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let low = 10_000u16.min(below.saturating_sub(1000));
+    for _ in 0..1000 {
+        let port = rand::random_range(low..below);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {low} and {below}")
 }
 
 /// A running controller process.
