@@ -33,6 +33,7 @@ fn spec(i: usize) -> InstanceSpec {
         labels: BTreeMap::from([("managed-by".into(), "testrun-controller".into())]),
         metadata: BTreeMap::new(),
         service_account: None,
+        network: Default::default(),
         spot: false,
         max_run_duration: Duration::from_secs(3600),
         request_id: request_id(&format!("bench/{i}"), 0),

@@ -27,6 +27,7 @@ fn spec(name: &str, zone: &str) -> InstanceSpec {
         labels: BTreeMap::from([("managed-by".into(), "testrun-controller".into()), ("team".into(), "ci".into())]),
         metadata: BTreeMap::from([("greeting".into(), "hello".into())]),
         service_account: None,
+        network: Default::default(),
         spot: false,
         max_run_duration: Duration::from_secs(3600),
         request_id: request_id(&format!("insert/{zone}/{name}"), 0),
@@ -361,6 +362,53 @@ async fn invalid_requests_are_refused_like_compute_engine() {
     bad.labels.insert("Team".into(), "x".into());
     assert_eq!(compute.insert(&bad).await.expect_err("bad label").code(), ErrorCode::Invalid);
     assert!(compute.list_by_labels(&BTreeMap::new()).await.expect("list").instances.is_empty(), "nothing was created");
+}
+
+#[tokio::test]
+async fn network_subnetwork_tags_and_external_ip_reach_compute_engine_as_asked() {
+    let emulator = EmulatorProcess::start(&["--operation-delay", "0"]);
+    let compute = emulator.compute("proj-network").await;
+    let (instances, _) = raw_clients(&emulator).await;
+    let read = async |name: &str| {
+        instances.get().set_project("proj-network").set_zone(ZONE).set_instance(name).send().await.expect("get")
+    };
+
+    // The default: the project's default network, no external IP, no tags.
+    let op = compute.insert(&spec("vm-default", ZONE)).await.expect("insert");
+    wait_done(&compute, &op).await;
+    let vm = read("vm-default").await;
+    let nic = &vm.network_interfaces[0];
+    assert_eq!(nic.network.as_deref(), Some("global/networks/default"));
+    assert!(nic.access_configs.is_empty(), "no external IP unless asked for");
+    assert!(vm.tags.is_none_or(|t| t.items.is_empty()));
+
+    // A Shared VPC subnetwork of a host project, tags, an external IP.
+    let mut shared = spec("vm-shared", ZONE);
+    shared.network.subnetwork = Some("projects/host-project/regions/us-central1/subnetworks/ci".into());
+    shared.network.tags = vec!["ci-runner".into(), "allow-agent".into()];
+    shared.network.external_ip = true;
+    let op = compute.insert(&shared).await.expect("insert");
+    wait_done(&compute, &op).await;
+    let vm = read("vm-shared").await;
+    let nic = &vm.network_interfaces[0];
+    assert_eq!(nic.network, None, "the subnetwork names its network");
+    assert_eq!(nic.subnetwork.as_deref(), Some("projects/host-project/regions/us-central1/subnetworks/ci"));
+    assert_eq!(nic.access_configs.len(), 1);
+    assert_eq!(nic.access_configs[0].r#type.as_ref().and_then(|t| t.name()), Some("ONE_TO_ONE_NAT"));
+    assert_eq!(vm.tags.expect("tags").items, ["ci-runner", "allow-agent"]);
+
+    // Shapes Compute Engine refuses are refused with 400, and nothing is made.
+    let mut bad = spec("vm-bad", ZONE);
+    bad.network.subnetwork = Some("regions/europe-west1/subnetworks/ci".into());
+    let err = compute.insert(&bad).await.expect_err("a subnetwork of another region");
+    assert_eq!((err.code(), err.http_status()), (ErrorCode::Invalid, Some(400)));
+    bad = spec("vm-bad", ZONE);
+    bad.network.network = Some("default".into());
+    assert_eq!(compute.insert(&bad).await.expect_err("a malformed network").code(), ErrorCode::Invalid);
+    bad = spec("vm-bad", ZONE);
+    bad.network.tags = vec!["Not_A_Tag".into()];
+    assert_eq!(compute.insert(&bad).await.expect_err("a malformed tag").code(), ErrorCode::Invalid);
+    assert!(compute.get(ZONE, "vm-bad").await.expect("get").is_none(), "nothing was created");
 }
 
 #[tokio::test]

@@ -41,6 +41,7 @@ fn stray_of(name: &str, installation: &str, namespace: Option<&str>) -> Instance
         .collect(),
         metadata: BTreeMap::new(),
         service_account: None,
+        network: Default::default(),
         spot: false,
         max_run_duration: Duration::from_secs(3600),
         request_id: request_id(&format!("stray/{name}"), 0),

@@ -30,6 +30,7 @@ fn spec(name: &str) -> InstanceSpec {
         labels: BTreeMap::from([("installation".into(), "tracker-test".into())]),
         metadata: BTreeMap::new(),
         service_account: None,
+        network: Default::default(),
         spot: false,
         max_run_duration: Duration::from_secs(3600),
         request_id: request_id(&format!("insert/{name}"), 0),

@@ -247,13 +247,37 @@ fn instance_resource(spec: &InstanceSpec) -> model::Instance {
         .set_metadata(model::Metadata::new().set_items(metadata_items))
         .set_scheduling(scheduling)
         .set_disks([disk])
-        .set_network_interfaces([model::NetworkInterface::new().set_network("global/networks/default")]);
+        .set_network_interfaces([network_interface(&spec.network)]);
+    if !spec.network.tags.is_empty() {
+        resource = resource.set_tags(model::Tags::new().set_items(spec.network.tags.clone()));
+    }
     if let Some(account) = &spec.service_account {
         resource = resource.set_service_accounts([model::ServiceAccount::new()
             .set_email(account)
             .set_scopes(["https://www.googleapis.com/auth/cloud-platform"])]);
     }
     resource
+}
+
+/// The VM's one interface: the network (the project's `default` when
+/// neither it nor a subnetwork is given), the subnetwork, and an external IP
+/// only when asked for.
+fn network_interface(network: &crate::compute::NetworkSpec) -> model::NetworkInterface {
+    let mut nic = model::NetworkInterface::new();
+    match (&network.network, &network.subnetwork) {
+        (Some(net), _) => nic = nic.set_network(net),
+        (None, None) => nic = nic.set_network("global/networks/default"),
+        (None, Some(_)) => {}
+    }
+    if let Some(subnetwork) = &network.subnetwork {
+        nic = nic.set_subnetwork(subnetwork);
+    }
+    if network.external_ip {
+        nic = nic.set_access_configs([model::AccessConfig::new()
+            .set_name("External NAT")
+            .set_type(model::access_config::Type::OneToOneNat)]);
+    }
+    nic
 }
 
 /// The zone of an aggregated list scope (`zones/us-central1-a`); none for

@@ -38,6 +38,8 @@ pub struct InstanceSpec {
     pub metadata: BTreeMap<String, String>,
     /// Service account e-mail; none when unset.
     pub service_account: Option<String>,
+    /// The VM's network interface.
+    pub network: NetworkSpec,
     /// Spot provisioning.
     pub spot: bool,
     /// Compute Engine deletes the VM after running this long, whatever
@@ -45,6 +47,22 @@ pub struct InstanceSpec {
     pub max_run_duration: Duration,
     /// Idempotency key (a UUID): the same key never creates twice.
     pub request_id: String,
+}
+
+/// Where a VM's one network interface goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetworkSpec {
+    /// VPC network: `global/networks/NAME`, or `projects/PROJECT/global/networks/NAME`.
+    /// None: the project's `default` network (or the subnetwork's own).
+    pub network: Option<String>,
+    /// Subnetwork: `regions/REGION/subnetworks/NAME`, or
+    /// `projects/HOST_PROJECT/regions/REGION/subnetworks/NAME` in a Shared VPC.
+    pub subnetwork: Option<String>,
+    /// Network tags, which firewall rules and routes select VMs by.
+    pub tags: Vec<String>,
+    /// An ephemeral external IP (`ONE_TO_ONE_NAT`). Without one a VM reaches
+    /// the internet only through Cloud NAT.
+    pub external_ip: bool,
 }
 
 /// A VM's lifecycle state, as Compute Engine reports it.

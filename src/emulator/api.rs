@@ -196,6 +196,7 @@ async fn insert(
     };
     let resource: model::Instance = parse_body(&body)?;
     validate_instance(&resource)?;
+    super::network::check(&resource, &zone)?;
     let key = InstanceKey { project, zone, name: resource.name.clone().unwrap_or_default() };
     answer_mutation(emulator.start(key, rid, Mutation::Insert(Box::new(resource)), verdict), verdict)
 }

@@ -9,6 +9,8 @@
 //!   PROVISIONING → STAGING → RUNNING → STOPPING → gone, `maxRunDuration`.
 //! - [`vm`] and [`metadata`]: a VM boots by running its `startup-script` as
 //!   a local process group that reads its metadata from its own server.
+//! - [`network`]: network interfaces, subnetworks and tags checked as
+//!   Compute Engine checks them.
 //! - [`faults`] and [`admin`]: seeded fault rules, set by flag or over HTTP
 //!   at `/emulator/v1/faults`.
 
@@ -19,6 +21,7 @@ pub mod faults;
 pub mod filter;
 pub mod lifecycle;
 pub mod metadata;
+pub mod network;
 pub mod state;
 pub mod vm;
 

@@ -457,6 +457,7 @@ impl Pool<'_> {
             labels,
             metadata,
             service_account: vm.service_account.clone(),
+            network: Default::default(),
             spot: vm.spot,
             max_run_duration: POOL_VM_LIFETIME,
             request_id: rid.to_string(),

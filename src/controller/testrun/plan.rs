@@ -651,6 +651,7 @@ impl Planner<'_> {
             labels,
             metadata,
             service_account: vm.service_account.clone(),
+            network: Default::default(),
             spot: vm.spot,
             max_run_duration: vm_life_needed(&run.spec, self.obs.settings.registration_timeout),
             request_id: request_id.to_string(),
