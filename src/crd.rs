@@ -5,7 +5,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::api::{PrebuildPreset, TestRun};
+use crate::api::{PrebuildPreset, TestRun, VmClass};
 
 /// A generated CRD with the file name it is committed under in `crds/`.
 pub struct GeneratedCrd {
@@ -33,6 +33,7 @@ pub fn all() -> Vec<GeneratedCrd> {
     vec![
         GeneratedCrd { file_name: "testruns.yaml", crd: TestRun::crd() },
         GeneratedCrd { file_name: "prebuildpresets.yaml", crd: PrebuildPreset::crd() },
+        GeneratedCrd { file_name: "vmclasses.yaml", crd: VmClass::crd() },
     ]
 }
 

@@ -87,7 +87,7 @@ fn the_chart_lints_and_renders_least_privilege_rbac() {
         assert!(!text.contains("\"*\""), "wildcard in {text}");
     }
     // The chart's CRDs are the generated ones.
-    for file in ["testruns.yaml", "prebuildpresets.yaml"] {
+    for file in ["testruns.yaml", "prebuildpresets.yaml", "vmclasses.yaml"] {
         let chart = std::fs::read_to_string(common::repo_root().join("charts/testrun-controller/crds").join(file))
             .expect("chart CRD");
         let generated = std::fs::read_to_string(common::repo_root().join("crds").join(file)).expect("CRD");

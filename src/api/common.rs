@@ -58,10 +58,13 @@ pub struct VmSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
 
-    /// E-mail of the service account the VM runs as; none when unset.
+    /// The VmClass the VM belongs to: its network, service account and
+    /// limits (`kubectl get vmclasses`). Unset: the class annotated
+    /// `testrun.dev/is-default-class: "true"`, or none (the project's
+    /// default network, no service account, no limits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(SERVICE_ACCOUNT_PATTERN))]
-    pub service_account: Option<String>,
+    #[schemars(length(min = 1, max = 253))]
+    pub class_name: Option<String>,
 
     /// Use Spot VMs: cheaper, but Compute Engine may reclaim them at any
     /// time; a reclaimed VM costs the shard an attempt.

@@ -1,4 +1,4 @@
-//! The custom resources this controller serves: [`TestRun`] and [`PrebuildPreset`]
+//! The custom resources this controller serves: [`TestRun`], [`PrebuildPreset`] and [`VmClass`]
 //! (API group `testrun.dev`, version `v1alpha1`), the types they share, and the
 //! cross-field checks the OpenAPI schema cannot express.
 //!
@@ -10,11 +10,13 @@ pub mod duration;
 pub mod prebuild;
 pub mod testrun;
 pub mod validation;
+pub mod vmclass;
 
 pub use common::{Condition, ConditionStatus, EnvVar, OperationKind, OperationState, TrackedOperation, VmSpec};
 pub use duration::DurationString;
 pub use prebuild::{PrebuildPreset, PrebuildPresetSpec, PrebuildPresetStatus};
 pub use testrun::{TestRun, TestRunPhase, TestRunSpec, TestRunStatus};
+pub use vmclass::{VmClass, VmClassSpec};
 
 /// The API group of every resource this controller serves.
 pub const GROUP: &str = "testrun.dev";

@@ -253,8 +253,8 @@ fn instance_resource(spec: &InstanceSpec) -> model::Instance {
     }
     if let Some(account) = &spec.service_account {
         resource = resource.set_service_accounts([model::ServiceAccount::new()
-            .set_email(account)
-            .set_scopes(["https://www.googleapis.com/auth/cloud-platform"])]);
+            .set_email(&account.email)
+            .set_scopes(account.scopes.clone())]);
     }
     resource
 }

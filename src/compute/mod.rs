@@ -36,8 +36,8 @@ pub struct InstanceSpec {
     pub labels: BTreeMap<String, String>,
     /// Metadata items, including `startup-script`.
     pub metadata: BTreeMap<String, String>,
-    /// Service account e-mail; none when unset.
-    pub service_account: Option<String>,
+    /// The service account the VM runs as; none when unset.
+    pub service_account: Option<ServiceAccountSpec>,
     /// The VM's network interface.
     pub network: NetworkSpec,
     /// Spot provisioning.
@@ -47,6 +47,15 @@ pub struct InstanceSpec {
     pub max_run_duration: Duration,
     /// Idempotency key (a UUID): the same key never creates twice.
     pub request_id: String,
+}
+
+/// A VM's service account.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceAccountSpec {
+    /// Its e-mail.
+    pub email: String,
+    /// OAuth scopes.
+    pub scopes: Vec<String>,
 }
 
 /// Where a VM's one network interface goes.

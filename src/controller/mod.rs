@@ -237,6 +237,8 @@ pub struct Context<C: Compute> {
     pub runs: Store<TestRun>,
     /// The PrebuildPreset cache.
     pub presets: Store<PrebuildPreset>,
+    /// The VmClass cache.
+    pub classes: Store<crate::api::VmClass>,
     /// TestRuns as last written, until the cache has them.
     pub fresh_runs: Arc<Fresh<TestRun>>,
     /// PrebuildPresets as last written, until the cache has them.
@@ -381,6 +383,13 @@ fn strip<K: Resource>(obj: &mut K) {
     obj.meta_mut().managed_fields = None;
 }
 
+impl<C: Compute> Context<C> {
+    /// The VmClass of a VM shape (its `className`, or the default class).
+    pub fn class_of(&self, vm: Option<&crate::api::VmSpec>) -> crate::api::vmclass::ClassChoice {
+        crate::api::vmclass::resolve(vm.and_then(|v| v.class_name.as_deref()), &self.classes.state())
+    }
+}
+
 /// Runs the TestRun and PrebuildPreset controllers, the inventory, the
 /// operation tracker, the orphan scan and the agent API until SIGTERM or SIGINT.
 pub async fn run<C: Compute + Clone>(
@@ -400,6 +409,8 @@ pub async fn run<C: Compute + Clone>(
         None => Api::all(client.clone()),
     };
     presets_api.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
+    let classes_api: Api<crate::api::VmClass> = Api::all(client.clone());
+    classes_api.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
     let (gc_runs, gc_presets) = (runs_api.clone(), presets_api.clone());
     let key = lease_key(&client, &config.namespace, &config.secret_name).await?;
     let listener = tokio::net::TcpListener::bind(config.agent_listen)
@@ -462,6 +473,21 @@ pub async fn run<C: Compute + Clone>(
         .reconcile_on(pool_wake)
         .shutdown_on_signal();
 
+    // VmClasses: cluster-scoped and few; every reconcile reads the cache.
+    let (classes, classes_writer) = reflector::store();
+    let class_events = watcher::watcher(classes_api, watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(classes_writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(class_events);
+        while let Some(event) = class_events.next().await {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "watching VmClasses");
+            }
+        }
+    });
     let book = Arc::new(LeaseBook::default());
     let pool = Arc::new(PoolBook::default());
     let agent_api = Arc::new(AgentApi {
@@ -497,6 +523,7 @@ pub async fn run<C: Compute + Clone>(
         wakers,
         runs: runs.clone(),
         presets: presets.clone(),
+        classes: classes.clone(),
         fresh_runs,
         fresh_presets,
         agent_waiters,
@@ -525,6 +552,7 @@ pub async fn run<C: Compute + Clone>(
     tokio::spawn(async move {
         cache_ready(&runs).await;
         cache_ready(&presets).await;
+        cache_ready(&classes).await;
         inventory.wait_synced().await;
         ready.set_ready();
         tracing::info!("caches filled and inventory listed: ready");

@@ -46,6 +46,8 @@ pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc
     let Some(preset) = ctx.presets.get(&ObjectRef::from_obj(preset.as_ref())) else {
         return Ok(Action::await_change());
     };
+    // A class named but not cached yet must not read as missing.
+    crate::controller::cache_ready(&ctx.classes).await;
     Box::pin(reconcile_now(preset, ctx.clone())).await
 }
 
@@ -90,6 +92,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
         let operations = observe_operations(&ctx.tracker, &owner, &tracked, now);
         let registered = ctx.pool.snapshot(&uid);
         let abandoned = abandoned_claims(ctx, &preset);
+        let class = ctx.class_of(Some(&preset.spec.vm));
         let observed = PoolObserved {
             preset: &preset,
             now,
@@ -100,6 +103,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
             abandoned_claims: &abandoned,
             settings: &ctx.settings,
             key: &ctx.key,
+            class: &class,
         };
         let plan = if deleting { plan_cleanup(&observed) } else { plan(&observed) };
         match apply(&api, &preset, ctx, plan, &owner, deleting).await {

@@ -29,6 +29,7 @@ use crate::agent::protocol::{
 use crate::agent::tokens::LeaseKey;
 use crate::api::prebuild::{PendingJob, PrebuildPreset, PrebuildPresetStatus, PresetInstance, PresetInstanceState};
 use crate::api::validation::validate_prebuild_preset;
+use crate::api::vmclass::{self, ClassChoice, ClassRequest};
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation};
 use crate::compute::InstanceSpec;
 use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
@@ -72,6 +73,8 @@ pub struct PoolObserved<'a> {
     pub settings: &'a Settings,
     /// The key VM tokens are made with.
     pub key: &'a LeaseKey,
+    /// The preset's VmClass.
+    pub class: &'a ClassChoice,
 }
 
 /// The outcome of planning a pool.
@@ -136,8 +139,24 @@ pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
         cleanup: false,
     };
     let generation = preset.metadata.generation;
-    if let Err(invalid) = validate_prebuild_preset(&preset.spec) {
-        let message = invalid.to_string();
+    let request = ClassRequest {
+        at: "spec.vm",
+        machine_type: &preset.spec.vm.machine_type,
+        image: &preset.spec.vm.image,
+        zones: &preset.spec.vm.zones,
+        shards: None,
+        timeout: None,
+        pool_instances: Some(preset.spec.instances),
+    };
+    let refused = obs.class.refusal(&request);
+    if refused.is_some() {
+        p.wake = crate::controller::testrun::plan::CLASS_POLL;
+    }
+    let invalid = match (validate_prebuild_preset(&preset.spec).err().map(|e| e.to_string()), refused) {
+        (Some(spec), Some(class)) => Some(format!("{spec}; {class}")),
+        (spec, class) => spec.or(class),
+    };
+    if let Some(message) = invalid {
         let new = conditions::get(&p.status.conditions, "InvalidSpec").is_none_or(|c| c.message != message);
         conditions::set(
             &mut p.status.conditions,
@@ -456,8 +475,8 @@ impl Pool<'_> {
             disk_gb: i64::from(vm.disk_gb),
             labels,
             metadata,
-            service_account: vm.service_account.clone(),
-            network: Default::default(),
+            service_account: vmclass::service_account(self.obs.class.class()),
+            network: vmclass::network(self.obs.class.class()),
             spot: vm.spot,
             max_run_duration: POOL_VM_LIFETIME,
             request_id: rid.to_string(),
@@ -956,6 +975,7 @@ mod tests {
                 abandoned_claims: &self.abandoned,
                 settings: &self.settings,
                 key: &self.key,
+                class: &ClassChoice::NoClass,
             });
             for call in &plan.calls {
                 let rid = call.request_id().to_string();
@@ -1114,6 +1134,7 @@ mod tests {
                 abandoned_claims: &w.abandoned,
                 settings: &w.settings,
                 key: &w.key,
+                class: &ClassChoice::NoClass,
             })
         };
         let unseen = VmView { vms: Vec::new(), synced: true, unknown_zones: ["us-central1-b".to_string()].into() };
@@ -1280,6 +1301,7 @@ mod tests {
             abandoned_claims: &BTreeSet::new(),
             settings: &w.settings,
             key: &w.key,
+            class: &ClassChoice::NoClass,
         });
         assert!(!cleanup.calls.iter().any(|c| matches!(c, CloudCall::Delete { name, .. } if *name == claimed)));
         assert!(!cleanup.cleanup_done, "the finalizer waits for the relabel");

@@ -16,8 +16,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::Instrument as _;
 
-use super::plan::vm_life_needed;
 use super::plan::{Observed, Plan, plan, plan_cleanup};
+use super::plan::{class_request, vm_life_needed};
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
 use crate::api::validation::validate_testrun;
@@ -50,6 +50,8 @@ pub async fn reconcile<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C
     let Some(run) = ctx.runs.get(&ObjectRef::from_obj(run.as_ref())) else {
         return Ok(Action::await_change());
     };
+    // A class named but not cached yet must not read as missing.
+    crate::controller::cache_ready(&ctx.classes).await;
     Box::pin(reconcile_now(run, ctx.clone())).await
 }
 
@@ -179,7 +181,8 @@ async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanu
     let may_claim = !cleanup
         && !run.spec.cancel
         && !status.phase.is_some_and(|p| p.is_finished())
-        && validate_testrun(&run.spec).is_ok();
+        && validate_testrun(&run.spec).is_ok()
+        && ctx.class_of(Some(&preset.spec.vm)).refusal(&class_request(run, &preset.spec.vm)).is_none();
     // A started run has the shards it started with, whatever the spec says now.
     let shards = started.map_or(run.spec.shards, |s| s.shards);
     let claims: Vec<Claim> = (0..shards)
@@ -286,6 +289,7 @@ async fn observe_and_plan<C: Compute + Clone>(
     let machine =
         started_vm.or(run.spec.vm.as_ref()).or(preset.vm.as_ref()).map(|v| v.machine_type.clone()).unwrap_or_default();
     let exhausted = ctx.exhausted_zones.current(&machine);
+    let class = ctx.class_of(started_vm.or(run.spec.vm.as_ref()).or(preset.vm.as_ref()));
     let observed = Observed {
         run,
         now,
@@ -298,6 +302,7 @@ async fn observe_and_plan<C: Compute + Clone>(
         key: &ctx.key,
         claims: &preset.claims,
         preset_vm: preset.vm.as_ref(),
+        class: &class,
     };
     let plan = if cleanup { plan_cleanup(&observed) } else { plan(&observed) };
     if cleanup && !plan.cleanup_done {

@@ -32,6 +32,7 @@ use crate::agent::protocol::{
 use crate::agent::tokens::LeaseKey;
 use crate::api::testrun::{ShardResult, ShardStatus, StartedWith, TestRun, TestRunPhase, TestRunSpec, TestRunStatus};
 use crate::api::validation::validate_testrun;
+use crate::api::vmclass::{self, ClassChoice, ClassRequest};
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation, VmSpec};
 use crate::compute::messages::reason;
 use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
@@ -88,6 +89,8 @@ pub struct Observed<'a> {
     pub claims: &'a BTreeMap<i32, (String, String)>,
     /// The VM shape of the preset named in `presetRef`, when it exists.
     pub preset_vm: Option<&'a VmSpec>,
+    /// The VmClass of the run's VM shape.
+    pub class: &'a ClassChoice,
 }
 
 /// The outcome of planning.
@@ -161,9 +164,19 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
     // VM needs a valid spec. A run begun before its shape was kept in status
     // goes on too: following, advancing and deleting need no shape.
     let begun = p.status.shards.iter().any(|s| s.attempt > 0);
-    let invalid = validate_testrun(&run.spec).err().map(|e| e.to_string());
+    let shape = p.status.started.as_ref().map(|s| &s.vm).or(run.spec.vm.as_ref()).or(obs.preset_vm);
+    let refused = shape.and_then(|vm| obs.class.refusal(&class_request(run, vm)));
+    let class_refused = refused.is_some();
+    let invalid = match (validate_testrun(&run.spec).err().map(|e| e.to_string()), refused) {
+        (Some(spec), Some(class)) => Some(format!("{spec}; {class}")),
+        (spec, class) => spec.or(class),
+    };
     if let Some(message) = &invalid {
         p.invalid(message);
+        if class_refused {
+            // A class is changed without touching the run: look again.
+            p.wake = CLASS_POLL;
+        }
         if p.status.started.is_none() && !begun {
             return p.finish(false);
         }
@@ -650,8 +663,8 @@ impl Planner<'_> {
             disk_gb: i64::from(vm.disk_gb),
             labels,
             metadata,
-            service_account: vm.service_account.clone(),
-            network: Default::default(),
+            service_account: vmclass::service_account(self.obs.class.class()),
+            network: vmclass::network(self.obs.class.class()),
             spot: vm.spot,
             max_run_duration: vm_life_needed(&run.spec, self.obs.settings.registration_timeout),
             request_id: request_id.to_string(),
@@ -1088,6 +1101,23 @@ fn error_code_of(last_error: &str) -> Option<ErrorCode> {
     Some(ErrorCode::parse(code))
 }
 
+/// How often a run or preset its VmClass refuses is looked at again (a
+/// class is created or changed without touching the objects of the class).
+pub const CLASS_POLL: Duration = Duration::from_secs(30);
+
+/// What a run asks of its VmClass.
+pub fn class_request<'a>(run: &'a TestRun, vm: &'a VmSpec) -> ClassRequest<'a> {
+    ClassRequest {
+        at: if run.spec.vm.is_some() { "spec.vm" } else { "the preset's spec.vm" },
+        machine_type: &vm.machine_type,
+        image: &vm.image,
+        zones: &vm.zones,
+        shards: Some(run.spec.shards),
+        timeout: run.spec.timeout.parse().ok(),
+        pool_instances: None,
+    }
+}
+
 /// How long a shard waits before its next attempt after an attempt found
 /// no zone with capacity: 30 s, doubling with every attempt, up to 5 min.
 fn capacity_wait(attempt: i32) -> Duration {
@@ -1134,6 +1164,8 @@ mod tests {
         key: LeaseKey,
         inserts_after_finish: u32,
         preset_vm: Option<VmSpec>,
+        /// The run's VmClass.
+        class: ClassChoice,
         /// The run is being deleted: passes plan its cleanup.
         deleting: bool,
     }
@@ -1158,6 +1190,7 @@ mod tests {
                 key: LeaseKey::from_bytes(&[1; 32]).expect("key"),
                 inserts_after_finish: 0,
                 preset_vm: None,
+                class: ClassChoice::NoClass,
                 deleting: false,
             }
         }
@@ -1202,6 +1235,7 @@ mod tests {
                 key: &self.key,
                 claims: &BTreeMap::new(),
                 preset_vm: self.preset_vm.as_ref(),
+                class: &self.class,
             });
             for call in &plan.calls {
                 let rid = call.request_id().to_string();
@@ -1401,6 +1435,7 @@ mod tests {
                 key: &w.key,
                 claims: &BTreeMap::new(),
                 preset_vm: None,
+                class: &ClassChoice::NoClass,
             })
         };
         // A zone is unreachable: "no VM left" cannot be believed yet, and
@@ -1436,6 +1471,7 @@ mod tests {
             key: &w.key,
             claims: &BTreeMap::new(),
             preset_vm: None,
+            class: &ClassChoice::NoClass,
         });
         assert_eq!(again.calls.len(), 1);
         assert_eq!(again.calls[0].request_id(), first.calls[0].request_id());
@@ -1953,6 +1989,54 @@ mod tests {
                 // A finished run makes no creation calls.
                 prop_assert_eq!(w.inserts_after_finish, 0);
             }
+        }
+    }
+
+    #[test]
+    fn a_run_its_class_refuses_creates_nothing_and_says_why() {
+        use crate::api::vmclass::{VmClass, VmClassLimits, VmClassSpec};
+        let mut class = VmClass::new("ci", VmClassSpec::default());
+        class.spec.limits = VmClassLimits { allowed_machine_types: vec!["n2-*".into()], ..Default::default() };
+        let mut w = World::new(run(2, 1));
+        w.class = ClassChoice::Class(std::sync::Arc::new(class.clone()));
+        let plan = w.reconcile();
+        assert!(plan.calls.is_empty(), "{:?}", plan.calls);
+        let invalid = conditions::get(&w.status().conditions, "InvalidSpec").expect("InvalidSpec").clone();
+        assert_eq!(invalid.status, ConditionStatus::True);
+        assert!(
+            invalid.message.contains("spec.vm.machineType") && invalid.message.contains("VmClass ci"),
+            "{}",
+            invalid.message
+        );
+        assert_eq!(plan.requeue_after, CLASS_POLL, "looked at again: the class may change");
+
+        // Named but missing: refused the same way.
+        w.class = ClassChoice::Missing("gone".into());
+        w.reconcile();
+        let invalid = conditions::get(&w.status().conditions, "InvalidSpec").expect("InvalidSpec").clone();
+        assert!(invalid.message.contains("VmClass \"gone\" does not exist"), "{}", invalid.message);
+
+        // The class widened: the run starts, on the class's network and account.
+        class.spec.limits.allowed_machine_types.push("e2-*".into());
+        class.spec.subnetwork = Some("regions/us-central1/subnetworks/ci".into());
+        class.spec.service_account = Some(crate::api::vmclass::ClassServiceAccount {
+            email: "ci@p.iam.gserviceaccount.com".into(),
+            scopes: vec![],
+        });
+        w.class = ClassChoice::Class(std::sync::Arc::new(class));
+        let plan = w.reconcile();
+        let inserts: Vec<&InstanceSpec> = plan
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                CloudCall::Insert(spec) => Some(spec.as_ref()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(inserts.len(), 2, "{:?}", plan.calls);
+        for spec in inserts {
+            assert_eq!(spec.network.subnetwork.as_deref(), Some("regions/us-central1/subnetworks/ci"));
+            assert_eq!(spec.service_account.as_ref().map(|a| a.email.as_str()), Some("ci@p.iam.gserviceaccount.com"));
         }
     }
 }
