@@ -154,7 +154,7 @@ async fn a_run_gets_its_class_network_and_service_account_and_waits_for_a_class_
         .await
         .expect("create");
     let message = invalid_message(&runs, "networked", |r| r.status.clone().map(|s| s.conditions)).await;
-    assert!(message.contains(&format!("spec.vm.className: VmClass \"{class}\" does not exist")), "{message}");
+    assert!(message.contains(&format!("spec.vm.className: VmClass {class} does not exist")), "{message}");
 
     make_class(
         &client,
@@ -189,4 +189,38 @@ async fn a_run_gets_its_class_network_and_service_account_and_waits_for_a_class_
     wait_phase(&runs, "networked", TestRunPhase::Succeeded, Duration::from_secs(60), || controller.log()).await;
     let classes: Api<VmClass> = Api::all(client);
     classes.delete(&class, &DeleteParams::default()).await.expect("deleting the class");
+}
+
+#[tokio::test]
+async fn a_run_its_class_refuses_takes_nothing_from_a_pool() {
+    let (client, ns) = common::setup("vmclass-claim").await;
+    let emulator = EmulatorProcess::start(&["--operation-delay", "100ms", "--boot-delay", "50ms"]);
+    let controller = ControllerProcess::start(common::control_plane_kubeconfig(), &ns, &emulator.url, &[]);
+    let presets: Api<PrebuildPreset> = Api::namespaced(client.clone(), &ns);
+    let preset: PrebuildPreset = serde_json::from_value(json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "PrebuildPreset", "metadata": { "name": "pool" },
+        "spec": { "templateVersion": "v1", "instances": 1, "vm": {
+            "zones": ["us-central1-a"], "machineType": "e2-standard-2", "image": "img" } }
+    }))
+    .expect("a preset");
+    presets.create(&PostParams::default(), &preset).await.expect("create");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while presets.get("pool").await.expect("get").status.is_none_or(|s| s.ready != 1) {
+        assert!(Instant::now() < deadline, "the pool never filled:\n{}", controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The run's own shape names a class that does not exist: it is refused,
+    // and must not take the ready VM while it waits.
+    let mut run = run_of("refused", &format!("{ns}-nowhere"), 1, "e2-standard-2", "true");
+    run.spec.preset_ref = Some(serde_json::from_value(json!({ "name": "pool" })).expect("a presetRef"));
+    let runs: Api<TestRun> = Api::namespaced(client.clone(), &ns);
+    runs.create(&PostParams::default(), &run).await.expect("create");
+    let message = invalid_message(&runs, "refused", |r| r.status.clone().map(|s| s.conditions)).await;
+    assert!(message.contains("does not exist"), "{message}");
+    // A few reconciles later the pool still holds its first VM, unclaimed:
+    // it never had to make another.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = presets.get("pool").await.expect("get").status.expect("status");
+    assert!(status.instances.iter().all(|i| i.claimed_by.is_none()), "the refused run took a pool VM: {status:?}");
+    assert_eq!((status.ready, status.jobs_created), (1, 1), "the pool lost VMs to the refused run: {status:?}");
 }

@@ -80,6 +80,12 @@ pub struct VmClassSpec {
     /// What requests of the class may ask for.
     #[serde(default)]
     pub limits: VmClassLimits,
+
+    /// Namespaces whose TestRuns and PrebuildPresets may use the class
+    /// (glob patterns, e.g. `team-a-*`). Empty: every namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 253)))]
+    pub allowed_namespaces: Vec<String>,
 }
 
 /// The service account of a class's VMs.
@@ -171,6 +177,8 @@ pub fn resolve(name: Option<&str>, classes: &[Arc<VmClass>]) -> ClassChoice {
 pub struct ClassRequest<'a> {
     /// Where the fields live, e.g. `spec.vm`.
     pub at: &'a str,
+    /// The namespace of the object asking.
+    pub namespace: &'a str,
     /// The VM's machine type.
     pub machine_type: &'a str,
     /// The VM's image.
@@ -197,6 +205,14 @@ pub fn check(class: &VmClass, request: &ClassRequest<'_>) -> Vec<String> {
     let limits = &class.spec.limits;
     let at = request.at;
     let mut problems = Vec::new();
+    if !matches_any(&class.spec.allowed_namespaces, request.namespace) {
+        problems.push(format!(
+            "{at}.className: VmClass {name} is not for namespace {:?} (allowed: {})",
+            request.namespace,
+            class.spec.allowed_namespaces.join(", ")
+        ));
+        return problems;
+    }
     if !matches_any(&limits.allowed_machine_types, request.machine_type) {
         problems.push(format!(
             "{at}.machineType: {:?} is not allowed by VmClass {name} (allowed: {})",
@@ -211,7 +227,14 @@ pub fn check(class: &VmClass, request: &ClassRequest<'_>) -> Vec<String> {
             limits.allowed_images.join(", ")
         ));
     }
+    let subnet_region = class.spec.subnetwork.as_deref().and_then(subnetwork_region);
     for (i, zone) in request.zones.iter().enumerate() {
+        if let Some(region) = subnet_region
+            && zone.rsplit_once('-').map(|(r, _)| r) != Some(region)
+        {
+            problems
+                .push(format!("{at}.zones[{i}]: {zone:?} is not in region {region} of VmClass {name}'s subnetwork"));
+        }
         if !matches_any(&limits.allowed_zones, zone) {
             problems.push(format!(
                 "{at}.zones[{i}]: {zone:?} is not allowed by VmClass {name} (allowed: {})",
@@ -229,7 +252,7 @@ pub fn check(class: &VmClass, request: &ClassRequest<'_>) -> Vec<String> {
             Ok(limit) if timeout > limit => problems
                 .push(format!("spec.timeout: {}s is longer than VmClass {name} allows ({max})", timeout.as_secs())),
             Ok(_) => {}
-            Err(e) => problems.push(format!("VmClass {name} has an invalid limits.maxRunDuration: {e}")),
+            Err(e) => problems.push(format!("spec.timeout: VmClass {name} has an invalid limits.maxRunDuration: {e}")),
         }
     }
     if let (Some(max), Some(instances)) = (limits.max_pool_instances, request.pool_instances)
@@ -254,11 +277,17 @@ impl ClassChoice {
     pub fn refusal(&self, request: &ClassRequest<'_>) -> Option<String> {
         let problems = match self {
             ClassChoice::NoClass => Vec::new(),
-            ClassChoice::Missing(name) => vec![format!("{}.className: VmClass {name:?} does not exist", request.at)],
+            ClassChoice::Missing(name) => vec![format!("{}.className: VmClass {name} does not exist", request.at)],
             ClassChoice::Class(class) => check(class, request),
         };
         (!problems.is_empty()).then(|| problems.join("; "))
     }
+}
+
+/// The region of a subnetwork path or URL (`…/regions/REGION/subnetworks/…`).
+fn subnetwork_region(subnetwork: &str) -> Option<&str> {
+    let (_, rest) = subnetwork.split_once("regions/")?;
+    rest.split('/').next().filter(|r| !r.is_empty())
 }
 
 /// The network interface a class gives its VMs.
@@ -336,6 +365,7 @@ mod tests {
     fn request<'a>(zones: &'a [String]) -> ClassRequest<'a> {
         ClassRequest {
             at: "spec.vm",
+            namespace: "ci",
             machine_type: "e2-standard-2",
             image: "projects/debian-cloud/global/images/family/debian-12",
             zones,
@@ -365,6 +395,33 @@ mod tests {
         assert!(problems[0].contains("not allowed by VmClass ci (allowed: e2-*, n2-standard-4)"), "{problems:?}");
         let pool = ClassRequest { pool_instances: Some(11), shards: None, timeout: None, ..request(&[]) };
         assert_eq!(check(&limited(), &pool), ["spec.instances: 11 is more than VmClass ci allows (10)"]);
+    }
+
+    #[test]
+    fn a_class_for_some_namespaces_refuses_the_others() {
+        let mut c = limited();
+        c.spec.allowed_namespaces = vec!["team-a-*".into()];
+        let zones = vec!["us-central1-a".to_string()];
+        let mut r = request(&zones);
+        r.namespace = "team-a-ci";
+        assert!(check(&c, &r).is_empty());
+        r.namespace = "team-b";
+        assert_eq!(
+            check(&c, &r),
+            ["spec.vm.className: VmClass ci is not for namespace \"team-b\" (allowed: team-a-*)"]
+        );
+    }
+
+    #[test]
+    fn zones_outside_the_subnetworks_region_are_refused() {
+        let mut c = limited();
+        c.spec.limits.allowed_zones = vec![];
+        c.spec.subnetwork = Some("projects/host/regions/us-central1/subnetworks/ci".into());
+        let zones = vec!["us-central1-a".to_string(), "us-east1-b".to_string()];
+        assert_eq!(
+            check(&c, &request(&zones)),
+            ["spec.vm.zones[1]: \"us-east1-b\" is not in region us-central1 of VmClass ci's subnetwork"]
+        );
     }
 
     #[test]

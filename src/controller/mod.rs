@@ -127,6 +127,11 @@ pub enum StartError {
         "TestRuns or PrebuildPresets cannot be listed ({0}); install the CRDs with `kubectl apply -f crds/` and check RBAC"
     )]
     Crd(#[source] kube::Error),
+    /// The VmClass CRD is not installed or not readable.
+    #[error(
+        "VmClasses cannot be listed ({0}); install the CRDs with `kubectl apply -f crds/` (helm upgrade does not upgrade them) and let the controller list and watch vmclasses"
+    )]
+    ClassCrd(#[source] kube::Error),
     /// The lease key Secret could not be read or created.
     #[error("reading or creating Secret {namespace}/{name}: {source}")]
     Secret {
@@ -410,7 +415,7 @@ pub async fn run<C: Compute + Clone>(
     };
     presets_api.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
     let classes_api: Api<crate::api::VmClass> = Api::all(client.clone());
-    classes_api.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::Crd)?;
+    classes_api.list(&kube::api::ListParams::default().limit(1)).await.map_err(StartError::ClassCrd)?;
     let (gc_runs, gc_presets) = (runs_api.clone(), presets_api.clone());
     let key = lease_key(&client, &config.namespace, &config.secret_name).await?;
     let listener = tokio::net::TcpListener::bind(config.agent_listen)
@@ -488,6 +493,12 @@ pub async fn run<C: Compute + Clone>(
             }
         }
     });
+    // No reconcile starts before the classes are known: a class named but
+    // not cached yet must not read as missing.
+    tokio::select! {
+        () = cache_ready(&classes) => {}
+        () = shutdown_signal() => return Ok(()),
+    }
     let book = Arc::new(LeaseBook::default());
     let pool = Arc::new(PoolBook::default());
     let agent_api = Arc::new(AgentApi {

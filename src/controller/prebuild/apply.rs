@@ -46,8 +46,6 @@ pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc
     let Some(preset) = ctx.presets.get(&ObjectRef::from_obj(preset.as_ref())) else {
         return Ok(Action::await_change());
     };
-    // A class named but not cached yet must not read as missing.
-    crate::controller::cache_ready(&ctx.classes).await;
     Box::pin(reconcile_now(preset, ctx.clone())).await
 }
 

@@ -30,6 +30,20 @@ use crate::agent::tokens::LeaseKey;
 use crate::api::prebuild::{PendingJob, PrebuildPreset, PrebuildPresetStatus, PresetInstance, PresetInstanceState};
 use crate::api::validation::validate_prebuild_preset;
 use crate::api::vmclass::{self, ClassChoice, ClassRequest};
+
+/// What a preset asks of its VmClass.
+pub fn pool_request<'a>(preset: &'a PrebuildPreset, namespace: &'a str) -> ClassRequest<'a> {
+    ClassRequest {
+        at: "spec.vm",
+        namespace,
+        machine_type: &preset.spec.vm.machine_type,
+        image: &preset.spec.vm.image,
+        zones: &preset.spec.vm.zones,
+        shards: None,
+        timeout: None,
+        pool_instances: Some(preset.spec.instances),
+    }
+}
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation};
 use crate::compute::InstanceSpec;
 use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
@@ -139,16 +153,8 @@ pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
         cleanup: false,
     };
     let generation = preset.metadata.generation;
-    let request = ClassRequest {
-        at: "spec.vm",
-        machine_type: &preset.spec.vm.machine_type,
-        image: &preset.spec.vm.image,
-        zones: &preset.spec.vm.zones,
-        shards: None,
-        timeout: None,
-        pool_instances: Some(preset.spec.instances),
-    };
-    let refused = obs.class.refusal(&request);
+    let namespace = preset.metadata.namespace.clone().unwrap_or_default();
+    let refused = obs.class.refusal(&pool_request(preset, &namespace));
     if refused.is_some() {
         p.wake = crate::controller::testrun::plan::CLASS_POLL;
     }

@@ -50,8 +50,6 @@ pub async fn reconcile<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C
     let Some(run) = ctx.runs.get(&ObjectRef::from_obj(run.as_ref())) else {
         return Ok(Action::await_change());
     };
-    // A class named but not cached yet must not read as missing.
-    crate::controller::cache_ready(&ctx.classes).await;
     Box::pin(reconcile_now(run, ctx.clone())).await
 }
 
@@ -163,6 +161,21 @@ struct PresetView {
     relabel_ids: BTreeSet<String>,
 }
 
+/// Whether the classes let `run` take VMs from `preset`: the run's own
+/// shape (what it started with, its `spec.vm`, else the preset's) is
+/// admitted by its class, the preset's class admits the run, and the
+/// preset itself fits its class (a refused pool lends nothing).
+fn class_admits<C: Compute>(ctx: &Context<C>, run: &TestRun, preset: &PrebuildPreset) -> bool {
+    let started = run.status.as_ref().and_then(|s| s.started.as_ref()).map(|s| &s.vm);
+    let shape = started.or(run.spec.vm.as_ref()).unwrap_or(&preset.spec.vm);
+    let namespace = run.namespace().unwrap_or_default();
+    let run_admitted = ctx.class_of(Some(shape)).refusal(&class_request(run, shape)).is_none();
+    let preset_class = ctx.class_of(Some(&preset.spec.vm));
+    let lends = preset_class.refusal(&class_request(run, &preset.spec.vm)).is_none()
+        && preset_class.refusal(&crate::controller::prebuild::plan::pool_request(preset, &namespace)).is_none();
+    run_admitted && lends
+}
+
 async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanup: bool) -> Result<PresetView, Error> {
     // A started run keeps the preset it started with.
     let started = run.status.as_ref().and_then(|s| s.started.as_ref());
@@ -182,7 +195,7 @@ async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanu
         && !run.spec.cancel
         && !status.phase.is_some_and(|p| p.is_finished())
         && validate_testrun(&run.spec).is_ok()
-        && ctx.class_of(Some(&preset.spec.vm)).refusal(&class_request(run, &preset.spec.vm)).is_none();
+        && class_admits(ctx, run, &preset);
     // A started run has the shards it started with, whatever the spec says now.
     let shards = started.map_or(run.spec.shards, |s| s.shards);
     let claims: Vec<Claim> = (0..shards)

@@ -1106,13 +1106,17 @@ fn error_code_of(last_error: &str) -> Option<ErrorCode> {
 pub const CLASS_POLL: Duration = Duration::from_secs(30);
 
 /// What a run asks of its VmClass.
+/// A started run is held to what it started with (its shards), not to a
+/// spec edited since.
 pub fn class_request<'a>(run: &'a TestRun, vm: &'a VmSpec) -> ClassRequest<'a> {
+    let started = run.status.as_ref().and_then(|s| s.started.as_ref());
     ClassRequest {
         at: if run.spec.vm.is_some() { "spec.vm" } else { "the preset's spec.vm" },
+        namespace: run.metadata.namespace.as_deref().unwrap_or_default(),
         machine_type: &vm.machine_type,
         image: &vm.image,
         zones: &vm.zones,
-        shards: Some(run.spec.shards),
+        shards: Some(started.map_or(run.spec.shards, |s| s.shards)),
         timeout: run.spec.timeout.parse().ok(),
         pool_instances: None,
     }
@@ -2014,7 +2018,7 @@ mod tests {
         w.class = ClassChoice::Missing("gone".into());
         w.reconcile();
         let invalid = conditions::get(&w.status().conditions, "InvalidSpec").expect("InvalidSpec").clone();
-        assert!(invalid.message.contains("VmClass \"gone\" does not exist"), "{}", invalid.message);
+        assert!(invalid.message.contains("VmClass gone does not exist"), "{}", invalid.message);
 
         // The class widened: the run starts, on the class's network and account.
         class.spec.limits.allowed_machine_types.push("e2-*".into());
