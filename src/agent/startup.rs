@@ -66,6 +66,7 @@ const FETCH_SCRIPT: &str = r#"#!/bin/sh
 url=@URL@
 want=@SHA256@
 log() { echo "testrun-agent: $*" >&2; }
+machine=$(uname -m)
 command -v curl >/dev/null 2>&1 || command -v wget >/dev/null 2>&1 || {
   log "neither curl nor wget is on PATH: the agent cannot be fetched (bake it into the image, set --agent-command)"
   exit 1
@@ -75,8 +76,14 @@ command -v sha256sum >/dev/null 2>&1 || command -v openssl >/dev/null 2>&1 || {
   exit 1
 }
 
-# A folder where a file may be executed.
+# A folder where a file may be executed: one that keeps this build already
+# (it was tried when the build was put there), else the first where a
+# two-line script runs.
 exec_dir() {
+  for dir in ${TESTRUN_AGENT_DIR:+"$TESTRUN_AGENT_DIR"} /var/lib/testrun-agent /var/lib/cloud/testrun-agent \
+    /var/lib/docker/testrun-agent /tmp/testrun-agent; do
+    [ -x "$dir/testrun-agent-$want" ] && { echo "$dir"; return 0; }
+  done
   for dir in ${TESTRUN_AGENT_DIR:+"$TESTRUN_AGENT_DIR"} /var/lib/testrun-agent /var/lib/cloud/testrun-agent \
     /var/lib/docker/testrun-agent /tmp/testrun-agent; do
     mkdir -p "$dir" 2>/dev/null || continue
@@ -108,9 +115,16 @@ fetch() {
   fi
 }
 
-# The last status code, and a header, of a header dump.
-status() { tr -d '\r' <"$1" | awk '$1 ~ /^HTTP\// { code = $2 } END { print code }'; }
-header() { tr -d '\r' <"$1" | awk -v name="$2:" 'tolower($1) == name { value = $2 } END { print value }'; }
+# A header dump's last status code and the agent headers, in one pass:
+# "CODE SHA256 SIZE ARCH", `-` for what is missing.
+headers() {
+  awk '{ sub(/\r$/, "") }
+    $1 ~ /^HTTP\// { code = $2 }
+    tolower($1) == "@HEADER@:" { sha = $2 }
+    tolower($1) == "@SIZE_HEADER@:" { size = $2 }
+    tolower($1) == "@ARCH_HEADER@:" { arch = $2 }
+    END { printf "%s %s %s %s\n", code ? code : "-", sha ? sha : "-", size ? size : "-", arch ? arch : "-" }' "$1"
+}
 
 # VMs that share a folder (an image's shared mount, or the emulator's VMs)
 # fetch a build once: one holds "$dir/.fetching" while it downloads, the
@@ -145,22 +159,19 @@ try() {
   part="$dir/.download.$$"
   cached=
   lock || cached=$want
-  rm -f "$part" "$part.headers"
   fetch "$part" "$part.headers" "$cached" || { log "fetching $url failed"; rm -f "$part" "$part.headers"; unlock; return 1; }
-  code=$(status "$part.headers")
-  sha=$(header "$part.headers" @HEADER@)
-  size=$(header "$part.headers" @SIZE_HEADER@)
-  arch=$(header "$part.headers" @ARCH_HEADER@)
-  rm -f "$part.headers"
-  if [ -n "$arch" ] && [ "$arch" != "$(uname -m)" ]; then
-    log "the agent API serves a $arch agent and this VM is $(uname -m): use a machine type of the controller's architecture, or bake the agent into the image and set --agent-command"
-    rm -f "$part"
+  # shellcheck disable=SC2046 # four words, none with spaces
+  set -- $(headers "$part.headers")
+  code=$1 sha=${2#-} size=${3#-} arch=${4#-}
+  if [ -n "$arch" ] && [ "$arch" != "$machine" ]; then
+    log "the agent API serves a $arch agent and this VM is $machine: use a machine type of the controller's architecture, or bake the agent into the image and set --agent-command"
+    rm -f "$part" "$part.headers"
     unlock
     exit 1
   fi
   case "$code" in
   304)
-    rm -f "$part"
+    rm -f "$part" "$part.headers"
     unlock
     kept="$dir/testrun-agent-$want"
     if [ -x "$kept" ] && [ "$(wc -c <"$kept" | tr -d ' ')" = "$size" ]; then
@@ -171,10 +182,10 @@ try() {
     rm -f "$kept"
     return 1
     ;;
-  200) ;;
+  200) rm -f "$part.headers" ;;
   *)
-    log "$url answered ${code:-nothing}"
-    rm -f "$part"
+    log "$url answered ${code#-}"
+    rm -f "$part" "$part.headers"
     unlock
     return 1
     ;;
@@ -225,7 +236,7 @@ mod tests {
         });
         assert!(script.contains("url='http://10.0.0.2:8090/it'\\''s/agent/v1/binary'\n"), "{script}");
         assert!(script.contains(&format!("want='{}'\n", "ab".repeat(32))), "{script}");
-        assert!(script.contains("sha=$(header \"$part.headers\" testrun-agent-sha256)"), "{script}");
+        assert!(script.contains("tolower($1) == \"testrun-agent-sha256:\" { sha = $2 }"), "{script}");
         assert!(!script.contains('@'), "a placeholder was left: {script}");
     }
 
