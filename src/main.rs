@@ -259,15 +259,22 @@ fn run_async(task: impl Future<Output = Result<(), String>>) -> ExitCode {
     run_on(tokio::runtime::Builder::new_multi_thread(), task)
 }
 
-fn run_on(mut builder: tokio::runtime::Builder, task: impl Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match builder.enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("testrun-controller: starting the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(task) {
+fn run_on(builder: tokio::runtime::Builder, task: impl Future<Output = Result<(), String>>) -> ExitCode {
+    match runtime(builder) {
+        Ok(runtime) => exit_code(runtime.block_on(task)),
+        Err(code) => code,
+    }
+}
+
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("testrun-controller: starting the async runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn exit_code(result: Result<(), String>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("testrun-controller: {e}");
@@ -306,40 +313,27 @@ struct Handover {
 /// Runs the controller; a leader gives its Lease up only after every task
 /// of its runtime has stopped (at most 2 s after the controllers ended).
 fn run_controller(args: RunArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("testrun-controller: starting the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let mut handover = None;
     let result = runtime.block_on(controller(args, &mut handover));
     runtime.shutdown_timeout(Duration::from_secs(2));
     if let Some(Handover { election, fence }) = handover {
         fence.disarm();
-        let released = tokio::runtime::Builder::new_current_thread().enable_all().build().map(|rt| {
-            rt.block_on(async {
-                match kube::Client::try_default().await {
-                    Ok(client) => match testrun_controller::leader::Elector::new(client, election, fence) {
-                        Ok(mut elector) => elector.release().await,
-                        Err(e) => eprintln!("testrun-controller: {e}"),
-                    },
-                    Err(e) => eprintln!("testrun-controller: connecting to Kubernetes to give up the Lease: {e}"),
-                }
-            })
+        // The reported outcome is the controller's; giving up the Lease only logs.
+        let _ = run_on(tokio::runtime::Builder::new_current_thread(), async {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| format!("connecting to Kubernetes to give up the Lease: {e}"))?;
+            let mut elector =
+                testrun_controller::leader::Elector::new(client, election, fence).map_err(|e| e.to_string())?;
+            elector.release().await;
+            Ok(())
         });
-        if let Err(e) = released {
-            eprintln!("testrun-controller: starting a runtime to give up the Lease: {e}");
-        }
     }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("testrun-controller: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(result)
 }
 
 async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Result<(), String> {

@@ -284,6 +284,15 @@ impl ClassChoice {
     }
 }
 
+/// A spec's own problems and its class's refusal as one InvalidSpec
+/// message (`; ` between them); none when neither has any.
+pub fn join_refusals(spec: Option<String>, class: Option<String>) -> Option<String> {
+    match (spec, class) {
+        (Some(spec), Some(class)) => Some(format!("{spec}; {class}")),
+        (spec, class) => spec.or(class),
+    }
+}
+
 /// The region of a subnetwork path or URL (`…/regions/REGION/subnetworks/…`).
 fn subnetwork_region(subnetwork: &str) -> Option<&str> {
     let (_, rest) = subnetwork.split_once("regions/")?;

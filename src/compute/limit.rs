@@ -6,11 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
-use crate::leader::Fence;
 use std::time::Duration;
 
 use tokio::sync::{Mutex, Semaphore};
+
+use crate::leader::Fence;
 use tokio::time::Instant;
 
 use super::{Compute, ComputeError, Instance, InstanceSpec, Listing, Operation};

@@ -31,6 +31,17 @@ use crate::api::prebuild::{PendingJob, PrebuildPreset, PrebuildPresetStatus, Pre
 use crate::api::validation::validate_prebuild_preset;
 use crate::api::vmclass::{self, ClassChoice, ClassRequest};
 
+use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation};
+use crate::compute::InstanceSpec;
+use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
+use crate::controller::conditions;
+use crate::controller::ops::{
+    CloudCall, DeleteRetry, InsertRetry, PlannedEvent, Seen, UNSEEN_ZONE_RECHECK, deletion_condition, intent,
+    may_still_act, record_failure, retry_delete, retry_insert, signed, until,
+};
+use crate::controller::testrun::plan::Settings;
+use crate::inventory::state::VmView;
+
 /// What a preset asks of its VmClass.
 pub fn pool_request<'a>(preset: &'a PrebuildPreset, namespace: &'a str) -> ClassRequest<'a> {
     ClassRequest {
@@ -44,16 +55,6 @@ pub fn pool_request<'a>(preset: &'a PrebuildPreset, namespace: &'a str) -> Class
         pool_instances: Some(preset.spec.instances),
     }
 }
-use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation};
-use crate::compute::InstanceSpec;
-use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
-use crate::controller::conditions;
-use crate::controller::ops::{
-    CloudCall, DeleteRetry, InsertRetry, PlannedEvent, Seen, UNSEEN_ZONE_RECHECK, deletion_condition, intent,
-    may_still_act, record_failure, retry_delete, retry_insert, signed, until,
-};
-use crate::controller::testrun::plan::Settings;
-use crate::inventory::state::VmView;
 
 /// How long a pool VM may live before Compute Engine deletes it; the pool
 /// then replaces it.
@@ -158,10 +159,7 @@ pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
     if refused.is_some() {
         p.wake = crate::controller::testrun::plan::CLASS_POLL;
     }
-    let invalid = match (validate_prebuild_preset(&preset.spec).err().map(|e| e.to_string()), refused) {
-        (Some(spec), Some(class)) => Some(format!("{spec}; {class}")),
-        (spec, class) => spec.or(class),
-    };
+    let invalid = vmclass::join_refusals(validate_prebuild_preset(&preset.spec).err().map(|e| e.to_string()), refused);
     if let Some(message) = invalid {
         let new = conditions::get(&p.status.conditions, "InvalidSpec").is_none_or(|c| c.message != message);
         conditions::set(

@@ -17,7 +17,7 @@ use kube::{Resource, ResourceExt};
 use tracing::Instrument as _;
 
 use super::plan::{Observed, Plan, plan, plan_cleanup};
-use super::plan::{class_request, vm_life_needed};
+use super::plan::{class_request, shape, vm_life_needed};
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::TestRun;
 use crate::api::validation::validate_testrun;
@@ -166,10 +166,9 @@ struct PresetView {
 /// admitted by its class, the preset's class admits the run, and the
 /// preset itself fits its class (a refused pool lends nothing).
 fn class_admits<C: Compute>(ctx: &Context<C>, run: &TestRun, preset: &PrebuildPreset) -> bool {
-    let started = run.status.as_ref().and_then(|s| s.started.as_ref()).map(|s| &s.vm);
-    let shape = started.or(run.spec.vm.as_ref()).unwrap_or(&preset.spec.vm);
+    let own = shape(run, Some(&preset.spec.vm)).unwrap_or(&preset.spec.vm);
     let namespace = run.namespace().unwrap_or_default();
-    let run_admitted = ctx.class_of(Some(shape)).refusal(&class_request(run, shape)).is_none();
+    let run_admitted = ctx.class_of(Some(own)).refusal(&class_request(run, own)).is_none();
     let preset_class = ctx.class_of(Some(&preset.spec.vm));
     let lends = preset_class.refusal(&class_request(run, &preset.spec.vm)).is_none()
         && preset_class.refusal(&crate::controller::prebuild::plan::pool_request(preset, &namespace)).is_none();
@@ -298,11 +297,10 @@ async fn observe_and_plan<C: Compute + Clone>(
     let operations = observe_operations(&ctx.tracker, &owner, &tracked, now);
     let heard = ctx.book.snapshot(&uid);
     // The shape new VMs get: what the run started with, else what it would start with.
-    let started_vm = run.status.as_ref().and_then(|s| s.started.as_ref()).map(|s| &s.vm);
-    let machine =
-        started_vm.or(run.spec.vm.as_ref()).or(preset.vm.as_ref()).map(|v| v.machine_type.clone()).unwrap_or_default();
+    let vm = shape(run, preset.vm.as_ref());
+    let machine = vm.map(|v| v.machine_type.clone()).unwrap_or_default();
     let exhausted = ctx.exhausted_zones.current(&machine);
-    let class = ctx.class_of(started_vm.or(run.spec.vm.as_ref()).or(preset.vm.as_ref()));
+    let class = ctx.class_of(vm);
     let observed = Observed {
         run,
         now,

@@ -164,13 +164,9 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
     // VM needs a valid spec. A run begun before its shape was kept in status
     // goes on too: following, advancing and deleting need no shape.
     let begun = p.status.shards.iter().any(|s| s.attempt > 0);
-    let shape = p.status.started.as_ref().map(|s| &s.vm).or(run.spec.vm.as_ref()).or(obs.preset_vm);
-    let refused = shape.and_then(|vm| obs.class.refusal(&class_request(run, vm)));
+    let refused = shape(run, obs.preset_vm).and_then(|vm| obs.class.refusal(&class_request(run, vm)));
     let class_refused = refused.is_some();
-    let invalid = match (validate_testrun(&run.spec).err().map(|e| e.to_string()), refused) {
-        (Some(spec), Some(class)) => Some(format!("{spec}; {class}")),
-        (spec, class) => spec.or(class),
-    };
+    let invalid = vmclass::join_refusals(validate_testrun(&run.spec).err().map(|e| e.to_string()), refused);
     if let Some(message) = &invalid {
         p.invalid(message);
         if class_refused {
@@ -1104,6 +1100,13 @@ fn error_code_of(last_error: &str) -> Option<ErrorCode> {
 /// How often a run or preset its VmClass refuses is looked at again (a
 /// class is created or changed without touching the objects of the class).
 pub const CLASS_POLL: Duration = Duration::from_secs(30);
+
+/// The shape of the VMs a run makes: what it started with, else its
+/// `spec.vm`, else its preset's.
+pub fn shape<'a>(run: &'a TestRun, preset_vm: Option<&'a VmSpec>) -> Option<&'a VmSpec> {
+    let started = run.status.as_ref().and_then(|s| s.started.as_ref()).map(|s| &s.vm);
+    started.or(run.spec.vm.as_ref()).or(preset_vm)
+}
 
 /// What a run asks of its VmClass.
 /// A started run is held to what it started with (its shards), not to a
