@@ -11,6 +11,7 @@
 //! - [`compute`] and [`emulator`]: the cloud, and a local stand-in for it.
 //! - [`agent`]: the agent on each VM and the API it reports to.
 //! - [`leader`]: leader election between replicas.
+//! - [`shutdown`]: the process's one stop request.
 
 pub mod agent;
 pub mod api;
@@ -21,5 +22,6 @@ pub mod emulator;
 pub mod inventory;
 pub mod leader;
 pub mod metrics;
+pub mod shutdown;
 pub mod telemetry;
 pub mod tracker;

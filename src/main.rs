@@ -91,6 +91,17 @@ struct RunArgs {
     /// `http://127.0.0.1:PORT` with the port of `--agent-listen`.
     #[arg(long, env = "TESTRUN_AGENT_URL")]
     agent_url: Option<String>,
+    /// Agent Service to send VMs through: the replica that leads writes its
+    /// address (`--agent-address` and the port of `--agent-listen`) into
+    /// this Service's EndpointSlice `<service>-leader` in `--namespace`, so
+    /// a Service without a selector routes every VM to the leader alone.
+    /// The chart's agent Service. Without it, routing is up to you.
+    #[arg(long, env = "TESTRUN_AGENT_SERVICE")]
+    agent_service: Option<String>,
+    /// This replica's address in that EndpointSlice: its pod IP. Default:
+    /// the address of `--agent-listen`, unless that is 0.0.0.0 or ::.
+    #[arg(long, env = "POD_IP")]
+    agent_address: Option<std::net::IpAddr>,
     /// Command the VM startup script runs (followed by `agent`), for images
     /// that carry the agent already. Default: the startup script fetches
     /// this controller's own executable from the agent API
@@ -153,8 +164,8 @@ struct RunArgs {
     concurrency: u16,
     /// Elect a leader among replicas on a `coordination.k8s.io` Lease in
     /// `--namespace`: only the leader reconciles, scans for orphans and
-    /// serves agents; the others report not ready on `/readyz` until they
-    /// take over. A leader that cannot renew for
+    /// serves agents (see `--agent-service`); the others stand by, ready,
+    /// with `standby` on `/readyz`. A leader that cannot renew for
     /// `--leader-elect-renew-deadline` exits.
     #[arg(long, env = "TESTRUN_LEADER_ELECT")]
     leader_elect: bool,
@@ -300,13 +311,19 @@ async fn emulator(args: EmulatorArgs) -> Result<(), String> {
     tracing::info!(listen = %local, faults = config.faults.len(), "compute emulator serving");
     // One line on stdout with the address, for scripts that start it on port 0.
     println!("listening on http://{local}");
-    Emulator::new(config).serve(listener, shutdown_signal()).await.map_err(|e| format!("serving: {e}"))
+    Emulator::new(config)
+        .serve(listener, testrun_controller::shutdown::requested())
+        .await
+        .map_err(|e| format!("serving: {e}"))
 }
 
 /// What a process that led does once its runtime stopped: nothing of it
 /// acts any more, so the Lease may be given up.
 struct Handover {
-    election: testrun_controller::leader::ElectionConfig,
+    /// The Lease to give up; None without leader election.
+    election: Option<testrun_controller::leader::ElectionConfig>,
+    /// The EndpointSlice to empty first, when one was written.
+    endpoint: Option<testrun_controller::agent::endpoint::AgentEndpoint>,
     fence: std::sync::Arc<testrun_controller::leader::Fence>,
 }
 
@@ -320,16 +337,21 @@ fn run_controller(args: RunArgs) -> ExitCode {
     let mut handover = None;
     let result = runtime.block_on(controller(args, &mut handover));
     runtime.shutdown_timeout(Duration::from_secs(2));
-    if let Some(Handover { election, fence }) = handover {
+    if let Some(Handover { election, endpoint, fence }) = handover {
         fence.disarm();
-        // The reported outcome is the controller's; giving up the Lease only logs.
+        // The reported outcome is the controller's; handing over only logs.
         let _ = run_on(tokio::runtime::Builder::new_current_thread(), async {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| format!("connecting to Kubernetes to give up the Lease: {e}"))?;
-            let mut elector =
-                testrun_controller::leader::Elector::new(client, election, fence).map_err(|e| e.to_string())?;
-            elector.release().await;
+            let client =
+                kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes to hand over: {e}"))?;
+            // While the Lease is still ours no one else wrote the slice.
+            if let Some(endpoint) = endpoint.filter(|_| fence.holds()) {
+                endpoint.withdraw(&client).await;
+            }
+            if let Some(election) = election {
+                let mut elector =
+                    testrun_controller::leader::Elector::new(client, election, fence).map_err(|e| e.to_string())?;
+                elector.release().await;
+            }
             Ok(())
         });
     }
@@ -345,6 +367,8 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
     use testrun_controller::leader::{self, ElectionConfig, Elector, Fence};
 
     telemetry::init(args.log_format);
+    // From here on no SIGTERM goes unnoticed, whatever is running.
+    testrun_controller::shutdown::listen();
     let project = match (&args.project, &args.compute_endpoint) {
         (Some(project), _) => project.clone(),
         (None, Some(_)) => "local".to_string(),
@@ -391,6 +415,30 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
         Some(command) => AgentLaunch::Command(command),
         None => AgentLaunch::Fetch { agent_url: agent_url.clone(), sha256: binary.sha256.clone() },
     };
+    let agent_endpoint = match args.agent_service.clone().filter(|service| !service.is_empty()) {
+        None => None,
+        Some(service) => {
+            let listen = args.agent_listen.ip();
+            let address = args.agent_address.or((!listen.is_unspecified()).then_some(listen)).ok_or_else(|| {
+                format!(
+                    "--agent-service {service} needs --agent-address (or POD_IP): the address VMs are sent to, \
+                     since --agent-listen {} names no single address",
+                    args.agent_listen
+                )
+            })?;
+            if args.agent_listen.port() == 0 {
+                return Err(format!("--agent-service {service} needs a fixed port in --agent-listen, not 0"));
+            }
+            Some(testrun_controller::agent::endpoint::AgentEndpoint {
+                namespace: args.namespace.clone(),
+                service,
+                address,
+                port: args.agent_listen.port(),
+                pod: std::env::var("POD_NAME").ok().filter(|name| !name.is_empty()),
+                fence: fence.clone(),
+            })
+        }
+    };
     // An empty namespace (e.g. an unset chart value) means all namespaces.
     args.watch_namespace = args.watch_namespace.take().filter(|ns| !ns.is_empty());
     let settings = Settings {
@@ -428,12 +476,14 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
         operation_reads: 16,
         calls_in_flight: args.compute_max_mutations.max(1),
         agent_binary: binary,
+        agent_endpoint: agent_endpoint.clone(),
     };
     let metrics_addr = testrun_controller::metrics::serve(args.metrics_listen, metrics.clone())
         .await
         .map_err(|e| format!("serving metrics on {}: {e}", args.metrics_listen))?;
     tracing::info!(metrics = %metrics_addr, "serving metrics and health");
     if !args.leader_elect {
+        *handover = Some(Handover { election: None, endpoint: agent_endpoint, fence });
         metrics.set_leading();
         return run(client, compute, settings, config, metrics).await.map_err(|e| e.to_string());
     }
@@ -449,10 +499,10 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
     metrics.set_standby();
     let won = tokio::select! {
         won = elector.acquire() => won,
-        () = shutdown_signal() => return Ok(()),
+        () = testrun_controller::shutdown::requested() => return Ok(()),
     };
     // From here on, a stop hands the Lease over (after the runtime stopped).
-    *handover = Some(Handover { election, fence });
+    *handover = Some(Handover { election: Some(election), endpoint: agent_endpoint, fence });
     metrics.set_leading();
     let outcome = tokio::select! {
         ran = run(client, compute, settings, config, metrics) => Ok(ran),
@@ -468,24 +518,6 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
             Err(lost.to_string())
         }
     }
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = interrupt => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down");
 }
 
 fn crdgen() -> ExitCode {

@@ -336,7 +336,11 @@ async fn render(State(metrics): State<Arc<Metrics>>) -> Response {
 async fn readyz(State(metrics): State<Arc<Metrics>>) -> Response {
     match metrics.readiness.load(Ordering::Relaxed) {
         READY => (StatusCode::OK, "ok").into_response(),
-        STANDBY => (StatusCode::SERVICE_UNAVAILABLE, "standby: another replica holds the leader Lease").into_response(),
+        // A standby is ready: it works, and takes over when the leader
+        // goes. Agents are sent to the leader alone by the agent Service's
+        // EndpointSlice, not by readiness, so a rollout or a
+        // PodDisruptionBudget counts both replicas.
+        STANDBY => (StatusCode::OK, "standby: another replica holds the leader Lease").into_response(),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response(),
     }
 }

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use common::controller::ControllerProcess;
 use common::emulator::EmulatorProcess;
+use common::service::ServiceProxy;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::api::{Api, PostParams};
 use serde_json::json;
+use testrun_controller::api::VmClass;
 use testrun_controller::api::prebuild::PrebuildPreset;
 use testrun_controller::api::testrun::{TestRun, TestRunPhase};
 
@@ -35,6 +37,164 @@ fn run_helm(args: &[&str]) -> (bool, String) {
         .output()
         .expect("running helm");
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `helm template` with `sets`; the documents it renders.
+fn render(sets: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["template", "r", "charts/testrun-controller", "--namespace", "ci"];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let (ok, rendered) = run_helm(&args);
+    assert!(ok, "{rendered}");
+    rendered
+        .split("\n---")
+        .filter_map(|d| serde_norway::from_str::<serde_json::Value>(d).ok())
+        .filter(|d| d.is_object())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name).unwrap_or_else(|| {
+        panic!("no {kind} {name} among {:?}", docs.iter().map(|d| &d["metadata"]["name"]).collect::<Vec<_>>())
+    })
+}
+
+/// Every resource a set of RBAC rules grants, as `group/resource:verb`.
+fn grants(role: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for rule in role["rules"].as_array().into_iter().flatten() {
+        for group in rule["apiGroups"].as_array().into_iter().flatten() {
+            for resource in rule["resources"].as_array().into_iter().flatten() {
+                for verb in rule["verbs"].as_array().into_iter().flatten() {
+                    out.push(format!(
+                        "{}/{}:{}",
+                        group.as_str().unwrap_or(""),
+                        resource.as_str().unwrap_or(""),
+                        verb.as_str().unwrap_or("")
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+const GCE: [&str; 2] = ["project=my-project", "agentUrl=http://10.0.0.5:8090"];
+
+#[test]
+fn a_bad_value_fails_the_install_with_a_message_naming_it() {
+    for (set, says) in [
+        ("gc.interval=2min", "gc.interval"),
+        ("replicaCount=0", "replicaCount"),
+        ("log.format=xml", "log.format"),
+        ("agentService.type=External", "agentService.type"),
+        ("agentServce.port=80", "agentServce"),
+        ("agentUrl=10.0.0.5:8090", "agentUrl"),
+        ("leaderElection.enabled=false", "leaderElection.enabled"),
+    ] {
+        let (ok, out) =
+            run_helm(&["template", "r", "charts/testrun-controller", "--set", GCE[0], "--set", GCE[1], "--set", set]);
+        assert!(!ok && out.contains(says), "{set} was accepted or not named: {out}");
+    }
+    // One replica without leader election is fine, and never rolls two at once.
+    let docs = render(&[GCE[0], GCE[1], "leaderElection.enabled=false", "replicaCount=1"]);
+    let deployment = find(&docs, "Deployment", "r-testrun-controller");
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+}
+
+#[test]
+fn the_chart_renders_every_pod_setting_a_platform_team_sets() {
+    let docs = render(&[
+        GCE[0],
+        GCE[1],
+        "imagePullSecrets[0].name=regcred",
+        "podAnnotations.team=ci",
+        "podLabels.tier=infra",
+        "priorityClassName=system-cluster-critical",
+        "extraEnv[0].name=HTTPS_PROXY",
+        "extraEnv[0].value=http://proxy:3128",
+        "envFrom[0].secretRef.name=testrun-env",
+        "extraVolumes[0].name=scratch",
+        "extraVolumes[0].emptyDir.medium=Memory",
+        "extraVolumeMounts[0].name=scratch",
+        "extraVolumeMounts[0].mountPath=/scratch",
+        "log.level=debug",
+        "log.format=text",
+        "agentService.type=LoadBalancer",
+        "agentService.annotations.networking\\.gke\\.io/load-balancer-type=Internal",
+        "agentService.loadBalancerSourceRanges[0]=10.128.0.0/20",
+        "defaultVmClass.create=true",
+        "defaultVmClass.spec.network=ci",
+        "defaultVmClass.spec.limits.maxShards=8",
+    ]);
+    let deployment = find(&docs, "Deployment", "r-testrun-controller");
+    assert_eq!(deployment["metadata"]["namespace"], "ci");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(pod["metadata"]["annotations"]["team"], "ci");
+    assert_eq!(pod["metadata"]["labels"]["tier"], "infra");
+    let spec = &pod["spec"];
+    assert_eq!(spec["imagePullSecrets"][0]["name"], "regcred");
+    assert_eq!(spec["priorityClassName"], "system-cluster-critical");
+    assert_eq!(spec["volumes"][0]["emptyDir"]["medium"], "Memory");
+    let spread = &spec["topologySpreadConstraints"][0];
+    assert_eq!(spread["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(spread["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"], "r", "{spread}");
+    let container = &spec["containers"][0];
+    assert_eq!(container["volumeMounts"][0]["mountPath"], "/scratch");
+    assert_eq!(container["envFrom"][0]["secretRef"]["name"], "testrun-env");
+    let env: Vec<(String, String)> = container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap_or("").into(), e["value"].as_str().unwrap_or("").into()))
+        .collect();
+    assert!(env.contains(&("RUST_LOG".into(), "debug".into())), "{env:?}");
+    assert!(env.contains(&("HTTPS_PROXY".into(), "http://proxy:3128".into())), "{env:?}");
+    assert!(env.iter().any(|(name, _)| name == "POD_IP"), "{env:?}");
+    let args: Vec<&str> = container["args"].as_array().expect("args").iter().filter_map(|a| a.as_str()).collect();
+    assert!(args.contains(&"--log-format=text") && args.contains(&"--agent-service=r-testrun-controller-agent"));
+    // The agent Service: an internal load balancer, no selector (the leader
+    // writes its EndpointSlice), open to the VMs' range only.
+    let agent = find(&docs, "Service", "r-testrun-controller-agent");
+    assert_eq!(agent["spec"]["type"], "LoadBalancer");
+    assert!(agent["spec"]["selector"].is_null(), "{agent}");
+    assert_eq!(agent["spec"]["loadBalancerSourceRanges"][0], "10.128.0.0/20");
+    assert_eq!(agent["metadata"]["annotations"]["networking.gke.io/load-balancer-type"], "Internal");
+    assert_eq!(agent["spec"]["ports"][0]["name"], "agent");
+    let pdb = find(&docs, "PodDisruptionBudget", "r-testrun-controller");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    let class = find(&docs, "VmClass", "default");
+    assert_eq!(class["metadata"]["annotations"]["testrun.dev/is-default-class"], "true");
+    assert_eq!(class["spec"]["limits"]["maxShards"], 8);
+}
+
+#[test]
+fn with_a_watched_namespace_the_controller_gets_a_role_there_and_no_cluster_wide_write() {
+    let docs = render(&[GCE[0], GCE[1], "watchNamespace=team-a"]);
+    let cluster = grants(find(&docs, "ClusterRole", "r-testrun-controller"));
+    assert_eq!(
+        cluster,
+        ["testrun.dev/vmclasses:get", "testrun.dev/vmclasses:list", "testrun.dev/vmclasses:watch"],
+        "cluster-wide, only VmClasses are read"
+    );
+    let workloads = find(&docs, "Role", "r-testrun-controller-workloads");
+    assert_eq!(workloads["metadata"]["namespace"], "team-a");
+    let granted = grants(workloads);
+    for want in
+        ["testrun.dev/testruns:watch", "testrun.dev/prebuildpresets/status:patch", "events.k8s.io/events:create"]
+    {
+        assert!(granted.iter().any(|g| g == want), "{want} missing from {granted:?}");
+    }
+    let binding = find(&docs, "RoleBinding", "r-testrun-controller-workloads");
+    assert_eq!(binding["subjects"][0]["namespace"], "ci");
+    // Without it the same rules are cluster-wide.
+    let docs = render(&GCE);
+    let cluster = grants(find(&docs, "ClusterRole", "r-testrun-controller"));
+    assert!(cluster.iter().any(|g| g == "testrun.dev/testruns:watch"), "{cluster:?}");
+    assert!(!docs.iter().any(|d| d["metadata"]["name"] == "r-testrun-controller-workloads"));
 }
 
 #[test]
@@ -65,8 +225,16 @@ fn the_chart_lints_and_renders_least_privilege_rbac() {
         .filter(|d| d.is_object())
         .collect();
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-    for kind in ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment", "Service"]
-    {
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    ] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
     let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("Deployment");
@@ -104,6 +272,9 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
     let endpoint = format!("computeEndpoint={}", emulator.url);
     let installation = format!("installationId={ns}");
     let watch = format!("watchNamespace={ns}");
+    // A default VmClass for this namespace alone, with a limit the pool fits.
+    let class = format!("defaultVmClass.name={ns}");
+    let class_namespaces = format!("defaultVmClass.spec.allowedNamespaces[0]={ns}");
     let (ok, out) = run_helm(&[
         "install",
         &release,
@@ -116,6 +287,16 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
         &installation,
         "--set",
         &watch,
+        "--set",
+        "defaultVmClass.create=true",
+        "--set",
+        &class,
+        "--set",
+        &class_namespaces,
+        "--set",
+        "defaultVmClass.spec.limits.allowedMachineTypes[0]=e2-*",
+        "--set",
+        "defaultVmClass.spec.limits.maxShards=2",
     ]);
     assert!(ok, "helm install failed: {out}");
     let roles: Api<ClusterRole> = Api::all(client.clone());
@@ -128,12 +309,28 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
     let impersonating = std::env::temp_dir().join(format!("kubeconfig-{ns}"));
     std::fs::write(&impersonating, serde_norway::to_string(&config).expect("YAML")).expect("writing kubeconfig");
     let secret = format!("{fullname}-lease-key");
+    // VMs reach it through the chart's agent Service, whose EndpointSlice
+    // the controller writes (with the chart's permissions).
+    let agent_service = format!("{fullname}-agent");
+    let service = ServiceProxy::follow(&client, &ns, &agent_service).await;
+    let agent_url = service.url();
     let controller = ControllerProcess::start(
         impersonating,
         &ns,
         &emulator.url,
-        &["--lease-secret", &secret, "--leader-elect", "--leader-elect-lease", &fullname],
+        &[
+            "--lease-secret",
+            &secret,
+            "--leader-elect",
+            "--leader-elect-lease",
+            &fullname,
+            "--agent-service",
+            &agent_service,
+            "--agent-url",
+            &agent_url,
+        ],
     );
+    service.wait_for_target(Some(controller.agent_port), "the controller never wrote the agent EndpointSlice").await;
 
     let presets: Api<PrebuildPreset> = Api::namespaced(client.clone(), &ns);
     let preset: PrebuildPreset = serde_json::from_value(json!({
@@ -147,7 +344,30 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
         assert!(Instant::now() < deadline, "the pool never filled; log:\n{}", controller.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The chart's default class applies here: a run above its shard limit is refused.
     let runs: Api<TestRun> = Api::namespaced(client.clone(), &ns);
+    let too_big: TestRun = serde_json::from_value(json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun", "metadata": { "name": "too-big" },
+        "spec": { "presetRef": { "name": "pool" }, "shards": 3, "command": ["true"] }
+    }))
+    .expect("TestRun");
+    runs.create(&PostParams::default(), &too_big).await.expect("TestRun");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let run = runs.get("too-big").await.expect("get");
+        let refusal = run.status.iter().flat_map(|s| &s.conditions).find(|c| c.reason == "InvalidSpec").cloned();
+        if let Some(condition) = refusal {
+            assert!(
+                condition.message.contains("spec.shards") && condition.message.contains(&ns),
+                "{}",
+                condition.message
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run above the class limit was not refused; log:\n{}", controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    runs.delete("too-big", &Default::default()).await.expect("delete");
     let run: TestRun = serde_json::from_value(json!({
         "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun", "metadata": { "name": "under-rbac" },
         "spec": { "presetRef": { "name": "pool" }, "shards": 2, "command": ["true"], "ttlSecondsAfterFinished": 2 }
@@ -175,4 +395,6 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
 
     let (ok, out) = run_helm(&["uninstall", &release, "--namespace", &ns]);
     assert!(ok, "{out}");
+    let classes: Api<VmClass> = Api::all(client.clone());
+    assert!(classes.get_opt(&ns).await.expect("get").is_none(), "the chart's VmClass outlived the release");
 }

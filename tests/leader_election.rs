@@ -1,73 +1,28 @@
 //! Two controller processes with `--leader-elect` against the real
-//! kube-apiserver: one leads, the other stands by (not ready). Agents reach
-//! them through a proxy that forwards to whichever reports ready on
-//! `/readyz`, as a Service with a readiness probe does. The leader is
-//! killed with SIGKILL while every shard runs: the standby takes over, and
-//! the run finishes with every result, on its first VMs, with no VM made
-//! twice.
+//! kube-apiserver: one leads, the other stands by (ready, serving no
+//! agent). Agents reach them through a selectorless Service whose
+//! EndpointSlice the leader writes, followed by a proxy as kube-proxy
+//! follows it. The leader is killed with SIGKILL while every shard runs:
+//! the standby takes over and points the Service at itself, and the run
+//! finishes with every result, on its first VMs, with no VM made twice.
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use common::controller::ControllerProcess;
 use common::emulator::EmulatorProcess;
+use common::service::ServiceProxy;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use serde_json::json;
 use testrun_controller::api::testrun::{TestRun, TestRunPhase};
 
-/// Forwards connections to the agent port of the first controller whose
-/// `/readyz` answers 200; refuses them while none does.
-struct ReadinessProxy {
-    port: u16,
-}
-
-impl ReadinessProxy {
-    async fn start(backends: Arc<std::sync::Mutex<Vec<(u16, u16)>>>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let target = Arc::new(AtomicU16::new(0));
-        let probing = target.clone();
-        tokio::spawn(async move {
-            let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().expect("client");
-            loop {
-                let candidates = backends.lock().expect("backends").clone();
-                let mut ready = 0;
-                for (agent, metrics) in candidates {
-                    let url = format!("http://127.0.0.1:{metrics}/readyz");
-                    if http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
-                        ready = agent;
-                        break;
-                    }
-                }
-                probing.store(ready, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { continue };
-                let backend = target.load(Ordering::Relaxed);
-                if backend == 0 {
-                    continue; // dropped: no ready endpoint
-                }
-                tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", backend)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-        Self { port }
-    }
-}
-
-async fn wait_readyz(controller: &ControllerProcess, want: u16, what: &str) {
+/// Waits until `/readyz` answers 200 with a body starting with `body`:
+/// `ok` for the leader once its caches are filled, `standby` for a standby.
+async fn wait_readyz(controller: &ControllerProcess, body: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while controller.readyz().await != Some(want) {
+    while !controller.readyz().await.is_some_and(|(status, text)| status == 200 && text.starts_with(body)) {
         assert!(Instant::now() < deadline, "{what}; log:\n{}", controller.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -83,26 +38,27 @@ async fn holder(leases: &Api<Lease>) -> (Option<String>, i32) {
 async fn the_standby_takes_over_a_killed_leader_and_the_run_loses_no_result_and_makes_no_vm_twice() {
     let (client, ns) = common::setup("leader").await;
     let emulator = EmulatorProcess::start(&["--operation-delay", "100ms", "--boot-delay", "50ms"]);
-    let backends = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let proxy = ReadinessProxy::start(backends.clone()).await;
-    let agent_url = format!("http://127.0.0.1:{}", proxy.port);
-    let args = ["--leader-elect", "--agent-url", &agent_url];
+    let service = ServiceProxy::start(&client, &ns, "agents").await;
+    let agent_url = service.url();
+    let args = ["--leader-elect", "--agent-url", &agent_url, "--agent-service", "agents"];
     let kubeconfig = common::control_plane_kubeconfig();
 
     let mut first = ControllerProcess::start(kubeconfig.clone(), &ns, &emulator.url, &args);
-    backends.lock().expect("backends").push((first.agent_port, first.metrics_port));
-    wait_readyz(&first, 200, "the first controller never led").await;
+    wait_readyz(&first, "ok", "the first controller never led").await;
+    service.wait_for_target(Some(first.agent_port), "the leader never wrote its EndpointSlice").await;
     let mut second = ControllerProcess::start(kubeconfig.clone(), &ns, &emulator.url, &args);
-    backends.lock().expect("backends").push((second.agent_port, second.metrics_port));
-    wait_readyz(&second, 503, "the second controller never stood by").await;
+    // A standby is ready (rollouts and disruption budgets count it) ...
+    wait_readyz(&second, "standby", "the second controller never stood by").await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let (leader, transitions) = holder(&leases).await;
     let leader = leader.expect("a holder");
     assert_eq!(transitions, 0);
     assert!(second.metrics().await.contains("testrun_controller_leader 0"));
     assert!(first.metrics().await.contains("testrun_controller_leader 1"));
-    // A standby serves no agent: nothing listens on its agent port.
+    // ... but serves no agent: nothing listens on its agent port, and the
+    // Service still sends VMs to the leader alone.
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", second.agent_port)).await.is_err());
+    assert_eq!(service.target(), Some(("127.0.0.1".to_string(), first.agent_port)));
 
     let runs: Api<TestRun> = Api::namespaced(client.clone(), &ns);
     common::create_shell_run(&runs, "across-failover", 3, "sleep 8; echo done $TESTRUN_SHARD").await;
@@ -120,9 +76,12 @@ async fn the_standby_takes_over_a_killed_leader_and_the_run_loses_no_result_and_
     }
     first.kill_hard();
     let killed = Instant::now();
-    wait_readyz(&second, 200, "the standby never took over").await;
+    service.wait_for_target(Some(second.agent_port), "the new leader never took the Service over").await;
     let took_over = killed.elapsed();
-    eprintln!("failover: the standby was ready {:.1} s after the leader was killed", took_over.as_secs_f64());
+    eprintln!(
+        "failover: the Service sent VMs to the standby {:.1} s after the leader was killed",
+        took_over.as_secs_f64()
+    );
 
     let deadline = Instant::now() + Duration::from_secs(90);
     let finished = loop {
@@ -159,11 +118,13 @@ async fn the_standby_takes_over_a_killed_leader_and_the_run_loses_no_result_and_
     assert!(now_leader.as_deref().is_some_and(|h| h != leader), "{now_leader:?} still {leader}");
     assert_eq!(transitions, 1);
 
-    // A leader stopped with SIGTERM gives the Lease up on its way out.
+    // A leader stopped with SIGTERM sends no more VMs to itself and gives
+    // the Lease up on its way out.
     second.terminate();
     assert!(second.log().contains("gave up the leader Lease"), "{}", second.log());
     let (after, _) = holder(&leases).await;
     assert_eq!(after, None, "the Lease still names a holder after a graceful stop");
+    service.wait_for_target(None, "the stopped leader's EndpointSlice still names it").await;
     drop(first);
 }
 
@@ -222,9 +183,9 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_the_standby_takes_ove
     std::fs::write(&through_partition, serde_norway::to_string(&config).expect("YAML")).expect("kubeconfig");
 
     let mut first = ControllerProcess::start(through_partition, &ns, &emulator.url, &["--leader-elect"]);
-    wait_readyz(&first, 200, "the first controller never led").await;
+    wait_readyz(&first, "ok", "the first controller never led").await;
     let second = ControllerProcess::start(common::control_plane_kubeconfig(), &ns, &emulator.url, &["--leader-elect"]);
-    wait_readyz(&second, 503, "the second controller never stood by").await;
+    wait_readyz(&second, "standby", "the second controller never stood by").await;
 
     partition.cut.send_replace(true);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -236,7 +197,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_the_standby_takes_ove
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(code, Some(1), "{}", first.log());
-    wait_readyz(&second, 200, "the standby never took over").await;
+    wait_readyz(&second, "ok", "the standby never took over").await;
 
     // The old leader stopped before the new one began (one clock: this machine's).
     let first_log = first.log();

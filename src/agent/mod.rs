@@ -7,11 +7,13 @@
 //! - [`api`]: the server side (register, heartbeat, result).
 //! - [`binary`]: the agent executable, served to VMs.
 //! - [`startup`]: the startup script that fetches and starts it.
+//! - [`endpoint`]: the EndpointSlice that sends VMs to the leader.
 //! - [`runner`]: the VM side.
 
 pub mod api;
 pub mod binary;
 pub mod book;
+pub mod endpoint;
 pub mod protocol;
 pub mod runner;
 pub mod startup;

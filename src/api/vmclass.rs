@@ -82,7 +82,9 @@ pub struct VmClassSpec {
     pub limits: VmClassLimits,
 
     /// Namespaces whose TestRuns and PrebuildPresets may use the class
-    /// (glob patterns, e.g. `team-a-*`). Empty: every namespace.
+    /// (glob patterns, e.g. `team-a-*`). Empty: every namespace. A default
+    /// class is the default only in these namespaces, so each team may
+    /// have its own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(min = 1, max = 253)))]
     pub allowed_namespaces: Vec<String>,
@@ -147,11 +149,12 @@ pub enum ClassChoice {
     Missing(String),
 }
 
-/// The class for a request naming `name` (or none), among `classes`. With
-/// no name, the class annotated [`DEFAULT_CLASS_ANNOTATION`] `"true"`; when
-/// several are, the newest, as Kubernetes picks among default
-/// StorageClasses (ties: the first name).
-pub fn resolve(name: Option<&str>, classes: &[Arc<VmClass>]) -> ClassChoice {
+/// The class for a request from `namespace` naming `name` (or none), among
+/// `classes`. With no name, a class annotated [`DEFAULT_CLASS_ANNOTATION`]
+/// `"true"` whose `allowedNamespaces` admit the namespace (so each team
+/// may have a default of its own); when several are, the newest, as
+/// Kubernetes picks among default StorageClasses (ties: the first name).
+pub fn resolve(name: Option<&str>, namespace: &str, classes: &[Arc<VmClass>]) -> ClassChoice {
     let name_of = |c: &VmClass| c.metadata.name.clone().unwrap_or_default();
     if let Some(name) = name.filter(|n| !n.is_empty()) {
         return classes
@@ -161,6 +164,7 @@ pub fn resolve(name: Option<&str>, classes: &[Arc<VmClass>]) -> ClassChoice {
     }
     let is_default = |c: &&Arc<VmClass>| {
         c.metadata.annotations.as_ref().and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION)).is_some_and(|v| v == "true")
+            && matches_any(&c.spec.allowed_namespaces, namespace)
     };
     classes
         .iter()
@@ -345,17 +349,28 @@ mod tests {
     #[test]
     fn a_named_class_is_used_or_reported_missing() {
         let classes = [class("a", false, 1), class("b", true, 2)];
-        assert_eq!(name(&resolve(Some("a"), &classes)), "a");
-        assert_eq!(name(&resolve(Some("zz"), &classes)), "missing zz");
+        assert_eq!(name(&resolve(Some("a"), "ci", &classes)), "a");
+        assert_eq!(name(&resolve(Some("zz"), "ci", &classes)), "missing zz");
     }
 
     #[test]
     fn without_a_name_the_newest_default_class_applies_or_none() {
         let classes = [class("old", true, 1), class("new", true, 5), class("plain", false, 9)];
-        assert_eq!(name(&resolve(None, &classes)), "new");
-        assert_eq!(name(&resolve(Some(""), &classes)), "new");
-        assert_eq!(name(&resolve(None, &[class("plain", false, 1)])), "<none>");
-        assert_eq!(name(&resolve(None, &[class("y", true, 1), class("x", true, 1)])), "x");
+        assert_eq!(name(&resolve(None, "ci", &classes)), "new");
+        assert_eq!(name(&resolve(Some(""), "ci", &classes)), "new");
+        assert_eq!(name(&resolve(None, "ci", &[class("plain", false, 1)])), "<none>");
+        assert_eq!(name(&resolve(None, "ci", &[class("y", true, 1), class("x", true, 1)])), "x");
+    }
+
+    #[test]
+    fn a_default_class_for_other_namespaces_is_not_the_default_here() {
+        let mut team = (*class("team-b", true, 9)).clone();
+        team.spec.allowed_namespaces = vec!["team-b-*".into()];
+        let classes = [class("everyone", true, 1), Arc::new(team)];
+        assert_eq!(name(&resolve(None, "team-b-ci", &classes)), "team-b");
+        assert_eq!(name(&resolve(None, "team-a-ci", &classes)), "everyone");
+        // Named, it is found (and refused by its check) whatever the namespace.
+        assert_eq!(name(&resolve(Some("team-b"), "team-a-ci", &classes)), "team-b");
     }
 
     fn limited() -> VmClass {

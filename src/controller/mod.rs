@@ -358,6 +358,9 @@ pub struct RunConfig {
     pub calls_in_flight: usize,
     /// The executable served to VMs at `/agent/v1/binary`.
     pub agent_binary: crate::agent::binary::AgentBinary,
+    /// The agent Service's EndpointSlice this replica writes itself into
+    /// once its agent API listens; None leaves routing to the caller.
+    pub agent_endpoint: Option<crate::agent::endpoint::AgentEndpoint>,
 }
 
 /// Waits until a cache holds its first full list. The store's own wait
@@ -389,9 +392,10 @@ fn strip<K: Resource>(obj: &mut K) {
 }
 
 impl<C: Compute> Context<C> {
-    /// The VmClass of a VM shape (its `className`, or the default class).
-    pub fn class_of(&self, vm: Option<&crate::api::VmSpec>) -> crate::api::vmclass::ClassChoice {
-        crate::api::vmclass::resolve(vm.and_then(|v| v.class_name.as_deref()), &self.classes.state())
+    /// The VmClass of a VM shape asked for in `namespace` (its
+    /// `className`, or the namespace's default class).
+    pub fn class_of(&self, namespace: &str, vm: Option<&crate::api::VmSpec>) -> crate::api::vmclass::ClassChoice {
+        crate::api::vmclass::resolve(vm.and_then(|v| v.class_name.as_deref()), namespace, &self.classes.state())
     }
 }
 
@@ -463,7 +467,7 @@ pub async fn run<C: Compute + Clone>(
     let runs_controller = Controller::for_stream(run_events, runs.clone())
         .with_config(ControllerConfig::default().concurrency(0))
         .reconcile_on(wake)
-        .shutdown_on_signal();
+        .graceful_shutdown_on(crate::shutdown::requested());
     let (presets, presets_writer) = reflector::store();
     let seen_presets = fresh_presets.clone();
     let preset_events = watcher::watcher(presets_api, watcher::Config::default())
@@ -476,7 +480,7 @@ pub async fn run<C: Compute + Clone>(
     let presets_controller = Controller::for_stream(preset_events, presets.clone())
         .with_config(ControllerConfig::default().concurrency(0))
         .reconcile_on(pool_wake)
-        .shutdown_on_signal();
+        .graceful_shutdown_on(crate::shutdown::requested());
 
     // VmClasses: cluster-scoped and few; every reconcile reads the cache.
     let (classes, classes_writer) = reflector::store();
@@ -497,7 +501,7 @@ pub async fn run<C: Compute + Clone>(
     // not cached yet must not read as missing.
     tokio::select! {
         () = cache_ready(&classes) => {}
-        () = shutdown_signal() => return Ok(()),
+        () = crate::shutdown::requested() => return Ok(()),
     }
     let book = Arc::new(LeaseBook::default());
     let pool = Arc::new(PoolBook::default());
@@ -521,6 +525,10 @@ pub async fn run<C: Compute + Clone>(
             tracing::error!(error = %e, "agent API stopped");
         }
     });
+    // Only now, with the agent API listening, are VMs sent here.
+    if let Some(endpoint) = config.agent_endpoint.clone() {
+        tokio::spawn(endpoint.keep_published(client.clone()));
+    }
     tracing::info!(agent_api = %agent_addr, agent_url = %settings.agent_url, installation = %settings.installation, "controller starting");
 
     let inventory_task = tokio::spawn(inventory.clone().run(compute.clone(), wakers.as_owner_wake()));
@@ -554,7 +562,7 @@ pub async fn run<C: Compute + Clone>(
     // those still waiting for a slot end at once instead of running in turn.
     let closing = (ctx.run_slots.clone(), ctx.preset_slots.clone());
     tokio::spawn(async move {
-        shutdown_signal().await;
+        crate::shutdown::requested().await;
         closing.0.close();
         closing.1.close();
     });
@@ -607,21 +615,5 @@ pub async fn run<C: Compute + Clone>(
             tracing::error!(part, why = %why, "a part of the controller stopped; exiting");
             Err(StartError::Stopped(part, why))
         }
-    }
-}
-
-/// Resolves on SIGTERM or Ctrl-C (the signals kube-runtime shuts down on).
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
     }
 }

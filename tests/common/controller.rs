@@ -111,10 +111,12 @@ impl ControllerProcess {
         }
     }
 
-    /// The HTTP status of `/readyz`, or None while nothing listens.
-    pub async fn readyz(&self) -> Option<u16> {
+    /// The HTTP status and body of `/readyz`, or None while nothing listens.
+    pub async fn readyz(&self) -> Option<(u16, String)> {
         let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
-        reqwest::get(&url).await.ok().map(|r| r.status().as_u16())
+        let response = reqwest::get(&url).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.unwrap_or_default()))
     }
 
     /// The exit code once the process ended on its own.

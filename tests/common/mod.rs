@@ -7,6 +7,7 @@
 
 pub mod controller;
 pub mod emulator;
+pub mod service;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -90,7 +90,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
         let operations = observe_operations(&ctx.tracker, &owner, &tracked, now);
         let registered = ctx.pool.snapshot(&uid);
         let abandoned = abandoned_claims(ctx, &preset);
-        let class = ctx.class_of(Some(&preset.spec.vm));
+        let class = ctx.class_of(&preset.namespace().unwrap_or_default(), Some(&preset.spec.vm));
         let observed = PoolObserved {
             preset: &preset,
             now,

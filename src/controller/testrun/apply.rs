@@ -168,8 +168,8 @@ struct PresetView {
 fn class_admits<C: Compute>(ctx: &Context<C>, run: &TestRun, preset: &PrebuildPreset) -> bool {
     let own = shape(run, Some(&preset.spec.vm)).unwrap_or(&preset.spec.vm);
     let namespace = run.namespace().unwrap_or_default();
-    let run_admitted = ctx.class_of(Some(own)).refusal(&class_request(run, own)).is_none();
-    let preset_class = ctx.class_of(Some(&preset.spec.vm));
+    let run_admitted = ctx.class_of(&namespace, Some(own)).refusal(&class_request(run, own)).is_none();
+    let preset_class = ctx.class_of(&namespace, Some(&preset.spec.vm));
     let lends = preset_class.refusal(&class_request(run, &preset.spec.vm)).is_none()
         && preset_class.refusal(&crate::controller::prebuild::plan::pool_request(preset, &namespace)).is_none();
     run_admitted && lends
@@ -300,7 +300,7 @@ async fn observe_and_plan<C: Compute + Clone>(
     let vm = shape(run, preset.vm.as_ref());
     let machine = vm.map(|v| v.machine_type.clone()).unwrap_or_default();
     let exhausted = ctx.exhausted_zones.current(&machine);
-    let class = ctx.class_of(vm);
+    let class = ctx.class_of(&run.namespace().unwrap_or_default(), vm);
     let observed = Observed {
         run,
         now,
