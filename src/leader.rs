@@ -1,6 +1,7 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, with client-go's
 //! semantics: only the leader reconciles, scans for orphans and serves
-//! agents; the others wait, not ready.
+//! agents (see [`crate::agent::endpoint`]); the others wait, ready to
+//! take over.
 //!
 //! - A candidate takes the Lease when it has no holder, or when its record
 //!   has not changed for `lease_duration` as measured by the candidate's

@@ -54,7 +54,8 @@ pub struct VmSpec {
 
     /// Extra instance metadata (key/value pairs the VM can read from its
     /// metadata server). Keys the controller sets itself (`startup-script`
-    /// and those starting with `testrun-`) are not allowed.
+    /// and those starting with `testrun-`) and `startup-script-url` (which
+    /// would run in place of the controller's script) are not allowed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
 

@@ -21,8 +21,11 @@ pub const RESERVED_LABEL_KEYS: &[&str] = &[
     "attempt",
     "template-version",
 ];
-/// Metadata keys the controller sets on every VM; a spec may not set them.
-pub const RESERVED_METADATA_KEYS: &[&str] = &["startup-script"];
+/// Metadata keys the controller sets on every VM, or that would run
+/// another script in place of its own (Compute Engine runs
+/// `startup-script-url` instead of `startup-script`); a spec may not set
+/// them.
+pub const RESERVED_METADATA_KEYS: &[&str] = &["startup-script", "startup-script-url"];
 /// Metadata key prefix reserved for the controller (agent settings and token).
 pub const RESERVED_METADATA_PREFIX: &str = "testrun-";
 
@@ -394,8 +397,9 @@ mod tests {
         let vm = spec.vm.as_mut().expect("vm");
         vm.metadata.insert("startup-script".into(), "rm -rf /".into());
         vm.metadata.insert("testrun-token".into(), "x".into());
+        vm.metadata.insert("startup-script-url".into(), "gs://b/s.sh".into());
         vm.metadata.insert("enable-oslogin".into(), "TRUE".into());
-        assert_eq!(fields(validate_testrun(&spec)), ["spec.vm.metadata", "spec.vm.metadata"]);
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.vm.metadata", "spec.vm.metadata", "spec.vm.metadata"]);
     }
 
     #[test]
