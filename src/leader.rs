@@ -71,6 +71,13 @@ impl Fence {
         until == u64::MAX || self.millis(std::time::Instant::now()) < until
     }
 
+    /// Ends the lead at once (it was lost): every later check fails, and
+    /// the watchdog lets the process stop on its own.
+    pub fn revoke(&self) {
+        self.disarm();
+        self.valid_until.store(0, Ordering::Release);
+    }
+
     /// Stops the watchdog: the process no longer acts (its runtime stopped).
     pub fn disarm(&self) {
         self.disarmed.store(true, Ordering::Release);
@@ -240,7 +247,9 @@ impl Elector {
     /// seen within that and the Lease is taken as soon as it went unchanged
     /// for the lease duration: a standby takes over a dead leader at most
     /// `lease_duration + STANDBY_POLL` after its last renewal.
-    pub async fn acquire(&mut self) -> Instant {
+    /// `standing_by` is called each time the Lease was read and another
+    /// replica holds it.
+    pub async fn acquire(&mut self, mut standing_by: impl FnMut()) -> Instant {
         let mut logged_holder = None;
         // A try that takes longer than this is given up: its write may land,
         // but the lead it gave is then counted from its start, below.
@@ -256,6 +265,7 @@ impl Elector {
                 }
                 Ok(Ok(Held::ByUs)) => self.config.retry_period,
                 Ok(Ok(Held::By(holder))) => {
+                    standing_by();
                     if logged_holder.as_ref() != Some(&holder) {
                         tracing::info!(lease = %self.config.name, %holder, "standing by: another replica leads");
                         logged_holder = Some(holder);

@@ -182,6 +182,12 @@ struct RunArgs {
     /// Time between tries to take or renew the Lease.
     #[arg(long, default_value = "2s", value_parser = duration)]
     leader_elect_retry_period: Duration,
+    /// Longest wait, after SIGTERM, for reconciles under way to finish
+    /// before the process hands over (empties the agent EndpointSlice,
+    /// gives the Lease up) and exits. Keep it some seconds below the pod's
+    /// termination grace period, so the hand-over happens before SIGKILL.
+    #[arg(long, env = "TESTRUN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = duration)]
+    shutdown_timeout: Duration,
     /// Log format.
     #[arg(long, value_enum, env = "TESTRUN_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -317,6 +323,21 @@ async fn emulator(args: EmulatorArgs) -> Result<(), String> {
         .map_err(|e| format!("serving: {e}"))
 }
 
+/// `run`, given at most `timeout` after a stop was requested to finish.
+async fn within_shutdown_timeout<E>(run: impl Future<Output = Result<(), E>>, timeout: Duration) -> Result<(), E> {
+    let give_up = async {
+        testrun_controller::shutdown::requested().await;
+        tokio::time::sleep(timeout).await;
+    };
+    tokio::select! {
+        ran = run => ran,
+        () = give_up => {
+            tracing::warn!(?timeout, "stopping before every reconcile finished");
+            Ok(())
+        }
+    }
+}
+
 /// What a process that led does once its runtime stopped: nothing of it
 /// acts any more, so the Lease may be given up.
 struct Handover {
@@ -435,7 +456,9 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
                 address,
                 port: args.agent_listen.port(),
                 pod: std::env::var("POD_NAME").ok().filter(|name| !name.is_empty()),
+                node: std::env::var("NODE_NAME").ok().filter(|name| !name.is_empty()),
                 fence: fence.clone(),
+                beta: std::sync::Arc::default(),
             })
         }
     };
@@ -485,7 +508,8 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
     if !args.leader_elect {
         *handover = Some(Handover { election: None, endpoint: agent_endpoint, fence });
         metrics.set_leading();
-        return run(client, compute, settings, config, metrics).await.map_err(|e| e.to_string());
+        let ran = within_shutdown_timeout(run(client, compute, settings, config, metrics), args.shutdown_timeout);
+        return ran.await.map_err(|e| e.to_string());
     }
     let election = ElectionConfig {
         namespace: config.namespace.clone(),
@@ -496,16 +520,17 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
         retry_period: args.leader_elect_retry_period,
     };
     let mut elector = Elector::new(client.clone(), election.clone(), fence.clone()).map_err(|e| e.to_string())?;
-    metrics.set_standby();
+    // Ready as a standby once the Lease could be read.
+    let standby = metrics.clone();
     let won = tokio::select! {
-        won = elector.acquire() => won,
+        won = elector.acquire(move || standby.set_standby()) => won,
         () = testrun_controller::shutdown::requested() => return Ok(()),
     };
     // From here on, a stop hands the Lease over (after the runtime stopped).
     *handover = Some(Handover { election: Some(election), endpoint: agent_endpoint, fence });
     metrics.set_leading();
     let outcome = tokio::select! {
-        ran = run(client, compute, settings, config, metrics) => Ok(ran),
+        ran = within_shutdown_timeout(run(client, compute, settings, config, metrics), args.shutdown_timeout) => Ok(ran),
         lost = elector.keep(won) => Err(lost),
     };
     match outcome {
@@ -513,7 +538,11 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
         // Everything this process did as the leader stops with it; the
         // Lease is someone else's or lapses.
         Err(lost) => {
-            *handover = None;
+            // Nothing acts from here on: no Compute Engine call, no
+            // EndpointSlice write.
+            if let Some(Handover { fence, .. }) = handover.take() {
+                fence.revoke();
+            }
             tracing::error!(error = %lost, "stopping: this replica lost the leader Lease");
             Err(lost.to_string())
         }

@@ -1,4 +1,5 @@
-//! The process's one stop request: SIGTERM or SIGINT.
+//! The process's one stop request: SIGTERM or SIGINT. A second signal
+//! ends the process at once.
 //!
 //! Signals are listened for once, from the moment [`listen`] is called, and
 //! remembered: a signal that arrives while no part of the process is
@@ -17,10 +18,13 @@ fn sender() -> &'static watch::Sender<bool> {
         let (tx, _) = watch::channel(false);
         tokio::spawn(async {
             wait_for_signal().await;
-            tracing::info!("shutting down");
+            tracing::info!("shutting down (a second signal stops at once)");
             if let Some(stop) = STOP.get() {
                 stop.send_replace(true);
             }
+            wait_for_signal().await;
+            tracing::warn!("second signal: stopping at once");
+            std::process::exit(130);
         });
         tx
     })

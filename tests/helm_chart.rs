@@ -80,13 +80,26 @@ fn grants(role: &serde_json::Value) -> Vec<String> {
     out
 }
 
+/// Uninstalls a release when dropped, so a failed test leaves no
+/// cluster-scoped object (a VmClass, a ClusterRole) behind for the others.
+struct Release<'a> {
+    name: &'a str,
+    namespace: &'a str,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        let _ = run_helm(&["uninstall", self.name, "--namespace", self.namespace, "--ignore-not-found"]);
+    }
+}
+
 const GCE: [&str; 2] = ["project=my-project", "agentUrl=http://10.0.0.5:8090"];
 
 #[test]
 fn a_bad_value_fails_the_install_with_a_message_naming_it() {
     for (set, says) in [
         ("gc.interval=2min", "gc.interval"),
-        ("replicaCount=0", "replicaCount"),
+        ("replicaCount=-1", "replicaCount"),
         ("log.format=xml", "log.format"),
         ("agentService.type=External", "agentService.type"),
         ("agentServce.port=80", "agentServce"),
@@ -166,6 +179,8 @@ fn the_chart_renders_every_pod_setting_a_platform_team_sets() {
     assert_eq!(agent["spec"]["ports"][0]["name"], "agent");
     let pdb = find(&docs, "PodDisruptionBudget", "r-testrun-controller");
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    // Rendered without a cluster (GitOps), the PDB is policy/v1.
+    assert_eq!(pdb["apiVersion"], "policy/v1");
     let class = find(&docs, "VmClass", "default");
     assert_eq!(class["metadata"]["annotations"]["testrun.dev/is-default-class"], "true");
     assert_eq!(class["spec"]["limits"]["maxShards"], 8);
@@ -272,7 +287,9 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
     let endpoint = format!("computeEndpoint={}", emulator.url);
     let installation = format!("installationId={ns}");
     let watch = format!("watchNamespace={ns}");
-    // A default VmClass for this namespace alone, with a limit the pool fits.
+    // The chart's VmClass, for this namespace alone, with a limit the pool
+    // fits. Not annotated as the default here: tests beside this one would
+    // get it.
     let class = format!("defaultVmClass.name={ns}");
     let class_namespaces = format!("defaultVmClass.spec.allowedNamespaces[0]={ns}");
     let (ok, out) = run_helm(&[
@@ -297,7 +314,10 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
         "defaultVmClass.spec.limits.allowedMachineTypes[0]=e2-*",
         "--set",
         "defaultVmClass.spec.limits.maxShards=2",
+        "--set",
+        "defaultVmClass.isDefault=false",
     ]);
+    let _installed = Release { name: &release, namespace: &ns };
     assert!(ok, "helm install failed: {out}");
     let roles: Api<ClusterRole> = Api::all(client.clone());
     assert!(roles.get_opt(&fullname).await.expect("get").is_some(), "the ClusterRole was installed");
@@ -335,7 +355,7 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
     let presets: Api<PrebuildPreset> = Api::namespaced(client.clone(), &ns);
     let preset: PrebuildPreset = serde_json::from_value(json!({
         "apiVersion": "testrun.dev/v1alpha1", "kind": "PrebuildPreset", "metadata": { "name": "pool" },
-        "spec": { "templateVersion": "v1", "instances": 1, "vm": { "zones": ["us-central1-a"], "machineType": "e2-small", "image": "img" } }
+        "spec": { "templateVersion": "v1", "instances": 1, "vm": { "className": ns, "zones": ["us-central1-a"], "machineType": "e2-small", "image": "img" } }
     }))
     .expect("preset");
     presets.create(&PostParams::default(), &preset).await.expect("preset");
@@ -344,11 +364,11 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
         assert!(Instant::now() < deadline, "the pool never filled; log:\n{}", controller.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // The chart's default class applies here: a run above its shard limit is refused.
+    // The chart's class holds: a run above its shard limit is refused.
     let runs: Api<TestRun> = Api::namespaced(client.clone(), &ns);
     let too_big: TestRun = serde_json::from_value(json!({
         "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun", "metadata": { "name": "too-big" },
-        "spec": { "presetRef": { "name": "pool" }, "shards": 3, "command": ["true"] }
+        "spec": { "presetRef": { "name": "pool" }, "shards": 3, "command": ["true"], "vm": { "className": ns, "zones": ["us-central1-a"], "machineType": "e2-small", "image": "img" } }
     }))
     .expect("TestRun");
     runs.create(&PostParams::default(), &too_big).await.expect("TestRun");

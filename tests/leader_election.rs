@@ -118,10 +118,23 @@ async fn the_standby_takes_over_a_killed_leader_and_the_run_loses_no_result_and_
     assert!(now_leader.as_deref().is_some_and(|h| h != leader), "{now_leader:?} still {leader}");
     assert_eq!(transitions, 1);
 
-    // A leader stopped with SIGTERM sends no more VMs to itself and gives
-    // the Lease up on its way out.
+    // A rollout: a new replica stands by, the leader gets SIGTERM, and the
+    // new one leads and takes the Service over at once, not after a lease.
+    let mut third = ControllerProcess::start(kubeconfig.clone(), &ns, &emulator.url, &args);
+    wait_readyz(&third, "standby", "the third controller never stood by").await;
+    let stopped = Instant::now();
     second.terminate();
     assert!(second.log().contains("gave up the leader Lease"), "{}", second.log());
+    assert!(second.log().contains("emptied the agent EndpointSlice"), "{}", second.log());
+    service.wait_for_target(Some(third.agent_port), "the new replica never took the Service over").await;
+    let handed_over = stopped.elapsed();
+    eprintln!("rollout: the Service sent VMs to the new replica {:.1} s after SIGTERM", handed_over.as_secs_f64());
+    let (now_leader, transitions) = holder(&leases).await;
+    assert!(now_leader.is_some_and(|h| third.log().contains(&h)), "the third controller holds the Lease");
+    assert_eq!(transitions, 2);
+
+    // The last one stopped sends no more VMs to itself and gives the Lease up.
+    third.terminate();
     let (after, _) = holder(&leases).await;
     assert_eq!(after, None, "the Lease still names a holder after a graceful stop");
     service.wait_for_target(None, "the stopped leader's EndpointSlice still names it").await;

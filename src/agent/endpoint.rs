@@ -24,8 +24,9 @@ use serde_json::json;
 use crate::leader::Fence;
 
 /// How often the leader writes its EndpointSlice again (a no-op when
-/// nothing changed), so a slice deleted or edited by hand is put back.
-const REPUBLISH: Duration = Duration::from_secs(30);
+/// nothing changed), so a slice edited by hand, deleted, or overwritten by
+/// a late write of a former leader is put back within this.
+const REPUBLISH: Duration = Duration::from_secs(5);
 
 /// Wait before trying again after a failed write.
 const RETRY: Duration = Duration::from_secs(2);
@@ -41,11 +42,6 @@ pub const MANAGED_BY: &str = "testrun-controller.testrun.dev";
 
 /// Name of the port in the slice; the agent Service's port has this name.
 pub const PORT_NAME: &str = "agent";
-
-/// Set once the API server turned out to serve EndpointSlices only as
-/// `discovery.k8s.io/v1beta1` (Kubernetes 1.20 and older), which then is
-/// written instead of `v1`.
-static BETA_ONLY: AtomicBool = AtomicBool::new(false);
 
 /// The EndpointSlice API in `version` (`v1` or `v1beta1`).
 fn slice_resource(version: &str) -> ApiResource {
@@ -68,8 +64,15 @@ pub struct AgentEndpoint {
     pub port: u16,
     /// This replica's pod, named in the slice when known.
     pub pod: Option<String>,
+    /// The node it runs on, named in the slice when known (load
+    /// balancers with a `Local` traffic policy route by it).
+    pub node: Option<String>,
     /// Writes happen only while this process may lead.
     pub fence: Arc<Fence>,
+    /// Set once a `discovery.k8s.io/v1beta1` write succeeded where `v1`
+    /// is not served (Kubernetes 1.20); cleared when v1beta1 is not
+    /// served either.
+    pub beta: Arc<AtomicBool>,
 }
 
 /// Why the slice could not be written.
@@ -118,6 +121,13 @@ impl AgentEndpoint {
                 json!({ "ready": true })
             };
             let mut endpoint = json!({ "addresses": [self.address.to_string()], "conditions": conditions });
+            if let Some(node) = &self.node {
+                if version == "v1" {
+                    endpoint["nodeName"] = json!(node);
+                } else {
+                    endpoint["topology"] = json!({ "kubernetes.io/hostname": node });
+                }
+            }
             if let Some(pod) = &self.pod {
                 endpoint["targetRef"] = json!({ "kind": "Pod", "namespace": self.namespace, "name": pod });
             }
@@ -146,13 +156,18 @@ impl AgentEndpoint {
         })
     }
 
-    /// Writes the slice naming this replica, then again every 30 s, for as
-    /// long as the process runs (the runtime's end stops it).
-    pub async fn keep_published(self, client: Client) {
+    /// Writes the slice naming this replica, then again every 5 s, for as
+    /// long as the process runs (the runtime's end stops it). `first` is
+    /// told when the first write succeeded: VMs can reach this replica.
+    pub async fn keep_published(self, client: Client, first: tokio::sync::oneshot::Sender<()>) {
         let mut failing = false;
+        let mut first = Some(first);
         loop {
             let wait = match self.write(&client, true).await {
                 Ok(()) => {
+                    if let Some(first) = first.take() {
+                        let _ = first.send(());
+                    }
                     if failing {
                         tracing::info!(slice = %self.slice_name(), "agent EndpointSlice written");
                     } else {
@@ -194,18 +209,28 @@ impl AgentEndpoint {
             return Err(EndpointError::NotLeading(self.slice_name()));
         }
         let params = PatchParams::apply(crate::controller::FIELD_MANAGER).force();
-        let mut version = if BETA_ONLY.load(Ordering::Relaxed) { "v1beta1" } else { "v1" };
+        let mut version = if self.beta.load(Ordering::Relaxed) { "v1beta1" } else { "v1" };
         loop {
             let slices: Api<DynamicObject> =
                 Api::namespaced_with(client.clone(), &self.namespace, &slice_resource(version));
             let slice = self.slice(version, &uid, serving);
             match slices.patch(&self.slice_name(), &params, &Patch::Apply(slice)).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.beta.store(version == "v1beta1", Ordering::Relaxed);
+                    return Ok(());
+                }
                 // An apply creates what is missing, so a 404 means the API
-                // server does not serve this version.
-                Err(kube::Error::Api(status)) if status.code == 404 && version == "v1" => {
-                    BETA_ONLY.store(true, Ordering::Relaxed);
+                // server does not serve this version: try the other once.
+                Err(kube::Error::Api(status))
+                    if status.code == 404 && version == "v1" && !self.beta.load(Ordering::Relaxed) =>
+                {
                     version = "v1beta1";
+                }
+                Err(kube::Error::Api(status))
+                    if status.code == 404 && version == "v1beta1" && self.beta.load(Ordering::Relaxed) =>
+                {
+                    self.beta.store(false, Ordering::Relaxed);
+                    version = "v1";
                 }
                 Err(source) => {
                     return Err(EndpointError::Write {
@@ -232,7 +257,9 @@ mod tests {
             address: address.parse().expect("address"),
             port: 8090,
             pod: Some("tc-0".into()),
+            node: Some("node-a".into()),
             fence: Fence::open(),
+            beta: Arc::default(),
         }
     }
 
@@ -248,6 +275,7 @@ mod tests {
         assert_eq!(slice.endpoints.len(), 1);
         assert_eq!(slice.endpoints[0].addresses, vec!["10.0.0.7".to_string()]);
         assert_eq!(slice.endpoints[0].target_ref.as_ref().and_then(|r| r.name.as_deref()), Some("tc-0"));
+        assert_eq!(slice.endpoints[0].node_name.as_deref(), Some("node-a"));
         let ports = slice.ports.expect("ports");
         assert_eq!((ports[0].name.as_deref(), ports[0].port), (Some(PORT_NAME), Some(8090)));
         let owner = &slice.metadata.owner_references.expect("owner")[0];
@@ -267,5 +295,6 @@ mod tests {
         let slice = endpoint("10.0.0.7").slice("v1beta1", "uid-1", true);
         assert_eq!(slice["apiVersion"], "discovery.k8s.io/v1beta1");
         assert_eq!(slice["endpoints"][0]["conditions"], json!({ "ready": true }));
+        assert_eq!(slice["endpoints"][0]["topology"]["kubernetes.io/hostname"], "node-a");
     }
 }

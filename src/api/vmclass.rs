@@ -84,7 +84,8 @@ pub struct VmClassSpec {
     /// Namespaces whose TestRuns and PrebuildPresets may use the class
     /// (glob patterns, e.g. `team-a-*`). Empty: every namespace. A default
     /// class is the default only in these namespaces, so each team may
-    /// have its own.
+    /// have its own; a namespace no default class admits is refused
+    /// unless it names a class.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(min = 1, max = 253)))]
     pub allowed_namespaces: Vec<String>,
@@ -154,6 +155,9 @@ pub enum ClassChoice {
 /// `"true"` whose `allowedNamespaces` admit the namespace (so each team
 /// may have a default of its own); when several are, the newest, as
 /// Kubernetes picks among default StorageClasses (ties: the first name).
+/// When default classes exist but none admits the namespace, the newest
+/// of them, which refuses it: no class at all only when there is no
+/// default class.
 pub fn resolve(name: Option<&str>, namespace: &str, classes: &[Arc<VmClass>]) -> ClassChoice {
     let name_of = |c: &VmClass| c.metadata.name.clone().unwrap_or_default();
     if let Some(name) = name.filter(|n| !n.is_empty()) {
@@ -164,16 +168,22 @@ pub fn resolve(name: Option<&str>, namespace: &str, classes: &[Arc<VmClass>]) ->
     }
     let is_default = |c: &&Arc<VmClass>| {
         c.metadata.annotations.as_ref().and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION)).is_some_and(|v| v == "true")
-            && matches_any(&c.spec.allowed_namespaces, namespace)
     };
-    classes
+    let newest = |a: &&Arc<VmClass>, b: &&Arc<VmClass>| {
+        let created = |c: &VmClass| c.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        created(a).cmp(&created(b)).then_with(|| name_of(b).cmp(&name_of(a)))
+    };
+    let defaults: Vec<&Arc<VmClass>> = classes.iter().filter(is_default).collect();
+    // A namespace no default class admits gets the newest default anyway,
+    // whose check then refuses it: a default class restricted to some
+    // namespaces must never leave the others without any limit.
+    let chosen = defaults
         .iter()
-        .filter(is_default)
-        .max_by(|a, b| {
-            let created = |c: &VmClass| c.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            created(a).cmp(&created(b)).then_with(|| name_of(b).cmp(&name_of(a)))
-        })
-        .map_or(ClassChoice::NoClass, |c| ClassChoice::Class(c.clone()))
+        .copied()
+        .filter(|c| matches_any(&c.spec.allowed_namespaces, namespace))
+        .max_by(newest)
+        .or_else(|| defaults.iter().copied().max_by(newest));
+    chosen.map_or(ClassChoice::NoClass, |c| ClassChoice::Class(c.clone()))
 }
 
 /// What a request asks of its class.
@@ -371,6 +381,19 @@ mod tests {
         assert_eq!(name(&resolve(None, "team-a-ci", &classes)), "everyone");
         // Named, it is found (and refused by its check) whatever the namespace.
         assert_eq!(name(&resolve(Some("team-b"), "team-a-ci", &classes)), "team-b");
+    }
+
+    #[test]
+    fn a_namespace_no_default_class_admits_gets_one_that_refuses_it_not_no_limits() {
+        let mut team = (*class("team-b", true, 9)).clone();
+        team.spec.allowed_namespaces = vec!["team-b-*".into()];
+        let classes = [Arc::new(team), class("plain", false, 10)];
+        let ClassChoice::Class(chosen) = resolve(None, "elsewhere", &classes) else {
+            panic!("a namespace outside every default class got no class, so no limit");
+        };
+        let request = ClassRequest { at: "spec.vm", namespace: "elsewhere", ..Default::default() };
+        let refused = check(&chosen, &request);
+        assert!(refused.iter().any(|r| r.contains("elsewhere")), "{refused:?}");
     }
 
     fn limited() -> VmClass {

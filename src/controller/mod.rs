@@ -526,9 +526,11 @@ pub async fn run<C: Compute + Clone>(
         }
     });
     // Only now, with the agent API listening, are VMs sent here.
-    if let Some(endpoint) = config.agent_endpoint.clone() {
-        tokio::spawn(endpoint.keep_published(client.clone()));
-    }
+    let reachable = config.agent_endpoint.clone().map(|endpoint| {
+        let (first, written) = tokio::sync::oneshot::channel();
+        tokio::spawn(endpoint.keep_published(client.clone(), first));
+        written
+    });
     tracing::info!(agent_api = %agent_addr, agent_url = %settings.agent_url, installation = %settings.installation, "controller starting");
 
     let inventory_task = tokio::spawn(inventory.clone().run(compute.clone(), wakers.as_owner_wake()));
@@ -566,15 +568,22 @@ pub async fn run<C: Compute + Clone>(
         closing.0.close();
         closing.1.close();
     });
-    // Ready once both caches are filled and the inventory has listed once.
+    // Ready once both caches are filled, the inventory has listed once and
+    // (with an agent Service) VMs are sent here.
     let ready = metrics.clone();
     tokio::spawn(async move {
         cache_ready(&runs).await;
         cache_ready(&presets).await;
         cache_ready(&classes).await;
         inventory.wait_synced().await;
+        if let Some(written) = reachable {
+            // The writer never gives up; an error means the runtime ends.
+            if written.await.is_err() {
+                return;
+            }
+        }
         ready.set_ready();
-        tracing::info!("caches filled and inventory listed: ready");
+        tracing::info!("caches filled, inventory listed and agents routed here: ready");
     });
     let runs_done =
         runs_controller.run(testrun::apply::reconcile, error_policy, ctx.clone()).for_each(|result| async move {

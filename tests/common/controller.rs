@@ -85,6 +85,10 @@ impl ControllerProcess {
             .args(&self.program[1..])
             .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
+            // The address written to an agent EndpointSlice is the listener's.
+            .env_remove("POD_IP")
+            .env_remove("NODE_NAME")
+            .env_remove("POD_NAME")
             .env("RUST_LOG", std::env::var("TESTRUN_TEST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
