@@ -221,6 +221,11 @@ struct EmulatorArgs {
     /// `--fault call=insert,zone=us-central1-a,kind=capacity,count=2`.
     #[arg(long = "fault", value_name = "RULE")]
     faults: Vec<FaultRule>,
+    /// Niceness (0 to 19) of the VMs' processes. Real VMs never take CPU
+    /// from the controller; 19 comes closest on one host (the scale
+    /// benchmark uses it).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
+    vm_nice: u8,
     /// Seed for fault probabilities, so a run is repeatable.
     #[arg(long, default_value_t = 0)]
     fault_seed: u64,
@@ -240,18 +245,32 @@ fn main() -> ExitCode {
             run_controller(*args)
         }
         Command::Agent { log_format } => {
+            use testrun_controller::agent::protocol::STALE_BUILD_EXIT;
+            use testrun_controller::agent::runner::AgentError;
             telemetry::init(log_format);
+            // The startup script waits for the agent (to fetch another build
+            // when it is refused as stale); the agent ends with it.
+            #[cfg(target_os = "linux")]
+            if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+                tracing::warn!(error = %e, "the agent will outlive its startup script");
+            }
+            let mut stale = false;
             // One thread: a VM's agent waits on a child process and makes a
             // few requests; worker threads would only cost start-up time.
-            run_on(tokio::runtime::Builder::new_current_thread(), async {
+            let code = run_on(tokio::runtime::Builder::new_current_thread(), async {
                 match testrun_controller::agent::runner::run().await {
                     Ok(code) => {
                         tracing::info!(exit_code = code, "result acknowledged");
                         Ok(())
                     }
+                    Err(e @ AgentError::StaleBuild(_)) => {
+                        stale = true;
+                        Err(format!("agent: {e}"))
+                    }
                     Err(e) => Err(format!("agent: {e}")),
                 }
-            })
+            });
+            if stale { ExitCode::from(STALE_BUILD_EXIT) } else { code }
         }
     }
 }
@@ -312,6 +331,7 @@ async fn emulator(args: EmulatorArgs) -> Result<(), String> {
         work_dir: args.work_dir,
         fault_seed: args.fault_seed,
         faults: args.faults,
+        vm_nice: args.vm_nice,
     };
     let local = listener.local_addr().map_err(|e| format!("reading the listening address: {e}"))?;
     tracing::info!(listen = %local, faults = config.faults.len(), "compute emulator serving");
@@ -434,7 +454,7 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
         .map_err(|e| e.to_string())?;
     let launch = match args.agent_command.clone().filter(|command| !command.is_empty()) {
         Some(command) => AgentLaunch::Command(command),
-        None => AgentLaunch::Fetch { agent_url: agent_url.clone(), sha256: binary.sha256.clone() },
+        None => AgentLaunch::Fetch { agent_url: agent_url.clone(), sha256: binary.sha256.clone(), size: binary.len },
     };
     let agent_endpoint = match args.agent_service.clone().filter(|service| !service.is_empty()) {
         None => None,

@@ -17,6 +17,7 @@ struct Served {
     url: String,
     metrics: Arc<Metrics>,
     sha256: String,
+    len: u64,
 }
 
 impl Served {
@@ -32,7 +33,7 @@ impl Served {
     }
 
     fn script(&self) -> String {
-        startup_script(&AgentLaunch::Fetch { agent_url: self.url.clone(), sha256: self.sha256.clone() })
+        startup_script(&AgentLaunch::Fetch { agent_url: self.url.clone(), sha256: self.sha256.clone(), size: self.len })
     }
 }
 
@@ -58,10 +59,10 @@ async fn serve(binary: AgentBinary) -> Served {
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("address"));
-    let sha256 = binary.sha256.clone();
+    let (sha256, len) = (binary.sha256.clone(), binary.len);
     let app = router(binary, metrics.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Served { url, metrics, sha256 }
+    Served { url, metrics, sha256, len }
 }
 
 /// A PATH folder with only these tools (and what every script needs).
@@ -136,11 +137,11 @@ async fn fetches_checks_and_runs_the_agent_with(tool: &str) {
     assert_eq!(kept_builds(&agent_dir), [format!("testrun-agent-{}", served.sha256)]);
     assert_eq!((served.count("full"), served.count("not_modified")), (1, 0));
 
-    // A VM that kept the build (a reboot) asks again and is told to keep it.
+    // A VM that kept the build (a reboot) runs it without asking.
     let second = run_script(&served.script(), &dir, &bin, &agent_dir, Duration::from_secs(30)).await;
     assert!(second.status.success(), "{}", stderr(&second));
     assert_eq!(ran(&dir), ["ran: agent", "ran: agent"], "{}", stderr(&second));
-    assert_eq!((served.count("full"), served.count("not_modified")), (1, 1));
+    assert_eq!((served.count("full"), served.count("not_modified")), (1, 0));
     assert!(stderr(&second).contains("running the agent kept in"), "{}", stderr(&second));
 }
 
@@ -185,7 +186,7 @@ async fn without_curl_or_wget_the_script_says_so_and_stops() {
 }
 
 #[tokio::test]
-async fn vms_sharing_an_agent_folder_download_each_build_once() {
+async fn vms_sharing_an_agent_folder_download_each_build_once_and_ask_nothing_more() {
     let dir = scratch("shared");
     // 32 MiB: the others start while the first still downloads.
     let served = serve(AgentBinary::read(fake_agent(&dir, 32 << 20)).expect("hashing")).await;
@@ -197,7 +198,8 @@ async fn vms_sharing_an_agent_folder_download_each_build_once() {
         assert!(out.status.success(), "{}", stderr(&out));
     }
     assert_eq!(ran(&dir).len(), 6);
-    assert_eq!((served.count("full"), served.count("not_modified")), (1, 5));
+    // One downloaded; the others waited for its copy and ran it, asking nothing.
+    assert_eq!((served.count("full"), served.count("not_modified")), (1, 0));
     assert_eq!(
         kept_builds(&agent_dir),
         [format!("testrun-agent-{}", served.sha256)],
@@ -225,4 +227,41 @@ async fn a_kept_copy_cut_short_is_fetched_again_not_run() {
         std::fs::metadata(&kept).expect("kept").len(),
         std::fs::metadata(dir.join("served-agent")).expect("served").len()
     );
+}
+
+#[tokio::test]
+async fn a_kept_build_the_agent_api_refuses_as_stale_is_replaced_by_the_current_one() {
+    let dir = scratch("stale");
+    // The controller now serves this build, which writes down the build it
+    // was started as.
+    let current = dir.join("current-agent");
+    std::fs::write(&current, "#!/bin/sh\necho \"ran: $* as $TESTRUN_AGENT_BUILD\" >>\"$AGENT_RAN\"\nexit 0\n")
+        .expect("writing the agent");
+    let served = serve(AgentBinary::read(current).expect("hashing")).await;
+    // The VM was made by an older controller, whose build it kept; that
+    // build is refused at registration (exit 3), as the real agent is when
+    // the agent API answers 426.
+    let agent_dir = dir.join("agent");
+    std::fs::create_dir_all(&agent_dir).expect("agent folder");
+    let old_body = "#!/bin/sh\necho \"refused: $TESTRUN_AGENT_BUILD\" >>\"$AGENT_RAN\"\nexit 3\n";
+    let old_sha = "a".repeat(64);
+    let old = agent_dir.join(format!("testrun-agent-{old_sha}"));
+    std::fs::write(&old, old_body).expect("writing the old build");
+    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let script = startup_script(&AgentLaunch::Fetch {
+        agent_url: served.url.clone(),
+        sha256: old_sha.clone(),
+        size: old_body.len() as u64,
+    });
+    let bin = tools(&dir, &["curl"]);
+    let out = run_script(&script, &dir, &bin, &agent_dir, Duration::from_secs(30)).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        ran(&dir),
+        [format!("refused: {old_sha}"), format!("ran: agent as {}", served.sha256)],
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("serves another build"), "{}", stderr(&out));
+    assert_eq!((served.count("full"), served.count("not_modified")), (1, 0));
 }

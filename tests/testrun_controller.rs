@@ -106,10 +106,11 @@ impl Env {
         self.vms().await[0]["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).expect("the VM booted")
     }
 
-    /// Stops (SIGSTOP) the first VM's agent: no more heartbeats from it.
+    /// Stops (SIGSTOP) every process of the first VM, its agent among them,
+    /// as a frozen VM: no more heartbeats from it.
     async fn freeze_first_agent(&self) -> i32 {
         let pid = self.first_agent_pid().await;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
         pid
     }
 
@@ -177,9 +178,10 @@ async fn three_shards_succeed_and_every_vm_is_deleted() {
         assert!(Instant::now() < deadline, "no RunFinished Event");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    // Every VM fetched its agent from the agent API: the emulator's VMs
-    // share one agent folder, so one downloaded it and two were told their
-    // copy is current. The copy is the controller's own executable.
+    // Every VM got its agent from the agent API: the emulator's VMs share
+    // one agent folder, so one downloaded it and the two others ran the
+    // copy it kept without asking. The copy is the controller's own
+    // executable.
     let metrics = env.controller.metrics().await;
     let count = |result: &str| {
         metrics
@@ -189,7 +191,7 @@ async fn three_shards_succeed_and_every_vm_is_deleted() {
             })
             .map_or(0, |v| v.trim().parse::<u64>().expect("a count"))
     };
-    assert_eq!((count("full"), count("not_modified")), (1, 2), "{metrics}");
+    assert_eq!((count("full"), count("not_modified")), (1, 0), "{metrics}");
     let exe = std::fs::read(env!("CARGO_BIN_EXE_testrun-controller")).expect("the controller executable");
     let kept: Vec<_> =
         std::fs::read_dir(env.emulator.work_dir.join("agent")).expect("the agent folder").flatten().collect();
@@ -319,6 +321,22 @@ async fn forged_stale_and_malformed_agent_calls_are_refused() {
         "instance": shard.instance, "vmToken": key.vm_token("some-other-vm", &uid),
     });
     assert_eq!(post("/agent/v1/register", register).await, 403);
+    // A genuine VM whose agent started as another build than the
+    // controller's: 426, so its startup script fetches the current build.
+    let genuine = json!({
+        "namespace": env.ns, "testrun": "guarded", "ownerUid": uid, "shard": 0, "attempt": 1,
+        "instance": shard.instance, "vmToken": key.vm_token(shard.instance.as_deref().unwrap_or_default(), &uid),
+    });
+    let stale = http
+        .post(format!("{url}/agent/v1/register"))
+        .header("Testrun-Agent-Build", "0".repeat(64))
+        .json(&genuine)
+        .send()
+        .await
+        .expect("agent API");
+    assert_eq!(stale.status(), 426);
+    let body: Value = stale.json().await.expect("a JSON error");
+    assert_eq!(body["reason"], "StaleBuild", "{body}");
     // A heartbeat with a made-up token.
     let forged = claim(shard.lease_id, 1, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into());
     assert_eq!(post("/agent/v1/heartbeat", serde_json::to_value(&forged).expect("json")).await, 403);

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -18,8 +18,9 @@ use serde::de::DeserializeOwned;
 
 use super::book::{AgentWaiters, LeaseBook, PoolBook};
 use super::protocol::{
-    ApiError, Assignment, EnvVar, HEARTBEAT_PATH, LeaseClaim, MAX_BODY_BYTES, OUTPUT_TAIL_BYTES, POOL_REGISTER_PATH,
-    POOL_WAIT_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
+    ApiError, Assignment, BUILD_HEADER, EnvVar, HEARTBEAT_PATH, LeaseClaim, MAX_BODY_BYTES, OUTPUT_TAIL_BYTES,
+    POOL_REGISTER_PATH, POOL_WAIT_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck,
+    ResultReport,
 };
 use super::tokens::{LeaseKey, LeaseScope};
 use crate::api::duration::DurationString;
@@ -57,6 +58,9 @@ pub struct AgentApi {
     pub agent_waiters: Arc<AgentWaiters>,
     /// Metrics (refusal counts).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The sha256 of this controller's executable, the build agents must
+    /// start as (when they say which they are).
+    pub build: String,
 }
 
 /// An error answer: a status and an [`ApiError`] body.
@@ -80,6 +84,26 @@ pub fn router(api: Arc<AgentApi>) -> Router {
         .route(POOL_WAIT_PATH, post(pool_wait))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)
+}
+
+/// An agent that started as another build than this controller's is
+/// refused (426) before it takes any work: its startup script then fetches
+/// this build. An agent that names no build (one baked into an image, run
+/// by `--agent-command`) is taken as it is.
+fn check_build(api: &AgentApi, headers: &HeaderMap) -> Result<(), Refusal> {
+    let Some(build) = headers.get(BUILD_HEADER) else { return Ok(()) };
+    if build.as_bytes() == api.build.as_bytes() {
+        return Ok(());
+    }
+    Err(Refusal(
+        StatusCode::UPGRADE_REQUIRED,
+        "StaleBuild",
+        format!(
+            "this agent is build {}; the controller serves build {} at /agent/v1/binary",
+            String::from_utf8_lossy(build.as_bytes()),
+            api.build
+        ),
+    ))
 }
 
 fn parse<T: DeserializeOwned>(api: &AgentApi, body: &Bytes) -> Result<T, Refusal> {
@@ -120,7 +144,7 @@ fn stale(api: &AgentApi, message: String) -> Refusal {
     Refusal(StatusCode::CONFLICT, "StaleLease", message)
 }
 
-async fn register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<Assignment> {
+async fn register(State(api): State<Arc<AgentApi>>, headers: HeaderMap, body: Bytes) -> Answer<Assignment> {
     let request: RegisterRequest = parse(&api, &body)?;
     if !api.key.verify_vm(&request.instance, &request.owner_uid, &request.vm_token)
         || request.instance
@@ -128,6 +152,7 @@ async fn register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<Assig
     {
         return Err(forged(&api, "VM"));
     }
+    check_build(&api, &headers)?;
     let run = lookup(&api, &request.namespace, &request.testrun)?;
     if run.metadata.uid.as_deref() != Some(request.owner_uid.as_str()) {
         return Err(Refusal(StatusCode::GONE, "Finished", "this VM belongs to a TestRun that no longer exists".into()));
@@ -300,9 +325,14 @@ fn check_pool_vm(api: &AgentApi, hello: &PoolHello) -> Result<Arc<PrebuildPreset
     Ok(preset)
 }
 
-async fn pool_register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<StatusCode, Refusal> {
+async fn pool_register(
+    State(api): State<Arc<AgentApi>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, Refusal> {
     let hello: PoolHello = parse(&api, &body)?;
     let preset = check_pool_vm(&api, &hello)?;
+    check_build(&api, &headers)?;
     api.pool.heard(&hello.owner_uid, &hello.instance, Timestamp::now());
     api.wakers.wake_preset(ObjectRef::from_obj(preset.as_ref()));
     tracing::info!(prebuildpreset = %hello.preset, namespace = %hello.namespace, instance = %hello.instance, "pool VM ready");
@@ -313,9 +343,11 @@ async fn pool_register(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<
 /// claimed it and recorded the claim, or 204 after at most [`POOL_WAIT`]
 /// (nothing yet, ask again). The wait is woken by the claim itself (a
 /// notification for this VM), with a slow look every second as a backstop.
-async fn pool_wait(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<Response, Refusal> {
+async fn pool_wait(State(api): State<Arc<AgentApi>>, headers: HeaderMap, body: Bytes) -> Result<Response, Refusal> {
     let hello: PoolHello = parse(&api, &body)?;
     check_pool_vm(&api, &hello)?;
+    // A pool VM idle since before an upgrade restarts as the new build.
+    check_build(&api, &headers)?;
     let deadline = tokio::time::Instant::now() + POOL_WAIT;
     let notify = api.agent_waiters.waiter(&hello.instance);
     let answer = loop {

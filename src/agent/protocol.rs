@@ -15,6 +15,15 @@ pub const RESULT_PATH: &str = "/agent/v1/result";
 pub const POOL_REGISTER_PATH: &str = "/agent/v1/pool/register";
 /// `POST`: a pool VM waits (long poll) for an assignment.
 pub const POOL_WAIT_PATH: &str = "/agent/v1/pool/wait";
+/// Request header with the build (sha256) an agent started as; the agent
+/// API refuses registration of another build than its own with 426, so a
+/// VM that kept an older build fetches the current one.
+pub const BUILD_HEADER: &str = "testrun-agent-build";
+/// Environment variable the startup script gives the agent its build in.
+pub const BUILD_ENV: &str = "TESTRUN_AGENT_BUILD";
+/// The agent's exit code when it was refused as another build: the startup
+/// script then fetches the controller's.
+pub const STALE_BUILD_EXIT: u8 = 3;
 /// Largest request body the agent API reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Largest output tail kept from a command.

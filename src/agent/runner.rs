@@ -14,9 +14,9 @@ use reqwest::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::protocol::{
-    Assignment, HEARTBEAT_PATH, LeaseClaim, META_AGENT_URL, META_ATTEMPT, META_NAME, META_NAMESPACE, META_OWNER_UID,
-    META_PRESET, META_SHARD, META_VM_TOKEN, OUTPUT_TAIL_BYTES, POOL_REGISTER_PATH, POOL_WAIT_PATH, PoolHello,
-    REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
+    Assignment, BUILD_ENV, BUILD_HEADER, HEARTBEAT_PATH, LeaseClaim, META_AGENT_URL, META_ATTEMPT, META_NAME,
+    META_NAMESPACE, META_OWNER_UID, META_PRESET, META_SHARD, META_VM_TOKEN, OUTPUT_TAIL_BYTES, POOL_REGISTER_PATH,
+    POOL_WAIT_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
 };
 
 /// Why the agent stopped without a reported result.
@@ -52,6 +52,9 @@ pub enum AgentError {
     /// The result could not be delivered in time.
     #[error("the result was not acknowledged: {0}")]
     Undelivered(String),
+    /// The agent API serves another build: this one must not run.
+    #[error("the agent API serves another build: {0}")]
+    StaleBuild(String),
 }
 
 /// Where the agent finds its metadata server.
@@ -90,8 +93,12 @@ impl Backoff {
 
 /// The error for a 4xx answer that retrying cannot fix.
 async fn refused(response: reqwest::Response) -> AgentError {
-    let status = response.status().as_u16();
-    AgentError::Refused { status, body: response.text().await.unwrap_or_default() }
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if status == StatusCode::UPGRADE_REQUIRED {
+        return AgentError::StaleBuild(body);
+    }
+    AgentError::Refused { status: status.as_u16(), body }
 }
 
 struct Metadata {
@@ -165,7 +172,13 @@ pub async fn run() -> Result<i32, AgentError> {
     // No idle connections: between a VM's few requests (register,
     // heartbeats, result) the controller holds nothing for it. TLS roots
     // only for an agent API behind HTTPS.
-    let builder = reqwest::Client::builder().pool_max_idle_per_host(0);
+    let mut builder = reqwest::Client::builder().pool_max_idle_per_host(0);
+    // The build the startup script checked and started: the agent API
+    // refuses another than its own, and the script then fetches that.
+    if let Some(build) = std::env::var(BUILD_ENV).ok().and_then(|b| reqwest::header::HeaderValue::from_str(&b).ok()) {
+        builder = builder
+            .default_headers([(reqwest::header::HeaderName::from_static(BUILD_HEADER), build)].into_iter().collect());
+    }
     let http = http_client(if url.starts_with("https://") { builder } else { builder.tls_certs_only([]) })?;
     let instance = metadata.get("instance/name").await?;
     if let Ok(preset) = attributes.get(META_PRESET) {

@@ -13,10 +13,15 @@
 //!    (Container-Optimized OS, where only these are writable and exec-able);
 //! 4. `/tmp/testrun-agent`.
 //!
-//! The file is named after its sha256; a folder that holds the build
-//! already is sent as `If-None-Match`, and a 304 runs it without a download.
+//! The file is named after its sha256. A folder that keeps the build the
+//! script names (a reboot, a folder VMs share) runs it at once, with no
+//! request: the agent says which build it is when it registers, and one
+//! the controller no longer serves is refused (the agent exits 3), after
+//! which the script fetches the current build, sending the kept one as
+//! `If-None-Match`.
 
 use super::binary::{ARCH_HEADER, BINARY_PATH, SHA256_HEADER, SIZE_HEADER};
+use super::protocol::{BUILD_ENV, STALE_BUILD_EXIT};
 
 /// How VMs start the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +33,8 @@ pub enum AgentLaunch {
         agent_url: String,
         /// The sha256 of the executable the controller serves.
         sha256: String,
+        /// Its size in bytes.
+        size: u64,
     },
     /// Run this command (followed by `agent`), for images that carry the
     /// agent already (`--agent-command`).
@@ -46,12 +53,15 @@ pub fn startup_script(launch: &AgentLaunch) -> String {
         AgentLaunch::Command(command) => {
             format!("#!/bin/sh\n# Written by testrun-controller {version}: start the agent.\nexec {command} agent\n")
         }
-        AgentLaunch::Fetch { agent_url, sha256 } => {
+        AgentLaunch::Fetch { agent_url, sha256, size } => {
             let url = format!("{}{BINARY_PATH}", agent_url.trim_end_matches('/'));
             FETCH_SCRIPT
                 .replace("@VERSION@", version)
                 .replace("@URL@", &sh_quote(&url))
                 .replace("@SHA256@", &sh_quote(sha256))
+                .replace("@SIZE@", &size.to_string())
+                .replace("@BUILD_ENV@", BUILD_ENV)
+                .replace("@STALE@", &STALE_BUILD_EXIT.to_string())
                 .replace("@HEADER@", SHA256_HEADER)
                 .replace("@SIZE_HEADER@", SIZE_HEADER)
                 .replace("@ARCH_HEADER@", ARCH_HEADER)
@@ -65,7 +75,32 @@ const FETCH_SCRIPT: &str = r#"#!/bin/sh
 # own executable) from the agent API, check its sha256, and run it.
 url=@URL@
 want=@SHA256@
+size_want=@SIZE@
+stale=
 log() { echo "testrun-agent: $*" >&2; }
+
+# start AGENT BUILD: runs the agent as BUILD and ends with its exit code,
+# unless the agent API refused it as another build than its own (exit
+# @STALE@): then it returns, and the current build is fetched.
+start() {
+  @BUILD_ENV@=$2 "$1" agent
+  rc=$?
+  [ "$rc" = @STALE@ ] || exit "$rc"
+  stale=$2
+  log "the agent API serves another build than $2 now: fetching it"
+}
+
+# The build this script names, kept whole in a folder: run it, no request.
+for dir in ${TESTRUN_AGENT_DIR:+"$TESTRUN_AGENT_DIR"} /var/lib/testrun-agent /var/lib/cloud/testrun-agent \
+  /var/lib/docker/testrun-agent /tmp/testrun-agent; do
+  kept="$dir/testrun-agent-$want"
+  if [ -x "$kept" ] && [ "$(($(wc -c <"$kept")))" = "$size_want" ]; then
+    log "running the agent kept in $dir (build $want)"
+    start "$kept" "$want"
+    break
+  fi
+done
+
 machine=$(uname -m)
 command -v curl >/dev/null 2>&1 || command -v wget >/dev/null 2>&1 || {
   log "neither curl nor wget is on PATH: the agent cannot be fetched (bake it into the image, set --agent-command)"
@@ -158,7 +193,15 @@ try() {
   dir=$(exec_dir) || { log "no writable folder lets files run: set TESTRUN_AGENT_DIR in the image"; exit 1; }
   part="$dir/.download.$$"
   cached=
-  lock || cached=$want
+  if ! lock; then
+    # A VM sharing the folder has just kept the build this script names.
+    kept="$dir/testrun-agent-$want"
+    if [ "$stale" != "$want" ] && [ "$(($(wc -c <"$kept")))" = "$size_want" ]; then
+      log "running the agent kept in $dir (build $want)"
+      start "$kept" "$want"
+    fi
+    cached=$want
+  fi
   fetch "$part" "$part.headers" "$cached" || { log "fetching $url failed"; rm -f "$part" "$part.headers"; unlock; return 1; }
   # shellcheck disable=SC2046 # four words, none with spaces
   set -- $(headers "$part.headers")
@@ -174,9 +217,10 @@ try() {
     rm -f "$part" "$part.headers"
     unlock
     kept="$dir/testrun-agent-$want"
-    if [ -x "$kept" ] && [ "$(wc -c <"$kept" | tr -d ' ')" = "$size" ]; then
+    if [ -x "$kept" ] && [ "$(($(wc -c <"$kept")))" = "$size" ]; then
       log "running the agent kept in $dir (build $want)"
-      exec "$kept" agent
+      start "$kept" "$want"
+      return 1
     fi
     log "the agent kept in $dir is gone or cut short: fetching it again"
     rm -f "$kept"
@@ -203,7 +247,8 @@ try() {
   chmod 0755 "$part" && mv -f "$part" "$dir/testrun-agent-$sha" || { rm -f "$part"; unlock; return 1; }
   unlock
   log "fetched the agent into $dir (build $sha)"
-  exec "$dir/testrun-agent-$sha" agent
+  start "$dir/testrun-agent-$sha" "$sha"
+  return 1
 }
 
 # The agent API may not be reachable yet (a new controller, a network being
@@ -233,9 +278,12 @@ mod tests {
         let script = startup_script(&AgentLaunch::Fetch {
             agent_url: "http://10.0.0.2:8090/it's/".into(),
             sha256: "ab".repeat(32),
+            size: 1234,
         });
         assert!(script.contains("url='http://10.0.0.2:8090/it'\\''s/agent/v1/binary'\n"), "{script}");
         assert!(script.contains(&format!("want='{}'\n", "ab".repeat(32))), "{script}");
+        assert!(script.contains("size_want=1234\n"), "{script}");
+        assert!(script.contains("TESTRUN_AGENT_BUILD=$2 \"$1\" agent"), "{script}");
         assert!(script.contains("tolower($1) == \"testrun-agent-sha256:\" { sha = $2 }"), "{script}");
         assert!(!script.contains('@'), "a placeholder was left: {script}");
     }

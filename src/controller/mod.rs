@@ -516,6 +516,7 @@ pub async fn run<C: Compute + Clone>(
         wakers: wakers.clone(),
         agent_waiters: agent_waiters.clone(),
         metrics: metrics.clone(),
+        build: config.agent_binary.sha256.clone(),
     });
     let agent_addr = listener.local_addr().unwrap_or(config.agent_listen);
     let (agent_binary, served_to) = (config.agent_binary.clone(), metrics.clone());

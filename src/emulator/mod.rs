@@ -51,6 +51,9 @@ pub struct EmulatorConfig {
     pub fault_seed: u64,
     /// Fault rules active from the start.
     pub faults: Vec<FaultRule>,
+    /// Scheduling niceness of VM processes (0 to 19): real VMs never take
+    /// CPU from the controller; on one host, 19 comes closest.
+    pub vm_nice: u8,
 }
 
 impl Default for EmulatorConfig {
@@ -62,6 +65,7 @@ impl Default for EmulatorConfig {
             work_dir: std::env::temp_dir().join("testrun-emulator"),
             fault_seed: 0,
             faults: Vec::new(),
+            vm_nice: 0,
         }
     }
 }

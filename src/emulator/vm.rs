@@ -74,7 +74,7 @@ pub async fn boot(emulator: &Arc<Emulator>, info: BootInfo) -> Result<VmProcess,
 
     let dir = emulator.config.work_dir.join("vms").join(&info.key.zone).join(format!("{}-{}", info.key.name, info.id));
     let agent_dir = emulator.config.work_dir.join("agent");
-    let started = start_script(&dir, &agent_dir, &info, &metadata_host);
+    let started = start_script(&dir, &agent_dir, &info, &metadata_host, emulator.config.vm_nice);
     let pid = match started {
         Ok(pid) => pid,
         Err(e) => {
@@ -90,7 +90,13 @@ pub async fn boot(emulator: &Arc<Emulator>, info: BootInfo) -> Result<VmProcess,
 /// agent, and the first of each build downloads it, the others get 304, as a
 /// VM would that kept the build on its disk. (A debug build of the agent is
 /// about 90 MiB; a copy per emulated VM would cost a disk write per boot.)
-fn start_script(dir: &Path, agent_dir: &Path, info: &BootInfo, metadata_host: &str) -> Result<i32, BootError> {
+fn start_script(
+    dir: &Path,
+    agent_dir: &Path,
+    info: &BootInfo,
+    metadata_host: &str,
+    nice: u8,
+) -> Result<i32, BootError> {
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BootError::Write { path, source }
@@ -120,11 +126,16 @@ fn start_script(dir: &Path, agent_dir: &Path, info: &BootInfo, metadata_host: &s
             key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
         command.env(format!("GCE_METADATA_ATTR_{var}"), value);
     }
+    let nice = libc::c_int::from(nice.min(19));
     // SAFETY: the closure runs between fork and exec and only makes the
-    // async-signal-safe prctl(2) call: the script dies with the emulator.
+    // async-signal-safe prctl(2) and setpriority(2) calls: the script dies
+    // with the emulator, at the niceness asked for.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            if nice > 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
