@@ -32,6 +32,7 @@ fn spec(i: usize) -> InstanceSpec {
         disk_gb: 10,
         labels: BTreeMap::from([("managed-by".into(), "testrun-controller".into())]),
         metadata: BTreeMap::new(),
+        startup_script: "".into(),
         service_account: None,
         network: Default::default(),
         spot: false,

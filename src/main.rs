@@ -491,7 +491,7 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
             .filter(|id| !id.is_empty())
             .unwrap_or_else(|| default_installation_id(&args.namespace, args.watch_namespace.as_deref())),
         agent_url,
-        startup_script: startup_script(&launch),
+        startup_script: startup_script(&launch).into(),
         registration_timeout: args.registration_timeout,
         delete_retry_base: args.delete_retry_base.max(Duration::from_millis(10)),
         started_at: jiff::Timestamp::now(),

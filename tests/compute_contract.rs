@@ -26,6 +26,7 @@ fn spec(name: &str, zone: &str) -> InstanceSpec {
         disk_gb: 20,
         labels: BTreeMap::from([("managed-by".into(), "testrun-controller".into()), ("team".into(), "ci".into())]),
         metadata: BTreeMap::from([("greeting".into(), "hello".into())]),
+        startup_script: "".into(),
         service_account: None,
         network: Default::default(),
         spot: false,
@@ -476,7 +477,7 @@ async fn startup_script_boots_reads_metadata_and_dies_with_its_vm() {
     let compute = emulator.compute("proj-boot").await;
     for name in ["vm-1", "vm-2"] {
         let mut vm = spec(name, ZONE);
-        vm.metadata.insert("startup-script".into(), SCRIPT.into());
+        vm.startup_script = SCRIPT.into();
         wait_done(&compute, &compute.insert(&vm).await.expect("insert")).await;
     }
     let mut rows = Vec::new();

@@ -40,6 +40,7 @@ fn stray_of(name: &str, installation: &str, namespace: Option<&str>) -> Instance
         .chain(namespace.map(|ns| ("owner-namespace".to_string(), ns.to_string())))
         .collect(),
         metadata: BTreeMap::new(),
+        startup_script: "".into(),
         service_account: None,
         network: Default::default(),
         spot: false,

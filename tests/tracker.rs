@@ -29,6 +29,7 @@ fn spec(name: &str) -> InstanceSpec {
         disk_gb: 10,
         labels: BTreeMap::from([("installation".into(), "tracker-test".into())]),
         metadata: BTreeMap::new(),
+        startup_script: "".into(),
         service_account: None,
         network: Default::default(),
         spot: false,

@@ -222,6 +222,9 @@ pub fn label_filter(labels: &BTreeMap<String, String>) -> String {
 fn instance_resource(spec: &InstanceSpec) -> model::Instance {
     let zone = &spec.zone;
     let mut metadata_items = Vec::new();
+    if !spec.startup_script.is_empty() {
+        metadata_items.push(model::metadata::Items::new().set_key("startup-script").set_value(&*spec.startup_script));
+    }
     for (key, value) in &spec.metadata {
         metadata_items.push(model::metadata::Items::new().set_key(key).set_value(value));
     }

@@ -34,8 +34,12 @@ pub struct InstanceSpec {
     pub disk_gb: i64,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// Metadata items, including `startup-script`.
+    /// Metadata items other than `startup-script`.
     pub metadata: BTreeMap<String, String>,
+    /// The startup script (metadata `startup-script`; none when empty):
+    /// one script for every VM of the controller, shared, so inserts
+    /// waiting in the queue hold one copy of it, not one each.
+    pub startup_script: std::sync::Arc<str>,
     /// The service account the VM runs as; none when unset.
     pub service_account: Option<ServiceAccountSpec>,
     /// The VM's network interface.

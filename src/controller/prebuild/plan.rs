@@ -464,7 +464,6 @@ impl Pool<'_> {
             version,
         ));
         let mut metadata = vm.metadata.clone();
-        metadata.insert("startup-script".into(), self.obs.settings.startup_script.clone());
         metadata.insert(META_AGENT_URL.into(), self.obs.settings.agent_url.clone());
         metadata.insert(META_VM_TOKEN.into(), self.obs.key.vm_token(name, &uid));
         metadata.insert(META_NAMESPACE.into(), preset.metadata.namespace.clone().unwrap_or_default());
@@ -479,6 +478,7 @@ impl Pool<'_> {
             disk_gb: i64::from(vm.disk_gb),
             labels,
             metadata,
+            startup_script: self.obs.settings.startup_script.clone(),
             service_account: vmclass::service_account(self.obs.class.class()),
             network: vmclass::network(self.obs.class.class()),
             spot: vm.spot,

@@ -53,7 +53,7 @@ pub struct Settings {
     /// The agent API's URL as VMs reach it.
     pub agent_url: String,
     /// The startup script every VM runs ([`crate::agent::startup`]).
-    pub startup_script: String,
+    pub startup_script: std::sync::Arc<str>,
     /// How long a VM may take from request to agent registration.
     pub registration_timeout: Duration,
     /// First wait before retrying a failed delete (it doubles per try).
@@ -643,7 +643,6 @@ impl Planner<'_> {
             attempt.max(0) as u32,
         ));
         let mut metadata = vm.metadata.clone();
-        metadata.insert("startup-script".into(), self.obs.settings.startup_script.clone());
         metadata.insert(META_AGENT_URL.into(), self.obs.settings.agent_url.clone());
         metadata.insert(META_VM_TOKEN.into(), self.obs.key.vm_token(&name, &uid));
         metadata.insert(META_NAMESPACE.into(), run.metadata.namespace.clone().unwrap_or_default());
@@ -659,6 +658,7 @@ impl Planner<'_> {
             disk_gb: i64::from(vm.disk_gb),
             labels,
             metadata,
+            startup_script: self.obs.settings.startup_script.clone(),
             service_account: vmclass::service_account(self.obs.class.class()),
             network: vmclass::network(self.obs.class.class()),
             spot: vm.spot,
