@@ -248,11 +248,20 @@ fn main() -> ExitCode {
             use testrun_controller::agent::protocol::STALE_BUILD_EXIT;
             use testrun_controller::agent::runner::AgentError;
             telemetry::init(log_format);
-            // The startup script waits for the agent (to fetch another build
-            // when it is refused as stale); the agent ends with it.
+            // A startup script that fetched the agent waits for it (to fetch
+            // another build when it is refused as stale); the agent ends
+            // with that script, by SIGTERM, so it stops its command too.
             #[cfg(target_os = "linux")]
-            if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
-                tracing::warn!(error = %e, "the agent will outlive its startup script");
+            if let Some(parent) =
+                std::env::var(testrun_controller::agent::protocol::PARENT_ENV).ok().and_then(|p| p.parse::<i32>().ok())
+            {
+                if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM) {
+                    tracing::warn!(error = %e, "the agent will outlive its startup script");
+                }
+                if nix::unistd::getppid().as_raw() != parent {
+                    tracing::error!("the startup script that started the agent is gone");
+                    return ExitCode::from(1);
+                }
             }
             let mut stale = false;
             // One thread: a VM's agent waits on a child process and makes a

@@ -229,18 +229,19 @@ async fn a_kept_copy_cut_short_is_fetched_again_not_run() {
     );
 }
 
-#[tokio::test]
-async fn a_kept_build_the_agent_api_refuses_as_stale_is_replaced_by_the_current_one() {
-    let dir = scratch("stale");
+/// `vms` VMs made by an older controller share a folder that keeps its
+/// build, which the agent API now refuses (exit 3, as the real agent does
+/// on a 426): each runs it, is refused, and gets the current build.
+async fn kept_stale_build_replaced(test: &str, vms: usize) -> (Served, PathBuf, Vec<Output>) {
+    let dir = scratch(test);
     // The controller now serves this build, which writes down the build it
-    // was started as.
+    // was started as. 8 MiB: the others wait while one downloads.
     let current = dir.join("current-agent");
-    std::fs::write(&current, "#!/bin/sh\necho \"ran: $* as $TESTRUN_AGENT_BUILD\" >>\"$AGENT_RAN\"\nexit 0\n")
-        .expect("writing the agent");
+    let mut body = b"#!/bin/sh\necho \"ran: $* as $TESTRUN_AGENT_BUILD\" >>\"$AGENT_RAN\"\nexit 0\n#".to_vec();
+    body.resize(8 << 20, b'x');
+    body.push(b'\n');
+    std::fs::write(&current, body).expect("writing the agent");
     let served = serve(AgentBinary::read(current).expect("hashing")).await;
-    // The VM was made by an older controller, whose build it kept; that
-    // build is refused at registration (exit 3), as the real agent is when
-    // the agent API answers 426.
     let agent_dir = dir.join("agent");
     std::fs::create_dir_all(&agent_dir).expect("agent folder");
     let old_body = "#!/bin/sh\necho \"refused: $TESTRUN_AGENT_BUILD\" >>\"$AGENT_RAN\"\nexit 3\n";
@@ -254,14 +255,38 @@ async fn a_kept_build_the_agent_api_refuses_as_stale_is_replaced_by_the_current_
         size: old_body.len() as u64,
     });
     let bin = tools(&dir, &["curl"]);
-    let out = run_script(&script, &dir, &bin, &agent_dir, Duration::from_secs(30)).await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    let runs = (0..vms).map(|_| run_script(&script, &dir, &bin, &agent_dir, Duration::from_secs(60)));
+    let outputs = futures::future::join_all(runs).await;
+    (served, dir, outputs)
+}
+
+#[tokio::test]
+async fn a_kept_build_the_agent_api_refuses_as_stale_is_replaced_by_the_current_one() {
+    let (served, dir, outputs) = kept_stale_build_replaced("stale", 1).await;
+    let out = &outputs[0];
+    assert!(out.status.success(), "{}", stderr(out));
     assert_eq!(
         ran(&dir),
-        [format!("refused: {old_sha}"), format!("ran: agent as {}", served.sha256)],
+        [format!("refused: {}", "a".repeat(64)), format!("ran: agent as {}", served.sha256)],
         "{}",
-        stderr(&out)
+        stderr(out)
     );
-    assert!(stderr(&out).contains("serves another build"), "{}", stderr(&out));
+    assert!(stderr(out).contains("serves another build"), "{}", stderr(out));
     assert_eq!((served.count("full"), served.count("not_modified")), (1, 0));
+}
+
+#[tokio::test]
+async fn vms_sharing_a_folder_with_a_stale_build_download_the_current_one_once() {
+    let (served, dir, outputs) = kept_stale_build_replaced("stale-shared", 4).await;
+    for out in &outputs {
+        assert!(out.status.success(), "{}", stderr(out));
+    }
+    let mut lines = ran(&dir);
+    lines.sort();
+    let refused = format!("refused: {}", "a".repeat(64));
+    let current = format!("ran: agent as {}", served.sha256);
+    assert_eq!(lines.iter().filter(|l| **l == refused).count(), 4, "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| **l == current).count(), 4, "{lines:?}");
+    // One downloaded under the lock; the others were told its copy is current.
+    assert_eq!((served.count("full"), served.count("not_modified")), (1, 3));
 }

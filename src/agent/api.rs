@@ -152,11 +152,11 @@ async fn register(State(api): State<Arc<AgentApi>>, headers: HeaderMap, body: By
     {
         return Err(forged(&api, "VM"));
     }
-    check_build(&api, &headers)?;
     let run = lookup(&api, &request.namespace, &request.testrun)?;
     if run.metadata.uid.as_deref() != Some(request.owner_uid.as_str()) {
         return Err(Refusal(StatusCode::GONE, "Finished", "this VM belongs to a TestRun that no longer exists".into()));
     }
+    check_build(&api, &headers)?;
     let Some(shard) = shard_of(&run, request.shard) else {
         return Err(Refusal(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -21,6 +21,9 @@ pub const POOL_WAIT_PATH: &str = "/agent/v1/pool/wait";
 pub const BUILD_HEADER: &str = "testrun-agent-build";
 /// Environment variable the startup script gives the agent its build in.
 pub const BUILD_ENV: &str = "TESTRUN_AGENT_BUILD";
+/// Environment variable with the pid of the startup script that started
+/// the agent: the agent ends with it.
+pub const PARENT_ENV: &str = "TESTRUN_AGENT_PARENT";
 /// The agent's exit code when it was refused as another build: the startup
 /// script then fetches the controller's.
 pub const STALE_BUILD_EXIT: u8 = 3;

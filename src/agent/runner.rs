@@ -15,8 +15,9 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::protocol::{
     Assignment, BUILD_ENV, BUILD_HEADER, HEARTBEAT_PATH, LeaseClaim, META_AGENT_URL, META_ATTEMPT, META_NAME,
-    META_NAMESPACE, META_OWNER_UID, META_PRESET, META_SHARD, META_VM_TOKEN, OUTPUT_TAIL_BYTES, POOL_REGISTER_PATH,
-    POOL_WAIT_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck, ResultReport,
+    META_NAMESPACE, META_OWNER_UID, META_PRESET, META_SHARD, META_VM_TOKEN, OUTPUT_TAIL_BYTES, PARENT_ENV,
+    POOL_REGISTER_PATH, POOL_WAIT_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck,
+    ResultReport,
 };
 
 /// Why the agent stopped without a reported result.
@@ -175,9 +176,14 @@ pub async fn run() -> Result<i32, AgentError> {
     let mut builder = reqwest::Client::builder().pool_max_idle_per_host(0);
     // The build the startup script checked and started: the agent API
     // refuses another than its own, and the script then fetches that.
-    if let Some(build) = std::env::var(BUILD_ENV).ok().and_then(|b| reqwest::header::HeaderValue::from_str(&b).ok()) {
-        builder = builder
-            .default_headers([(reqwest::header::HeaderName::from_static(BUILD_HEADER), build)].into_iter().collect());
+    if let Some(build) = std::env::var(BUILD_ENV).ok().filter(|b| !b.is_empty()) {
+        match reqwest::header::HeaderValue::from_str(&build) {
+            Ok(value) => {
+                let name = reqwest::header::HeaderName::from_static(BUILD_HEADER);
+                builder = builder.default_headers([(name, value)].into_iter().collect());
+            }
+            Err(_) => tracing::warn!(build = %build, "{BUILD_ENV} is not a header value; the build is not checked"),
+        }
     }
     let http = http_client(if url.starts_with("https://") { builder } else { builder.tls_certs_only([]) })?;
     let instance = metadata.get("instance/name").await?;
@@ -329,6 +335,9 @@ async fn execute(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
+        // The agent's own settings are not the test's.
+        .env_remove(BUILD_ENV)
+        .env_remove(PARENT_ENV)
         .env("TESTRUN_SHARD", assignment.shard.to_string())
         .env("TESTRUN_SHARDS", assignment.shards.to_string())
         .env("TESTRUN_ATTEMPT", assignment.attempt.to_string());

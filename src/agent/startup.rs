@@ -21,7 +21,7 @@
 //! `If-None-Match`.
 
 use super::binary::{ARCH_HEADER, BINARY_PATH, SHA256_HEADER, SIZE_HEADER};
-use super::protocol::{BUILD_ENV, STALE_BUILD_EXIT};
+use super::protocol::{BUILD_ENV, PARENT_ENV, STALE_BUILD_EXIT};
 
 /// How VMs start the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +61,7 @@ pub fn startup_script(launch: &AgentLaunch) -> String {
                 .replace("@SHA256@", &sh_quote(sha256))
                 .replace("@SIZE@", &size.to_string())
                 .replace("@BUILD_ENV@", BUILD_ENV)
+                .replace("@PARENT_ENV@", PARENT_ENV)
                 .replace("@STALE@", &STALE_BUILD_EXIT.to_string())
                 .replace("@HEADER@", SHA256_HEADER)
                 .replace("@SIZE_HEADER@", SIZE_HEADER)
@@ -76,27 +77,40 @@ const FETCH_SCRIPT: &str = r#"#!/bin/sh
 url=@URL@
 want=@SHA256@
 size_want=@SIZE@
-stale=
+refused=
 log() { echo "testrun-agent: $*" >&2; }
+
+# whole FILE SIZE: FILE is there, may run, and has SIZE bytes.
+whole() {
+  [ -x "$1" ] || return 1
+  n=$(wc -c <"$1" 2>/dev/null) || return 1
+  [ "$((n))" = "$2" ]
+}
+
+# is_refused BUILD: the agent API refused BUILD while this script ran.
+is_refused() {
+  case " $refused " in *" $1 "*) return 0 ;; esac
+  return 1
+}
 
 # start AGENT BUILD: runs the agent as BUILD and ends with its exit code,
 # unless the agent API refused it as another build than its own (exit
-# @STALE@): then it returns, and the current build is fetched.
+# @STALE@): then it returns, and the current build is fetched. The agent
+# ends when this script does (it checks that its parent is this shell).
 start() {
-  @BUILD_ENV@=$2 "$1" agent
+  @BUILD_ENV@=$2 @PARENT_ENV@=$$ "$1" agent
   rc=$?
   [ "$rc" = @STALE@ ] || exit "$rc"
-  stale=$2
+  refused="$refused $2"
   log "the agent API serves another build than $2 now: fetching it"
 }
 
 # The build this script names, kept whole in a folder: run it, no request.
 for dir in ${TESTRUN_AGENT_DIR:+"$TESTRUN_AGENT_DIR"} /var/lib/testrun-agent /var/lib/cloud/testrun-agent \
   /var/lib/docker/testrun-agent /tmp/testrun-agent; do
-  kept="$dir/testrun-agent-$want"
-  if [ -x "$kept" ] && [ "$(($(wc -c <"$kept")))" = "$size_want" ]; then
+  if whole "$dir/testrun-agent-$want" "$size_want"; then
     log "running the agent kept in $dir (build $want)"
-    start "$kept" "$want"
+    start "$dir/testrun-agent-$want" "$want"
     break
   fi
 done
@@ -139,12 +153,13 @@ sha256() {
   fi
 }
 
-# fetch OUT HEADERS [ETAG]: the answer's body into OUT, its headers into HEADERS.
+# fetch OUT HEADERS [TAGS]: the answer's body into OUT, its headers into
+# HEADERS; TAGS (If-None-Match) names the builds kept here.
 fetch() {
   if command -v curl >/dev/null 2>&1; then
-    curl -sS --connect-timeout 10 --max-time 900 ${3:+-H "If-None-Match: \"$3\""} -D "$2" -o "$1" "$url"
+    curl -sS --connect-timeout 10 --max-time 900 ${3:+-H "If-None-Match: $3"} -D "$2" -o "$1" "$url"
   else
-    wget -q -S -T 30 -t 1 ${3:+--header="If-None-Match: \"$3\""} -O "$1" "$url" 2>"$2"
+    wget -q -S -T 30 -t 1 ${3:+--header="If-None-Match: $3"} -O "$1" "$url" 2>"$2"
     # wget exits non-zero on 304 and on HTTP errors; the status line decides.
     [ -s "$2" ]
   fi
@@ -164,8 +179,10 @@ headers() {
 # VMs that share a folder (an image's shared mount, or the emulator's VMs)
 # fetch a build once: one holds "$dir/.fetching" while it downloads, the
 # others wait for the file, or take over when the holder died.
+# Returns 1 (holding nothing) when the build this script names is kept
+# there, unless it was refused.
 lock() {
-  [ -x "$dir/testrun-agent-$want" ] && return 1
+  usable && return 1
   while ! mkdir "$dir/.fetching" 2>/dev/null; do
     holder=$(cat "$dir/.fetching/pid" 2>/dev/null)
     if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null; then
@@ -173,15 +190,25 @@ lock() {
       continue
     fi
     sleep 1
-    [ -x "$dir/testrun-agent-$want" ] && return 1
+    usable && return 1
   done
   echo $$ >"$dir/.fetching/pid"
   locked=1
   # The previous holder may have finished between the look and the lock.
-  if [ -x "$dir/testrun-agent-$want" ]; then
+  if usable; then
     unlock
     return 1
   fi
+}
+usable() { [ -x "$dir/testrun-agent-$want" ] && ! is_refused "$want"; }
+
+# The builds kept in "$dir", as an If-None-Match value.
+kept_tags() {
+  tags=
+  for f in "$dir"/testrun-agent-*; do
+    [ -x "$f" ] && tags="${tags:+$tags, }\"${f##*/testrun-agent-}\""
+  done
+  echo "$tags"
 }
 unlock() {
   [ -n "$locked" ] && rm -rf "$dir/.fetching"
@@ -192,17 +219,15 @@ unlock() {
 try() {
   dir=$(exec_dir) || { log "no writable folder lets files run: set TESTRUN_AGENT_DIR in the image"; exit 1; }
   part="$dir/.download.$$"
-  cached=
   if ! lock; then
     # A VM sharing the folder has just kept the build this script names.
-    kept="$dir/testrun-agent-$want"
-    if [ "$stale" != "$want" ] && [ "$(($(wc -c <"$kept")))" = "$size_want" ]; then
+    if whole "$dir/testrun-agent-$want" "$size_want"; then
       log "running the agent kept in $dir (build $want)"
-      start "$kept" "$want"
+      start "$dir/testrun-agent-$want" "$want"
+      return 1
     fi
-    cached=$want
   fi
-  fetch "$part" "$part.headers" "$cached" || { log "fetching $url failed"; rm -f "$part" "$part.headers"; unlock; return 1; }
+  fetch "$part" "$part.headers" "$(kept_tags)" || { log "fetching $url failed"; rm -f "$part" "$part.headers"; unlock; return 1; }
   # shellcheck disable=SC2046 # four words, none with spaces
   set -- $(headers "$part.headers")
   code=$1 sha=${2#-} size=${3#-} arch=${4#-}
@@ -214,12 +239,13 @@ try() {
   fi
   case "$code" in
   304)
+    # One of the kept builds is the one served: the answer names it.
     rm -f "$part" "$part.headers"
     unlock
-    kept="$dir/testrun-agent-$want"
-    if [ -x "$kept" ] && [ "$(($(wc -c <"$kept")))" = "$size" ]; then
-      log "running the agent kept in $dir (build $want)"
-      start "$kept" "$want"
+    kept="$dir/testrun-agent-$sha"
+    if [ -n "$sha" ] && whole "$kept" "$size"; then
+      log "running the agent kept in $dir (build $sha)"
+      start "$kept" "$sha"
       return 1
     fi
     log "the agent kept in $dir is gone or cut short: fetching it again"
@@ -283,7 +309,7 @@ mod tests {
         assert!(script.contains("url='http://10.0.0.2:8090/it'\\''s/agent/v1/binary'\n"), "{script}");
         assert!(script.contains(&format!("want='{}'\n", "ab".repeat(32))), "{script}");
         assert!(script.contains("size_want=1234\n"), "{script}");
-        assert!(script.contains("TESTRUN_AGENT_BUILD=$2 \"$1\" agent"), "{script}");
+        assert!(script.contains("TESTRUN_AGENT_BUILD=$2 TESTRUN_AGENT_PARENT=$$ \"$1\" agent"), "{script}");
         assert!(script.contains("tolower($1) == \"testrun-agent-sha256:\" { sha = $2 }"), "{script}");
         assert!(!script.contains('@'), "a placeholder was left: {script}");
     }

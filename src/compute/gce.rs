@@ -225,7 +225,8 @@ fn instance_resource(spec: &InstanceSpec) -> model::Instance {
     if !spec.startup_script.is_empty() {
         metadata_items.push(model::metadata::Items::new().set_key("startup-script").set_value(&*spec.startup_script));
     }
-    for (key, value) in &spec.metadata {
+    let replaced = |key: &String| !spec.startup_script.is_empty() && key == "startup-script";
+    for (key, value) in spec.metadata.iter().filter(|(key, _)| !replaced(key)) {
         metadata_items.push(model::metadata::Items::new().set_key(key).set_value(value));
     }
     let seconds = i64::try_from(spec.max_run_duration.as_secs()).unwrap_or(i64::MAX).max(30);

@@ -116,6 +116,8 @@ fn start_script(
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log_err))
         .process_group(0)
+        .env_remove(crate::agent::protocol::BUILD_ENV)
+        .env_remove(crate::agent::protocol::PARENT_ENV)
         .env("GCE_METADATA_HOST", metadata_host)
         .env("TESTRUN_AGENT_DIR", agent_dir)
         .env("GCE_INSTANCE_NAME", &info.key.name)
