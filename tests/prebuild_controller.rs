@@ -409,10 +409,11 @@ async fn an_invalid_run_takes_nothing_from_the_pool_until_it_is_fixed() {
     let warm = env.vms().await[0]["name"].as_str().expect("name").to_string();
 
     let runs: Api<TestRun> = Api::namespaced(env.client.clone(), &env.ns);
-    // Invalid: its heartbeat timeout is longer than its timeout.
+    // Invalid: it sets one environment variable twice.
     let run: TestRun = serde_json::from_value(json!({
         "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun", "metadata": { "name": "bad" },
-        "spec": { "presetRef": { "name": "pool" }, "command": ["true"], "timeout": "1m", "heartbeatTimeout": "5m" }
+        "spec": { "presetRef": { "name": "pool" }, "command": ["true"],
+                  "env": [{ "name": "A", "value": "1" }, { "name": "A", "value": "2" }] }
     }))
     .expect("TestRun");
     runs.create(&PostParams::default(), &run).await.expect("create");
@@ -430,9 +431,13 @@ async fn an_invalid_run_takes_nothing_from_the_pool_until_it_is_fixed() {
     assert_eq!((pool.claimed, pool.ready), (0, 1), "an invalid run claimed a warm VM: {pool:?}");
 
     // Fixed, it claims the warm VM and runs on it.
-    runs.patch("bad", &PatchParams::default(), &Patch::Merge(&json!({ "spec": { "heartbeatTimeout": "20s" } })))
-        .await
-        .expect("fix");
+    runs.patch(
+        "bad",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "spec": { "env": [{ "name": "A", "value": "1" }] } })),
+    )
+    .await
+    .expect("fix");
     let status = env.finished_run(&runs, "bad").await;
     assert_eq!(status.phase, Some(TestRunPhase::Succeeded), "{status:?}");
     assert_eq!(status.shards[0].instance.as_deref(), Some(warm.as_str()), "ran on the warm VM");

@@ -225,8 +225,7 @@ async fn a_failing_shard_fails_the_run_with_its_exit_code_and_output() {
 async fn an_invalid_spec_is_reported_and_creates_no_vm() {
     let env = setup("invalid-spec", &[], &[]).await;
     let mut body = testrun("invalid", 1, &["true"]);
-    body["spec"]["timeout"] = json!("10s");
-    body["spec"]["heartbeatTimeout"] = json!("1m");
+    body["spec"]["env"] = json!([{ "name": "A", "value": "1" }, { "name": "A", "value": "2" }]);
     env.create(body).await;
     let run = env
         .wait_for("invalid", "an InvalidSpec condition", Duration::from_secs(30), |r| {
@@ -239,17 +238,30 @@ async fn an_invalid_spec_is_reported_and_creates_no_vm() {
         .await;
     let status = run.status.expect("status");
     let condition = status.conditions.iter().find(|c| c.type_ == "InvalidSpec").expect("condition");
-    assert!(condition.message.contains("spec.heartbeatTimeout"), "{}", condition.message);
+    assert!(condition.message.contains("spec.env[1].name"), "{}", condition.message);
     assert!(status.shards.is_empty() && status.operations.is_empty());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(env.vms().await.is_empty(), "no VM for an invalid spec");
 
+    // A default never makes a spec invalid: a run that sets only a timeout
+    // shorter than the default heartbeatTimeout (60s) runs.
+    let mut short = testrun("short", 1, &["true"]);
+    short["spec"]["timeout"] = json!("8s");
+    short["spec"].as_object_mut().expect("spec").remove("heartbeatTimeout");
+    env.create(short).await;
+
     // Fixing the spec lets it run.
     env.runs
-        .patch("invalid", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"heartbeatTimeout": "5s"}})))
+        .patch(
+            "invalid",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"env": [{ "name": "A", "value": "1" }]}})),
+        )
         .await
         .expect("fixing the spec");
     env.wait_phase("invalid", TestRunPhase::Succeeded).await;
+    let short = env.wait_phase("short", TestRunPhase::Succeeded).await;
+    assert_eq!(short.spec.heartbeat_timeout.as_str(), "60s", "the default was applied");
 }
 
 #[tokio::test]

@@ -23,7 +23,6 @@ use super::protocol::{
     ResultReport,
 };
 use super::tokens::{LeaseKey, LeaseScope};
-use crate::api::duration::DurationString;
 use crate::api::prebuild::PrebuildPreset;
 use crate::api::testrun::{ShardResult, ShardStatus, TestRun};
 use crate::compute::naming::testrun_instance_name;
@@ -31,9 +30,10 @@ use crate::controller::claims::Claim;
 use crate::controller::fresh::Fresh;
 use crate::controller::wake::Wakers;
 
-/// Seconds between heartbeats the agent is told to keep.
-pub fn heartbeat_interval(heartbeat_timeout: &DurationString) -> u64 {
-    heartbeat_timeout.parse().map(|d| (d.as_secs() / 4).clamp(1, 15)).unwrap_or(5)
+/// Seconds between heartbeats the agent is told to keep: a quarter of the
+/// heartbeat timeout in effect, 1 to 15.
+pub fn heartbeat_interval(heartbeat_timeout: std::time::Duration) -> u64 {
+    (heartbeat_timeout.as_secs() / 4).clamp(1, 15)
 }
 
 /// The agent API's shared state.
@@ -202,7 +202,7 @@ fn assignment(key: &LeaseKey, run: &TestRun, shard: &ShardStatus) -> Assignment 
         env: env.into_iter().map(|e| EnvVar { name: e.name, value: e.value }).collect(),
         working_dir,
         timeout_seconds: run.spec.timeout.parse().map(|d| d.as_secs()).unwrap_or(3600),
-        heartbeat_interval_seconds: heartbeat_interval(&run.spec.heartbeat_timeout),
+        heartbeat_interval_seconds: heartbeat_interval(run.spec.effective_heartbeat_timeout()),
     }
 }
 

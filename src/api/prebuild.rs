@@ -87,7 +87,8 @@ fn default_max_consecutive_failures() -> i32 {
 }
 
 /// Exponential backoff after failed provisions: the wait starts at `base`,
-/// doubles with each failure in a row, and never exceeds `max`.
+/// doubles with each failure in a row, and never exceeds `max` (or `base`,
+/// when that is longer: a `base` above the default `max` is not an error).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct FailureBackoff {
     /// The first wait, e.g. `"10s"`.
@@ -96,6 +97,15 @@ pub struct FailureBackoff {
     /// The longest wait, e.g. `"5m"`.
     #[serde(default = "default_backoff_max")]
     pub max: DurationString,
+}
+
+impl FailureBackoff {
+    /// The first and the longest wait in effect: `max` is at least `base`.
+    pub fn effective(&self) -> (std::time::Duration, std::time::Duration) {
+        let base = self.base.parse().unwrap_or(std::time::Duration::from_secs(10));
+        let max = self.max.parse().unwrap_or(std::time::Duration::from_secs(300));
+        (base, max.max(base))
+    }
 }
 
 impl Default for FailureBackoff {

@@ -73,7 +73,8 @@ pub struct TestRunSpec {
 
     /// How long a shard's VM may go without a heartbeat before its lease is
     /// lost: the VM is deleted and, while attempts remain, the shard starts
-    /// over on a new VM.
+    /// over on a new VM. Never longer than `timeout`: a longer value (the
+    /// default with a short timeout) counts as `timeout`.
     #[serde(default = "default_heartbeat_timeout")]
     pub heartbeat_timeout: DurationString,
 
@@ -93,6 +94,21 @@ pub struct TestRunSpec {
     /// deleted, and the run ends as Cancelled.
     #[serde(default)]
     pub cancel: bool,
+}
+
+impl TestRunSpec {
+    /// `timeout` as a duration (the default, 1 h, when it does not parse;
+    /// validation reports that).
+    pub fn timeout_duration(&self) -> std::time::Duration {
+        self.timeout.parse().unwrap_or(std::time::Duration::from_secs(3600))
+    }
+
+    /// The heartbeat timeout in effect: `heartbeatTimeout`, bounded by
+    /// `timeout`, so a default never makes a short run invalid.
+    pub fn effective_heartbeat_timeout(&self) -> std::time::Duration {
+        let heartbeat = self.heartbeat_timeout.parse().unwrap_or(std::time::Duration::from_secs(60));
+        heartbeat.min(self.timeout_duration())
+    }
 }
 
 fn default_shards() -> i32 {

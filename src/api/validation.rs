@@ -146,15 +146,10 @@ pub fn validate_testrun(spec: &TestRunSpec) -> Result<(), InvalidSpec> {
     {
         p.add("spec.timeout", format!("{} is longer than the longest run allowed, 7 days", spec.timeout));
     }
-    let heartbeat = p.duration("spec.heartbeatTimeout", &spec.heartbeat_timeout);
-    if let (Some(timeout), Some(heartbeat)) = (timeout, heartbeat)
-        && heartbeat > timeout
-    {
-        p.add(
-            "spec.heartbeatTimeout",
-            format!("{} is longer than spec.timeout ({})", spec.heartbeat_timeout, spec.timeout),
-        );
-    }
+    // A heartbeat timeout longer than the timeout is bounded by it (see
+    // TestRunSpec::effective_heartbeat_timeout), never refused: the
+    // default (60s) would otherwise refuse every run shorter than a minute.
+    p.duration("spec.heartbeatTimeout", &spec.heartbeat_timeout);
     p.finish()
 }
 
@@ -162,19 +157,10 @@ pub fn validate_testrun(spec: &TestRunSpec) -> Result<(), InvalidSpec> {
 pub fn validate_prebuild_preset(spec: &PrebuildPresetSpec) -> Result<(), InvalidSpec> {
     let mut p = Problems::default();
     check_vm(&mut p, "spec.vm", &spec.vm);
-    let base = p.duration("spec.failureBackoff.base", &spec.failure_backoff.base);
-    let max = p.duration("spec.failureBackoff.max", &spec.failure_backoff.max);
-    if let (Some(base), Some(max)) = (base, max)
-        && base > max
-    {
-        p.add(
-            "spec.failureBackoff.base",
-            format!(
-                "{} is longer than spec.failureBackoff.max ({})",
-                spec.failure_backoff.base, spec.failure_backoff.max
-            ),
-        );
-    }
+    // A base longer than max raises max to it (FailureBackoff::effective),
+    // never refused: the default max (5m) would refuse a base of 10m.
+    p.duration("spec.failureBackoff.base", &spec.failure_backoff.base);
+    p.duration("spec.failureBackoff.max", &spec.failure_backoff.max);
     p.finish()
 }
 
@@ -358,13 +344,19 @@ mod tests {
     }
 
     #[test]
-    fn heartbeat_timeout_longer_than_timeout_is_rejected() {
-        let mut spec = testrun();
-        spec.timeout = "1m".into();
-        spec.heartbeat_timeout = "2m".into();
-        assert_eq!(fields(validate_testrun(&spec)), ["spec.heartbeatTimeout"]);
-        spec.heartbeat_timeout = "1m".into();
+    fn a_default_heartbeat_timeout_never_makes_a_short_run_invalid() {
+        // Only `timeout: 8s` written: the default heartbeatTimeout (60s) is
+        // bounded by it instead of refusing the run.
+        let mut spec: TestRunSpec = serde_json::from_value(serde_json::json!({
+            "command": ["true"], "timeout": "8s",
+            "vm": { "zones": ["us-central1-a"], "machineType": "e2-small", "image": "img" }
+        }))
+        .expect("spec");
+        assert_eq!(spec.heartbeat_timeout.as_str(), "60s");
         assert_eq!(validate_testrun(&spec), Ok(()));
+        assert_eq!(spec.effective_heartbeat_timeout(), std::time::Duration::from_secs(8));
+        spec.heartbeat_timeout = "2s".into();
+        assert_eq!(spec.effective_heartbeat_timeout(), std::time::Duration::from_secs(2));
     }
 
     #[test]
@@ -410,10 +402,20 @@ mod tests {
     }
 
     #[test]
-    fn a_plain_preset_is_valid_and_backoff_must_be_ordered() {
+    fn a_backoff_base_above_the_default_max_raises_the_max_instead_of_refusing() {
         let mut spec = preset();
         assert_eq!(validate_prebuild_preset(&spec), Ok(()));
-        spec.failure_backoff = FailureBackoff { base: "10m".into(), max: "1m".into() };
+        // Only `base: 10m` written; the default max is 5m.
+        spec.failure_backoff = serde_json::from_value(serde_json::json!({ "base": "10m" })).expect("backoff");
+        assert_eq!(validate_prebuild_preset(&spec), Ok(()));
+        let ten = std::time::Duration::from_secs(600);
+        assert_eq!(spec.failure_backoff.effective(), (ten, ten));
+        spec.failure_backoff = FailureBackoff { base: "10s".into(), max: "1m".into() };
+        assert_eq!(
+            spec.failure_backoff.effective(),
+            (std::time::Duration::from_secs(10), std::time::Duration::from_secs(60))
+        );
+        spec.failure_backoff.base = "soon".into();
         assert_eq!(fields(validate_prebuild_preset(&spec)), ["spec.failureBackoff.base"]);
     }
 

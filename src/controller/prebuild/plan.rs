@@ -704,8 +704,7 @@ impl Pool<'_> {
             return;
         }
         if failures > 0 {
-            let base = spec.failure_backoff.base.parse().unwrap_or(Duration::from_secs(10));
-            let max = spec.failure_backoff.max.parse().unwrap_or(Duration::from_secs(300));
+            let (base, max) = spec.failure_backoff.effective();
             let since = self.status.last_failure_time.as_ref().map(|t| t.0).unwrap_or(self.obs.now);
             let due = since + signed(backoff(base, max, failures));
             if self.obs.now < due {

@@ -798,8 +798,8 @@ impl Planner<'_> {
         let vm_gone = self.obs.vms.absent(&zone, &name);
         let creating = self.in_flight(OperationKind::Insert, &zone, &name);
 
-        let timeout = signed(run.spec.timeout.parse().unwrap_or(Duration::from_secs(3600)));
-        let heartbeat_timeout = signed(run.spec.heartbeat_timeout.parse().unwrap_or(Duration::from_secs(60)));
+        let timeout = signed(run.spec.timeout_duration());
+        let heartbeat_timeout = signed(run.spec.effective_heartbeat_timeout());
 
         // The agent registered: its lease began. A heartbeat on the current
         // lease says the same (its registration was heard by a process
@@ -896,7 +896,7 @@ impl Planner<'_> {
         .max()
         .unwrap_or(now);
         if now.duration_since(last_heard) > heartbeat_timeout {
-            let why = format!("no heartbeat for {}", run.spec.heartbeat_timeout);
+            let why = format!("no heartbeat for {:?}", run.spec.effective_heartbeat_timeout());
             self.event(true, "LeaseLost", format!("shard {} lost lease {}: {why}", shard.index, shard.lease_id));
             self.fail_attempt(index, &format!("lease lost ({why})"), vm);
             return;
@@ -1730,7 +1730,7 @@ mod tests {
         w.register(1);
         w.reconcile();
         // The spec turns invalid (a heartbeat timeout longer than the timeout).
-        w.run.spec.heartbeat_timeout = "20m".into();
+        w.run.spec.heartbeat_timeout = "soon".into();
         let vm1 = w.shard(1).instance.expect("instance");
         w.vms.retain(|v| v.name != vm1);
         w.report(0, 0);
@@ -1766,7 +1766,7 @@ mod tests {
             status.started = None;
             w.run.status = Some(status);
             match broken {
-                "invalid spec" => w.run.spec.heartbeat_timeout = "20m".into(),
+                "invalid spec" => w.run.spec.heartbeat_timeout = "soon".into(),
                 _ => w.preset_vm = None,
             }
             // Shard 1 loses its VM: no new one while the run cannot say its shape.
@@ -1792,7 +1792,7 @@ mod tests {
         w.reconcile();
         w.every_zone_out_of_capacity();
         assert!(w.shard(0).message.is_some_and(|m| m.contains("attempt 2 starts in 30s")), "{:?}", w.shard(0));
-        w.run.spec.heartbeat_timeout = "20m".into();
+        w.run.spec.heartbeat_timeout = "soon".into();
         w.advance(31);
         let plan = w.reconcile();
         assert_eq!(inserts(&plan), 0);
@@ -1807,7 +1807,7 @@ mod tests {
         for error in [ErrorCode::ZoneResourcePoolExhausted, ErrorCode::Unavailable] {
             let mut w = World::new(run(1, 1));
             w.reconcile();
-            w.run.spec.heartbeat_timeout = "20m".into();
+            w.run.spec.heartbeat_timeout = "soon".into();
             w.fail_every_call(&ComputeError::OperationFailed {
                 operation: "x".into(),
                 code: error.clone(),
@@ -1849,7 +1849,7 @@ mod tests {
     fn an_insert_whose_answer_was_lost_while_the_spec_is_invalid_is_made_again_with_its_request_id_once_fixed() {
         let mut w = World::new(run(1, 1));
         let first = w.reconcile().calls[0].request_id().to_string();
-        w.run.spec.heartbeat_timeout = "20m".into();
+        w.run.spec.heartbeat_timeout = "soon".into();
         let lost = ComputeError::Api {
             call: "instances.insert",
             code: ErrorCode::Unavailable,
@@ -1939,7 +1939,7 @@ mod tests {
                     Step::Vanish(i) => { let name = w.shard(i).instance; w.vms.retain(|v| Some(&v.name) != name.as_ref()); }
                     Step::Delete => w.deleting = true,
                     Step::BreakSpec(broken) => {
-                        w.run.spec.heartbeat_timeout = if broken { "20m" } else { "30s" }.into();
+                        w.run.spec.heartbeat_timeout = if broken { "soon" } else { "30s" }.into();
                     }
                     Step::LoseAnswers => w.lose_open_answers(),
                 }
