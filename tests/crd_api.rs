@@ -189,9 +189,26 @@ async fn invalid_testruns_are_rejected_naming_the_field() {
         assert_eq!(err.code, 422, "{name}: {err:?}");
         assert!(err.message.contains(field), "{name}: message should name {field}: {}", err.message);
     }
+    for (name, timeout) in [("negative-duration", "-1h"), ("bare-fraction", ".5h")] {
+        let mut body = minimal_testrun(name);
+        body["spec"]["timeout"] = json!(timeout);
+        let err = api_error(create_raw(&api, body).await);
+        assert_eq!(err.code, 422, "{name}: {err:?}");
+    }
     // Nothing invalid was stored.
     let stored = api.list(&Default::default()).await.expect("list");
     assert!(stored.items.is_empty(), "rejected objects must not be stored");
+
+    // Durations as Kubernetes writes them are taken, and read the same way.
+    let mut body = minimal_testrun("kubernetes-durations");
+    body["spec"]["timeout"] = json!("1.5h");
+    body["spec"]["heartbeatTimeout"] = json!("2m30.5s");
+    create_raw(&api, body).await.expect("Kubernetes durations are accepted");
+    let stored = api.get("kubernetes-durations").await.expect("get");
+    let spec: testrun_controller::api::testrun::TestRunSpec =
+        serde_json::from_value(stored.data["spec"].clone()).expect("spec");
+    assert_eq!(spec.timeout_duration(), Duration::from_secs(5400));
+    assert_eq!(spec.heartbeat_timeout.parse(), Ok(Duration::from_millis(150_500)));
 }
 
 #[tokio::test]
