@@ -573,9 +573,9 @@ pub async fn run<C: Compute + Clone>(
     // (with an agent Service) VMs are sent here.
     let ready = metrics.clone();
     tokio::spawn(async move {
+        // (The VmClass cache was filled before anything started.)
         cache_ready(&runs).await;
         cache_ready(&presets).await;
-        cache_ready(&classes).await;
         inventory.wait_synced().await;
         if let Some(written) = reachable {
             // The writer never gives up; an error means the runtime ends.
