@@ -201,7 +201,7 @@ async fn three_shards_succeed_and_every_vm_is_deleted() {
 }
 
 #[tokio::test]
-async fn a_failing_shard_fails_the_run_with_its_exit_code_and_output() {
+async fn a_failing_shard_fails_the_run_with_its_exit_code_and_kubectl_wait_sees_either_end() {
     let env = setup("failing-shard", &[], &[]).await;
     env.create(testrun(
         "bad",
@@ -209,8 +209,36 @@ async fn a_failing_shard_fails_the_run_with_its_exit_code_and_output() {
         &["sh", "-c", "echo checking; if [ $TESTRUN_SHARD = 1 ]; then echo boom >&2; exit 3; fi"],
     ))
     .await;
+    env.create(testrun("good", 1, &["true"])).await;
+    // What CI does: wait for an end by condition, with kubectl.
+    let ns = env.ns.clone();
+    let wait = move |args: &[&str]| {
+        let ns = ns.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut all = vec!["wait".to_string(), "-n".to_string(), ns];
+            all.extend(args);
+            common::kubectl(&all.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+    };
+    // Reconciling=False: either end (or stuck), one command for both runs.
+    let (ok, out, err) = wait(&["--for=condition=Reconciling=False", "tr/bad", "tr/good", "--timeout=90s"])
+        .await
+        .expect("kubectl wait");
+    assert!(ok, "kubectl wait for either end: {out}{err}");
+    let (ok, out, err) = wait(&["--for=condition=Failed", "tr/bad", "--timeout=10s"]).await.expect("kubectl wait");
+    assert!(ok && out.contains("condition met"), "kubectl wait Failed: {out}{err}");
+    let (ok, out, err) = wait(&["--for=condition=Complete", "tr/good", "--timeout=10s"]).await.expect("kubectl wait");
+    assert!(ok && out.contains("condition met"), "kubectl wait Complete: {out}{err}");
+    let (ok, _, _) = wait(&["--for=condition=Complete", "tr/bad", "--timeout=2s"]).await.expect("kubectl wait");
+    assert!(!ok, "a failed run never reads as Complete");
     let run = env.wait_phase("bad", TestRunPhase::Failed).await;
     let status = run.status.expect("status");
+    let failed = status.conditions.iter().find(|c| c.type_ == "Failed").expect("a Failed condition");
+    assert_eq!((failed.status, failed.reason.as_str()), (ConditionStatus::True, "Failed"));
+    assert!(failed.message.contains("shard 1 Failed: attempt 1 exited with code 3"), "{}", failed.message);
+    let stalled = status.conditions.iter().find(|c| c.type_ == "Stalled").expect("a Stalled condition");
+    assert_eq!(stalled.status, ConditionStatus::True, "kstatus reads a failed run as Failed");
     let failed = status.shards.iter().find(|s| s.index == 1).expect("shard 1");
     assert_eq!(failed.phase, TestRunPhase::Failed);
     let result = failed.result.as_ref().expect("result");
@@ -434,15 +462,16 @@ async fn a_zone_out_of_capacity_sends_the_vm_to_the_next_zone() {
     let shard = &status.shards[0];
     assert_eq!(shard.zone.as_deref(), Some("us-central1-b"));
     assert_eq!(shard.attempt, 1, "moving to another zone does not use up an attempt");
+    // Degraded says the state now: the shard got its VM, so it is over; the
+    // Event keeps what happened.
     let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").expect("a Degraded condition");
-    assert_eq!(degraded.reason, "ZoneExhausted");
-    assert!(
-        degraded.message.contains("zone us-central1-a has no capacity for e2-standard-2; trying us-central1-b"),
-        "{}",
-        degraded.message
-    );
+    assert_eq!((degraded.status, degraded.reason.as_str()), (ConditionStatus::False, "AsExpected"));
     let events = env.events().await;
-    assert!(events.iter().any(|(r, n)| r == "ZoneUnavailable" && n.contains("us-central1-a")), "{events:?}");
+    assert!(
+        events.iter().any(|(r, n)| r == "ZoneUnavailable"
+            && n.contains("zone us-central1-a has no capacity for e2-standard-2; trying us-central1-b")),
+        "{events:?}"
+    );
     env.wait_no_vms().await;
 }
 

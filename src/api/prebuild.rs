@@ -171,7 +171,15 @@ pub struct PrebuildPresetStatus {
     /// recently finished.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operations: Vec<TrackedOperation>,
-    /// Conditions: `Ready`, `Progressing`, `Degraded`, `InvalidSpec`.
+    /// Conditions, each saying the current state:
+    /// - `Ready`: True while at least `spec.instances` VMs are ready.
+    /// - `Reconciling` / `Stalled` (kstatus): True while the pool fills,
+    ///   rolls or deletes VMs / while an invalid spec or
+    ///   `maxConsecutiveFailures` failed provisions in a row stop it until
+    ///   the spec changes.
+    /// - `Progressing`: True while VMs are being created, replaced or deleted.
+    /// - `Degraded`: True while the latest provisions failed.
+    /// - `InvalidSpec`, `DeletionFailing`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -196,8 +196,20 @@ pub struct TestRunStatus {
     /// runs this, whatever the spec or the preset says later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started: Option<StartedWith>,
-    /// Conditions: `Ready`, `Progressing`, `Degraded`, `InvalidSpec`,
-    /// `SpecChanged`, `DeletionFailing`.
+    /// Conditions, each saying the current state:
+    /// - `Ready`: True once every shard succeeded.
+    /// - `Complete`: True when the run succeeded; `Failed`: True when it
+    ///   ended otherwise, with reason `Failed`, `TimedOut`, `Cancelled` or
+    ///   `Error` and a message naming the first shard that did not succeed.
+    ///   `kubectl wait --for=condition=Complete` (or `Failed`) waits for
+    ///   either end.
+    /// - `Reconciling` / `Stalled` (kstatus): True while the run is under way
+    ///   / when it failed or cannot go on until someone acts (an invalid
+    ///   spec, a missing preset).
+    /// - `Progressing`: True until the run ends.
+    /// - `Degraded`: True while VMs are hard to get (a failed create, a
+    ///   zone without capacity) and some shard still waits for its VM.
+    /// - `InvalidSpec`, `SpecChanged`, `DeletionFailing`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

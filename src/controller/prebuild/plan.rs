@@ -34,7 +34,7 @@ use crate::api::vmclass::{self, ClassChoice, ClassRequest};
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation};
 use crate::compute::InstanceSpec;
 use crate::compute::naming::{preset_instance_name, preset_labels, request_id};
-use crate::controller::conditions;
+use crate::controller::conditions::{self, Progress};
 use crate::controller::ops::{
     CloudCall, DeleteRetry, InsertRetry, PlannedEvent, Seen, UNSEEN_ZONE_RECHECK, deletion_condition, intent,
     may_still_act, record_failure, retry_delete, retry_insert, signed, until,
@@ -793,6 +793,36 @@ impl Pool<'_> {
         .unwrap_or(i32::MAX);
     }
 
+    /// kstatus's `Reconciling` and `Stalled`: a pool filling, replacing or
+    /// deleting VMs is reconciling; one with an invalid spec or too many
+    /// failed provisions in a row is stalled until its spec changes.
+    fn progress_conditions(&mut self) {
+        let generation = self.obs.preset.metadata.generation;
+        let now = self.obs.now;
+        let condition = |type_: &str| {
+            conditions::get(&self.status.conditions, type_)
+                .filter(|c| c.status == ConditionStatus::True)
+                .map(|c| (c.reason.clone(), c.message.clone()))
+        };
+        let stalled_by = condition("InvalidSpec").map(|(_, m)| ("InvalidSpec", m)).or_else(|| {
+            condition("Degraded").filter(|(r, _)| r == "TooManyFailures").map(|(_, m)| ("TooManyFailures", m))
+        });
+        let status = &self.status;
+        let filling = status.ready < self.obs.preset.spec.instances;
+        let busy = filling
+            || status.provisioning + status.pending + status.outdated > 0
+            || status.operations.iter().any(|o| o.state != OperationState::Done);
+        let progress = match stalled_by {
+            Some((reason, message)) => Progress::Stalled { reason, message },
+            None if busy => Progress::Reconciling {
+                reason: if filling { "PoolFilling" } else { "PoolSettling" },
+                message: conditions::get(&status.conditions, "Ready").map(|c| c.message.clone()).unwrap_or_default(),
+            },
+            None => Progress::Current { reason: "PoolReady" },
+        };
+        conditions::set_progress(&mut self.status.conditions, &progress, generation, now);
+    }
+
     fn finish(mut self, cleanup_done: bool) -> PoolPlan {
         let generation = self.obs.preset.metadata.generation;
         let now = self.obs.now;
@@ -847,6 +877,7 @@ impl Pool<'_> {
                 );
             }
         }
+        self.progress_conditions();
         if let Some(message) = deletion_condition(&mut self.status.conditions, &self.status.operations, generation, now)
         {
             self.events.push(PlannedEvent { warning: true, reason: "DeletionFailing", note: message });
@@ -1222,8 +1253,11 @@ mod tests {
         }
         w.reconcile();
         assert_eq!(w.ready("v1"), 2);
+        let c = w.status().conditions;
+        assert!(!conditions::is_true(&c, "Reconciling") && !conditions::is_true(&c, "Stalled"), "{c:?}");
         w.set_version("v2");
         let plan = w.reconcile();
+        assert!(conditions::is_true(&plan.status.conditions, "Reconciling"), "rolling");
         assert!(
             !plan.calls.iter().any(|c| matches!(c, CloudCall::Delete { .. })),
             "no v1 VM goes before a v2 VM is ready"
@@ -1273,11 +1307,15 @@ mod tests {
         assert!(plan.calls.is_empty(), "degraded: no more creation");
         let degraded = conditions::get(&plan.status.conditions, "Degraded").expect("Degraded");
         assert_eq!((degraded.status, degraded.reason.as_str()), (ConditionStatus::True, "TooManyFailures"));
+        let stalled = conditions::get(&plan.status.conditions, "Stalled").expect("Stalled");
+        assert_eq!((stalled.status, stalled.reason.as_str()), (ConditionStatus::True, "TooManyFailures"));
         w.preset.spec.instances = 2;
         w.preset.metadata.generation = Some(2);
         let plan = w.reconcile();
         assert_eq!(plan.calls.len(), 1, "a spec change starts over");
         assert_eq!(plan.status.consecutive_failures, 0);
+        let c = &plan.status.conditions;
+        assert!(conditions::is_true(c, "Reconciling") && !conditions::is_true(c, "Stalled"), "{c:?}");
     }
 
     #[test]

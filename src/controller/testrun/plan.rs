@@ -37,7 +37,7 @@ use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperatio
 use crate::compute::messages::reason;
 use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
 use crate::compute::{ErrorCode, InstanceSpec, RetryClass};
-use crate::controller::conditions;
+use crate::controller::conditions::{self, Progress};
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
 use crate::controller::ops::{
     DeleteRetry, InsertRetry, UNSEEN_ZONE_RECHECK, deletion_condition, intent, may_still_act, record_failure,
@@ -1014,9 +1014,11 @@ impl Planner<'_> {
     fn finish(mut self, cleanup_done: bool) -> Plan {
         let generation = self.obs.run.metadata.generation;
         let now = self.obs.now;
-        if let Some(phase) = self.status.phase.filter(|_| {
-            !conditions::get(&self.status.conditions, "InvalidSpec").is_some_and(|c| c.status == ConditionStatus::True)
-        }) {
+        let invalid = conditions::get(&self.status.conditions, "InvalidSpec")
+            .filter(|c| c.status == ConditionStatus::True)
+            .map(|c| c.message.clone());
+        let phase = self.status.phase;
+        if let Some(phase) = phase.filter(|_| invalid.is_none()) {
             let (ready, reason, message) = match phase {
                 TestRunPhase::Succeeded => (ConditionStatus::True, "Succeeded", "every shard succeeded".to_string()),
                 p => (ConditionStatus::False, phase_reason(p), self.summary()),
@@ -1033,19 +1035,8 @@ impl Planner<'_> {
                 now,
             );
         }
-        // Trouble creating VMs stays on record for the run: it says why a
-        // shard ran where it did.
-        if let Some((reason, message)) = self.degraded.take() {
-            conditions::set(
-                &mut self.status.conditions,
-                "Degraded",
-                ConditionStatus::True,
-                &reason,
-                message,
-                generation,
-                now,
-            );
-        }
+        self.terminal_conditions(phase, invalid);
+        self.degraded_condition(phase);
         if let Some(message) = deletion_condition(&mut self.status.conditions, &self.status.operations, generation, now)
         {
             self.events.push(PlannedEvent { warning: true, reason: "DeletionFailing", note: message });
@@ -1058,6 +1049,95 @@ impl Planner<'_> {
             requeue_after: self.wake,
             cleanup_done,
             expired: false,
+        }
+    }
+
+    /// `Complete` and `Failed` as a Job has them (so `kubectl wait` can wait
+    /// for either end), and kstatus's `Reconciling` and `Stalled`.
+    fn terminal_conditions(&mut self, phase: Option<TestRunPhase>, invalid: Option<String>) {
+        let generation = self.obs.run.metadata.generation;
+        let now = self.obs.now;
+        let phase = phase.unwrap_or(TestRunPhase::Pending);
+        let reason = phase_reason(phase);
+        let succeeded = phase == TestRunPhase::Succeeded;
+        let failed = phase.is_finished() && !succeeded;
+        let (complete, complete_message) = if succeeded {
+            (ConditionStatus::True, format!("{} of {} shards succeeded", self.status.shards.len(), self.status.shards.len()))
+        } else {
+            (ConditionStatus::False, String::new())
+        };
+        conditions::set(&mut self.status.conditions, "Complete", complete, reason, complete_message, generation, now);
+        let failure = failed.then(|| self.failure_message());
+        let failed_status = if failed { ConditionStatus::True } else { ConditionStatus::False };
+        let failed_message = failure.clone().unwrap_or_default();
+        conditions::set(&mut self.status.conditions, "Failed", failed_status, reason, failed_message, generation, now);
+
+        let preset_missing = conditions::get(&self.status.conditions, "Ready")
+            .filter(|c| c.reason == "PresetNotFound")
+            .map(|c| c.message.clone());
+        let progress = if let Some(message) = failure {
+            Progress::Stalled { reason, message }
+        } else if succeeded {
+            Progress::Current { reason }
+        } else if let Some(message) = invalid {
+            Progress::Stalled { reason: "InvalidSpec", message }
+        } else if let Some(message) = preset_missing {
+            Progress::Stalled { reason: "PresetNotFound", message }
+        } else {
+            Progress::Reconciling { reason, message: self.summary() }
+        };
+        conditions::set_progress(&mut self.status.conditions, &progress, generation, now);
+    }
+
+    /// Why a finished run did not succeed: its tally and the first shard
+    /// that did not succeed.
+    fn failure_message(&self) -> String {
+        let mut message = self.summary();
+        if self.obs.run.spec.cancel {
+            message.insert_str(0, "cancelled (spec.cancel); ");
+        }
+        if let Some(shard) = self.status.shards.iter().find(|s| s.phase.is_finished() && s.phase != TestRunPhase::Succeeded)
+        {
+            message.push_str(&format!(
+                "; shard {} {}: {}",
+                shard.index,
+                phase_reason(shard.phase),
+                shard.message.as_deref().unwrap_or("no message")
+            ));
+        }
+        message
+    }
+
+    /// `Degraded` says whether VMs are hard to get now: True from a failed
+    /// create until every unfinished shard has its VM (or the run is over).
+    /// What happened stays in the Events and the shards' messages.
+    fn degraded_condition(&mut self, phase: Option<TestRunPhase>) {
+        let generation = self.obs.run.metadata.generation;
+        let now = self.obs.now;
+        if let Some((reason, message)) = self.degraded.take() {
+            conditions::set(
+                &mut self.status.conditions,
+                "Degraded",
+                ConditionStatus::True,
+                &reason,
+                message,
+                generation,
+                now,
+            );
+            return;
+        }
+        let over = phase.is_some_and(|p| p.is_finished())
+            || self.status.shards.iter().all(|s| s.phase.is_finished() || s.phase == TestRunPhase::Running);
+        if over && conditions::is_true(&self.status.conditions, "Degraded") {
+            conditions::set(
+                &mut self.status.conditions,
+                "Degraded",
+                ConditionStatus::False,
+                "AsExpected",
+                "every shard that needs a VM has one",
+                generation,
+                now,
+            );
         }
     }
 
@@ -1407,9 +1487,17 @@ mod tests {
             "{:?}",
             plan.calls
         );
+        let c = w.status().conditions;
+        assert!(conditions::is_true(&c, "Reconciling") && !conditions::is_true(&c, "Complete"));
         w.report(1, 0);
         let plan = w.reconcile();
         assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded));
+        let c = w.status().conditions;
+        let complete = conditions::get(&c, "Complete").expect("Complete");
+        assert_eq!((complete.status, complete.reason.as_str()), (ConditionStatus::True, "Succeeded"));
+        for type_ in ["Failed", "Reconciling", "Stalled", "Progressing"] {
+            assert!(!conditions::is_true(&c, type_), "{type_}: {c:?}");
+        }
         assert_eq!(plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count(), 1);
         w.finish_operations(None);
         w.reconcile();
@@ -1502,6 +1590,42 @@ mod tests {
         w.advance(30);
         w.reconcile();
         assert_eq!(w.shard(0).attempt, 2);
+        assert!(conditions::is_true(&w.status().conditions, "Degraded"), "no VM yet");
+        // Degraded is the state now, not a record: it clears once the shard
+        // has its VM.
+        w.finish_operations(None);
+        w.reconcile();
+        w.register(0);
+        w.reconcile();
+        assert_eq!(w.shard(0).phase, TestRunPhase::Running);
+        let c = w.status().conditions;
+        let degraded = conditions::get(&c, "Degraded").expect("Degraded");
+        assert_eq!((degraded.status, degraded.reason.as_str()), (ConditionStatus::False, "AsExpected"));
+        w.report(0, 0);
+        w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded));
+        assert!(!conditions::is_true(&w.status().conditions, "Degraded"));
+    }
+
+    #[test]
+    fn a_failed_run_says_why_in_failed_and_stalled() {
+        let mut w = World::new(run(2, 3));
+        w.reconcile();
+        w.finish_operations(None);
+        w.reconcile();
+        w.register(0);
+        w.register(1);
+        w.report(0, 0);
+        w.report(1, 7);
+        w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Failed));
+        let c = w.status().conditions;
+        let failed = conditions::get(&c, "Failed").expect("Failed");
+        assert_eq!((failed.status, failed.reason.as_str()), (ConditionStatus::True, "Failed"));
+        assert!(failed.message.contains("shard 1 Failed: attempt 1 exited with code 7"), "{}", failed.message);
+        let stalled = conditions::get(&c, "Stalled").expect("Stalled");
+        assert_eq!((stalled.status, stalled.message.as_str()), (ConditionStatus::True, failed.message.as_str()));
+        assert!(!conditions::is_true(&c, "Complete") && !conditions::is_true(&c, "Reconciling"));
     }
 
     #[test]
@@ -1668,6 +1792,9 @@ mod tests {
         assert!(w.status().shards.iter().all(|s| s.phase == TestRunPhase::Cancelled));
         assert_eq!(plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count(), 2);
         assert!(!plan.calls.iter().any(|c| matches!(c, CloudCall::Insert(_))));
+        let failed = conditions::get(&plan.status.conditions, "Failed").expect("Failed");
+        assert_eq!((failed.status, failed.reason.as_str()), (ConditionStatus::True, "Cancelled"));
+        assert!(failed.message.starts_with("cancelled (spec.cancel)"), "{}", failed.message);
     }
 
     #[test]
@@ -1680,6 +1807,9 @@ mod tests {
         let c = conditions::get(&plan.status.conditions, "InvalidSpec").expect("condition");
         assert_eq!(c.status, ConditionStatus::True);
         assert!(c.message.contains("spec.vm"), "{}", c.message);
+        let stalled = conditions::get(&plan.status.conditions, "Stalled").expect("Stalled");
+        assert_eq!((stalled.status, stalled.reason.as_str()), (ConditionStatus::True, "InvalidSpec"));
+        assert!(!conditions::is_true(&plan.status.conditions, "Reconciling"));
     }
 
     fn inserts(plan: &Plan) -> usize {
@@ -1995,6 +2125,19 @@ mod tests {
                 }
                 // A finished run makes no creation calls.
                 prop_assert_eq!(w.inserts_after_finish, 0);
+                // The conditions say the current phase: Complete only on
+                // success, Failed only on another end, never Reconciling
+                // and Stalled at once, nothing left Reconciling at the end.
+                let c = &status.conditions;
+                let finished = status.phase.is_some_and(|p| p.is_finished());
+                let succeeded = status.phase == Some(TestRunPhase::Succeeded);
+                prop_assert_eq!(conditions::is_true(c, "Complete"), succeeded);
+                prop_assert_eq!(conditions::is_true(c, "Failed"), finished && !succeeded);
+                prop_assert!(!(conditions::is_true(c, "Reconciling") && conditions::is_true(c, "Stalled")));
+                if finished {
+                    prop_assert!(!conditions::is_true(c, "Reconciling"));
+                    prop_assert_eq!(conditions::is_true(c, "Stalled"), !succeeded);
+                }
             }
         }
     }
