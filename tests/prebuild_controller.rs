@@ -151,9 +151,31 @@ async fn a_pool_fills_scales_up_and_scales_down() {
     env.wait_vms(3, "v1").await;
     assert!(env.vms().await.iter().all(|v| v["processAlive"] == true), "every pool VM runs its agent");
 
-    env.patch(json!({ "instances": 5 })).await;
-    env.wait_for("5 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 5)).await;
+    // The scale subresource: kubectl scale (as an HPA or KEDA would) sets
+    // spec.instances, and /scale reports the ready VMs and a selector.
+    let (ok, out, err) = common::kubectl(&["scale", "-n", &env.ns, "pbp/pool", "--replicas=5"]);
+    assert!(ok, "kubectl scale: {out}{err}");
+    let p = env.wait_for("5 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 5)).await;
+    assert_eq!(p.spec.instances, 5);
     env.wait_vms(5, "v1").await;
+    let path = format!("/apis/testrun.dev/v1alpha1/namespaces/{}/prebuildpresets/pool/scale", env.ns);
+    let (ok, out, err) = common::kubectl(&["get", "--raw", &path]);
+    assert!(ok, "reading /scale: {err}");
+    let scale: Value = serde_json::from_str(&out).expect("a Scale");
+    assert_eq!((&scale["spec"]["replicas"], &scale["status"]["replicas"]), (&json!(5), &json!(5)), "{scale}");
+    let uid = p.metadata.uid.clone().expect("uid");
+    assert_eq!(scale["status"]["selector"], json!(format!("testrun.dev/prebuild-preset-uid={uid}")));
+    // The schema holds for /scale too.
+    let (ok, _, err) = common::kubectl(&["scale", "-n", &env.ns, "pbp/pool", "--replicas=1001"]);
+    assert!(!ok && err.contains("spec.instances"), "more than the schema's maximum: {err}");
+    // The category lists the pool; -o wide adds the Ready condition's reason.
+    // (A fresh discovery cache: categories come from discovery, and an
+    // older cache of this machine's kubectl knows the CRDs without it.)
+    let cache = std::env::temp_dir().join(format!("kubectl-cache-{}", env.ns));
+    let cache = format!("--cache-dir={}", cache.display());
+    let (ok, out, err) = common::kubectl(&["get", "testrun-all", "-n", &env.ns, "-o", "wide", &cache]);
+    assert!(ok, "kubectl get testrun-all: {err}");
+    assert!(out.contains("prebuildpreset.testrun.dev/pool") && out.contains("PoolReady"), "{out}");
 
     env.patch(json!({ "instances": 2 })).await;
     let p =

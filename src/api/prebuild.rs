@@ -46,7 +46,48 @@ pub const TEMPLATE_VERSION_PATTERN: &str = r"^[a-z0-9][a-z0-9_-]{0,62}$";
         json_path = ".status.pending",
         description = "Create jobs waiting for a provisioner slot"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Provisioning",
+        type_ = "integer",
+        json_path = ".status.provisioning",
+        description = "VMs being created or booting",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Outdated",
+        type_ = "integer",
+        json_path = ".status.outdated",
+        description = "VMs of a template version no longer active",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Claimed",
+        type_ = "integer",
+        json_path = ".status.claimed",
+        description = "VMs claimed by TestRuns",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Reason of the Ready condition",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        description = "Message of the Ready condition",
+        priority = 1
+    ),
+    category = "testrun-all",
+    scale(
+        spec_replicas_path = ".spec.instances",
+        status_replicas_path = ".status.ready",
+        label_selector_path = ".status.selector"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PrebuildPresetSpec {
@@ -132,9 +173,16 @@ pub struct PrebuildPresetStatus {
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, unclaimed VMs of the active version.
+    /// Ready, unclaimed VMs of the active version; the scale subresource's
+    /// `status.replicas` (`kubectl scale pbp/NAME --replicas=N` sets
+    /// `spec.instances`).
     #[serde(default)]
     pub ready: i32,
+    /// The pool in label-selector form (`testrun.dev/prebuild-preset-uid=UID`),
+    /// for the scale subresource: a HorizontalPodAutoscaler needs one. It
+    /// selects no Pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// VMs being created or booting.
     #[serde(default)]
     pub provisioning: i32,

@@ -30,7 +30,29 @@ use super::duration::DurationString;
         json_path = ".status.attempts",
         description = "Attempts started over all shards"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Oldest-Running",
+        type_ = "date",
+        json_path = ".status.oldestRunningShardStartTime",
+        description = "Since when the longest-running shard that runs now has run",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Reason of the Ready condition",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        description = "Message of the Ready condition",
+        priority = 1
+    ),
+    category = "testrun-all"
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TestRunSpec {
@@ -182,6 +204,10 @@ pub struct TestRunStatus {
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// When the attempt of the longest-running shard that runs now started;
+    /// unset while no shard runs. `kubectl get tr -o wide` shows its age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_running_shard_start_time: Option<Time>,
     /// Attempts started over all shards.
     #[serde(default)]
     pub attempts: i32,

@@ -193,6 +193,7 @@ pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
     }
     p.status.observed_generation = generation;
     p.status.active_version = Some(preset.spec.template_version.clone());
+    p.status.selector = Some(pool_selector(preset));
 
     p.cancel_outdated_jobs();
     p.follow_operations();
@@ -892,6 +893,13 @@ impl Pool<'_> {
             cleanup_done,
         }
     }
+}
+
+/// The pool in label-selector form, for the scale subresource's
+/// `status.selector`: by uid, which is always a valid label value (a name
+/// can be longer than 63 characters).
+pub fn pool_selector(preset: &PrebuildPreset) -> String {
+    format!("testrun.dev/prebuild-preset-uid={}", preset.metadata.uid.as_deref().unwrap_or_default())
 }
 
 #[cfg(test)]

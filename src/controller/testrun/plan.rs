@@ -988,6 +988,11 @@ impl Planner<'_> {
             TestRunPhase::Pending
         };
         self.status.phase = Some(phase);
+        self.status.oldest_running_shard_start_time = shards
+            .iter()
+            .filter(|s| s.phase == TestRunPhase::Running)
+            .filter_map(|s| s.start_time.clone())
+            .min_by_key(|t| t.0);
         if phase.is_finished() && self.status.completion_time.is_none() {
             self.status.completion_time = Some(Time(self.obs.now));
             let done = shards.iter().filter(|s| s.phase == TestRunPhase::Succeeded).count();
@@ -1478,9 +1483,12 @@ mod tests {
         w.register(1);
         w.reconcile();
         assert_eq!(w.status().phase, Some(TestRunPhase::Running));
+        let first_start = w.shard(0).start_time.clone().expect("started");
+        assert_eq!(w.status().oldest_running_shard_start_time, Some(first_start));
         w.report(0, 0);
         let plan = w.reconcile();
         assert_eq!(w.status().phase, Some(TestRunPhase::Running), "one shard is still running");
+        assert_eq!(w.status().oldest_running_shard_start_time, w.shard(1).start_time);
         let shard0 = w.shard(0).instance;
         assert!(
             matches!(&plan.calls[..], [CloudCall::Delete { name, .. }] if Some(name) == shard0.as_ref()),
@@ -1498,6 +1506,7 @@ mod tests {
         for type_ in ["Failed", "Reconciling", "Stalled", "Progressing"] {
             assert!(!conditions::is_true(&c, type_), "{type_}: {c:?}");
         }
+        assert_eq!(w.status().oldest_running_shard_start_time, None, "no shard runs");
         assert_eq!(plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count(), 1);
         w.finish_operations(None);
         w.reconcile();
