@@ -24,6 +24,8 @@ step "starting the local control plane"
 bash scripts/control-plane.sh up
 step "making sure Helm is available"
 bash scripts/ensure-helm.sh
+step "making sure Lua 5.1 is available (Argo CD health checks)"
+bash scripts/ensure-lua.sh
 
 if [ "${TESTRUN_SKIP_LINT:-0}" != 1 ]; then
   if cargo fmt --version >/dev/null 2>&1; then

@@ -143,6 +143,8 @@ async fn a_pool_fills_scales_up_and_scales_down() {
     let env = setup("pool-scale", &["--operation-delay", "200ms", "--boot-delay", "50ms"]).await;
     env.create(preset(3, "v1", 2)).await;
     let p = env.wait_for("3 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 3)).await;
+    let message = common::argocd::expect_health("PrebuildPreset", &p, "ready", "Healthy");
+    assert!(message.starts_with("PoolReady: 3 of 3 ready"), "{message}");
     assert!(
         p.status
             .as_ref()
@@ -245,6 +247,8 @@ async fn repeated_capacity_failures_back_off_then_degrade_until_the_spec_changes
                 .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Degraded" && c.reason == "TooManyFailures"))
         })
         .await;
+    let message = common::argocd::expect_health("PrebuildPreset", &p, "too-many-failures", "Degraded");
+    assert!(message.starts_with("TooManyFailures: 3 provisions failed in a row"), "{message}");
     let status = p.status.expect("status");
     assert_eq!(status.consecutive_failures, 3);
     let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").expect("Degraded");
@@ -268,6 +272,7 @@ async fn repeated_capacity_failures_back_off_then_degrade_until_the_spec_changes
     reqwest::Client::new().delete(&faults).send().await.expect("clearing faults");
     env.patch(json!({ "instances": 2 })).await;
     let p = env.wait_for("2 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 2)).await;
+    common::argocd::expect_health("PrebuildPreset", &p, "recovered", "Healthy");
     let degraded = p.status.expect("status").conditions.into_iter().find(|c| c.type_ == "Degraded").expect("Degraded");
     assert_eq!(degraded.status, ConditionStatus::False);
 }

@@ -222,9 +222,8 @@ async fn a_failing_shard_fails_the_run_with_its_exit_code_and_kubectl_wait_sees_
         })
     };
     // Reconciling=False: either end (or stuck), one command for both runs.
-    let (ok, out, err) = wait(&["--for=condition=Reconciling=False", "tr/bad", "tr/good", "--timeout=90s"])
-        .await
-        .expect("kubectl wait");
+    let (ok, out, err) =
+        wait(&["--for=condition=Reconciling=False", "tr/bad", "tr/good", "--timeout=90s"]).await.expect("kubectl wait");
     assert!(ok, "kubectl wait for either end: {out}{err}");
     let (ok, out, err) = wait(&["--for=condition=Failed", "tr/bad", "--timeout=10s"]).await.expect("kubectl wait");
     assert!(ok && out.contains("condition met"), "kubectl wait Failed: {out}{err}");
@@ -232,7 +231,13 @@ async fn a_failing_shard_fails_the_run_with_its_exit_code_and_kubectl_wait_sees_
     assert!(ok && out.contains("condition met"), "kubectl wait Complete: {out}{err}");
     let (ok, _, _) = wait(&["--for=condition=Complete", "tr/bad", "--timeout=2s"]).await.expect("kubectl wait");
     assert!(!ok, "a failed run never reads as Complete");
+    // Argo CD's view, from the repository's health checks.
+    let good = env.runs.get("good").await.expect("the run");
+    let message = common::argocd::expect_health("TestRun", &good, "succeeded", "Healthy");
+    assert_eq!(message, "Succeeded: 1 of 1 shards succeeded");
     let run = env.wait_phase("bad", TestRunPhase::Failed).await;
+    let message = common::argocd::expect_health("TestRun", &run, "failed", "Degraded");
+    assert!(message.starts_with("Failed: 2 shards: 1 succeeded"), "{message}");
     let status = run.status.expect("status");
     let failed = status.conditions.iter().find(|c| c.type_ == "Failed").expect("a Failed condition");
     assert_eq!((failed.status, failed.reason.as_str()), (ConditionStatus::True, "Failed"));
@@ -264,6 +269,8 @@ async fn an_invalid_spec_is_reported_and_creates_no_vm() {
             })
         })
         .await;
+    let message = common::argocd::expect_health("TestRun", &run, "invalid-spec", "Degraded");
+    assert!(message.starts_with("InvalidSpec: "), "{message}");
     let status = run.status.expect("status");
     let condition = status.conditions.iter().find(|c| c.type_ == "InvalidSpec").expect("condition");
     assert!(condition.message.contains("spec.env[1].name"), "{}", condition.message);
@@ -296,7 +303,13 @@ async fn an_invalid_spec_is_reported_and_creates_no_vm() {
 async fn deleting_a_running_testrun_deletes_its_vms_first() {
     let env = setup("delete-mid-run", &[], &[]).await;
     env.create(testrun("long", 2, &["sleep", "300"])).await;
-    env.wait_phase("long", TestRunPhase::Running).await;
+    let run = env
+        .wait_for("long", "both shards running", Duration::from_secs(60), |r: &TestRun| {
+            r.status.as_ref().is_some_and(|s| s.shards.iter().all(|s| s.phase == TestRunPhase::Running))
+        })
+        .await;
+    let message = common::argocd::expect_health("TestRun", &run, "running", "Progressing");
+    assert!(message.starts_with("Running: 2 shards: 0 succeeded, 2 running"), "{message}");
     assert_eq!(env.vms().await.len(), 2);
     env.runs.delete("long", &DeleteParams::default()).await.expect("delete");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -445,6 +458,8 @@ async fn a_command_running_past_its_timeout_ends_as_timed_out() {
     env.wait_phase("slow", TestRunPhase::Running).await;
     let pid = env.first_agent_pid().await;
     let run = env.wait_phase("slow", TestRunPhase::TimedOut).await;
+    let message = common::argocd::expect_health("TestRun", &run, "timed-out", "Degraded");
+    assert!(message.contains("ran longer than 3s"), "{message}");
     let shard = &run.status.expect("status").shards[0];
     assert_eq!(shard.phase, TestRunPhase::TimedOut);
     assert!(shard.message.as_deref().unwrap_or_default().contains("longer than 3s"), "{shard:?}");

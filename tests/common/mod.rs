@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod argocd;
 pub mod controller;
 pub mod emulator;
 pub mod service;

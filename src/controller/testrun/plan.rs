@@ -1067,7 +1067,10 @@ impl Planner<'_> {
         let succeeded = phase == TestRunPhase::Succeeded;
         let failed = phase.is_finished() && !succeeded;
         let (complete, complete_message) = if succeeded {
-            (ConditionStatus::True, format!("{} of {} shards succeeded", self.status.shards.len(), self.status.shards.len()))
+            (
+                ConditionStatus::True,
+                format!("{} of {} shards succeeded", self.status.shards.len(), self.status.shards.len()),
+            )
         } else {
             (ConditionStatus::False, String::new())
         };
@@ -1101,7 +1104,8 @@ impl Planner<'_> {
         if self.obs.run.spec.cancel {
             message.insert_str(0, "cancelled (spec.cancel); ");
         }
-        if let Some(shard) = self.status.shards.iter().find(|s| s.phase.is_finished() && s.phase != TestRunPhase::Succeeded)
+        if let Some(shard) =
+            self.status.shards.iter().find(|s| s.phase.is_finished() && s.phase != TestRunPhase::Succeeded)
         {
             message.push_str(&format!(
                 "; shard {} {}: {}",
