@@ -285,6 +285,10 @@ async fn deleting_a_preset_deletes_its_vms_first() {
     let pids: Vec<i32> =
         env.vms().await.iter().filter_map(|v| v["pid"].as_i64()).filter_map(|p| i32::try_from(p).ok()).collect();
     assert_eq!(pids.len(), 2);
+    let ours = format!("namespace=\"{}\",preset=\"pool\"", env.ns);
+    let metrics = env.controller.metrics().await;
+    let wanted = format!("testrun_controller_pool_desired_vms{{{ours}}} 2");
+    assert!(metrics.contains(&wanted), "{wanted} not in\n{metrics}");
     env.presets.delete("pool", &DeleteParams::default()).await.expect("delete");
     let deadline = Instant::now() + Duration::from_secs(60);
     while env.presets.get_opt("pool").await.expect("get").is_some() {
@@ -299,6 +303,10 @@ async fn deleting_a_preset_deletes_its_vms_first() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // A deleted preset's series are removed, not left at 0.
+    let metrics = env.controller.metrics().await;
+    let left: Vec<&str> = metrics.lines().filter(|l| l.contains(&ours)).collect();
+    assert!(left.is_empty(), "series of the deleted preset remain: {left:?}");
 }
 
 #[tokio::test]

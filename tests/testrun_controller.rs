@@ -192,6 +192,23 @@ async fn three_shards_succeed_and_every_vm_is_deleted() {
             .map_or(0, |v| v.trim().parse::<u64>().expect("a count"))
     };
     assert_eq!((count("full"), count("not_modified")), (1, 0), "{metrics}");
+    // On-call's view: the run counted by outcome, nothing left waiting, and
+    // every step of each shard's VM timed once (vm_running may be skipped
+    // when an agent registers before its insert's operation is read).
+    for line in [
+        "testrun_controller_runs_finished_total{outcome=\"Succeeded\"} 1",
+        "testrun_controller_runs_waiting 0",
+        "testrun_controller_shards_waiting 0",
+        "testrun_controller_build_info{version=\"",
+        "testrun_controller_reconcile_duration_seconds_count{kind=\"testrun\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    for step in ["insert_accepted", "agent_registered", "command_started", "result_accepted"] {
+        let line = format!("testrun_controller_shard_step_duration_seconds_count{{step=\"{step}\"}} 3");
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
+    env.wait_metric("testrun_controller_shard_step_duration_seconds_count{step=\"vm_gone\"} 3").await;
     let exe = std::fs::read(env!("CARGO_BIN_EXE_testrun-controller")).expect("the controller executable");
     let kept: Vec<_> =
         std::fs::read_dir(env.emulator.work_dir.join("agent")).expect("the agent folder").flatten().collect();

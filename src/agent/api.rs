@@ -29,6 +29,7 @@ use crate::compute::naming::testrun_instance_name;
 use crate::controller::claims::Claim;
 use crate::controller::fresh::Fresh;
 use crate::controller::wake::Wakers;
+use crate::metrics::steps::Step;
 
 /// Seconds between heartbeats the agent is told to keep: a quarter of the
 /// heartbeat timeout in effect, 1 to 15.
@@ -175,6 +176,7 @@ async fn register(State(api): State<Arc<AgentApi>>, headers: HeaderMap, body: By
     }
     let uid = request.owner_uid.as_str();
     api.book.register(uid, shard.index, shard.lease_id, Timestamp::now());
+    api.metrics.shard_steps.mark(&request.instance, Step::AgentRegistered);
     api.wakers.wake_run(ObjectRef::from_obj(run.as_ref()));
     tracing::info!(testrun = %request.testrun, namespace = %request.namespace, shard = shard.index, attempt = shard.attempt, lease = shard.lease_id, "agent registered");
     Ok(Json(assignment(&api.key, &run, shard)))
@@ -281,8 +283,16 @@ async fn result(State(api): State<Arc<AgentApi>>, body: Bytes) -> Answer<ResultA
         ));
     }
     let uid = run.metadata.uid.clone().unwrap_or_default();
+    let command = std::time::Duration::from_millis(u64::try_from(offered.duration_ms).unwrap_or(0));
     match api.book.result(&uid, shard.index, shard.lease_id, offered.clone(), Timestamp::now()) {
         Err(_) => Err(stale(&api, "a newer lease holds the shard".into())),
+        Ok(None) => {
+            if let Some(instance) = &shard.instance {
+                api.metrics.shard_steps.result_accepted(instance, command);
+            }
+            api.wakers.wake_run(ObjectRef::from_obj(run.as_ref()));
+            Ok(Json(ResultAck { acknowledged: false }))
+        }
         Ok(Some(held)) if held != offered => Err(Refusal(
             StatusCode::CONFLICT,
             "Conflict",

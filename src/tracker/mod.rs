@@ -24,6 +24,7 @@ use crate::compute::{Compute, ComputeError, ErrorCode, Instance, InstanceStatus,
 use crate::controller::ops::{CloudCall, Seen};
 use crate::inventory::state::{Origin, Presence};
 use crate::inventory::{Inventory, OwnerWake};
+use crate::metrics::steps::Step;
 use crate::metrics::{Metrics, ResolvedLabels};
 use decide::{Looked, Next, Patience, Running, decide, next_read_after, settled};
 
@@ -338,6 +339,9 @@ impl<C: Compute + Clone> Tracker<C> {
             let Some(t) = entries.get_mut(rid) else { return };
             match result {
                 Ok(op) => {
+                    if t.kind == OperationKind::Insert {
+                        self.metrics.shard_steps.mark(&t.instance, Step::InsertAccepted);
+                    }
                     t.op_name = Some(op.name.clone());
                     match (op.status, op.error) {
                         (_, Some(error)) => {
@@ -428,6 +432,14 @@ impl<C: Compute + Clone> Tracker<C> {
                 }
                 _ => {}
             }
+        }
+        match (t.kind, seen) {
+            (OperationKind::Insert, Seen::Done) => self.metrics.shard_steps.mark(&t.instance, Step::VmRunning),
+            (OperationKind::Delete, Seen::Done) => self.metrics.shard_steps.mark(&t.instance, Step::VmGone),
+            (OperationKind::Delete, Seen::Failed(e)) if e.is_not_found() => {
+                self.metrics.shard_steps.mark(&t.instance, Step::VmGone);
+            }
+            _ => {}
         }
         let labels = ResolvedLabels { kind: kind_label(t.kind).into(), how: how.into() };
         self.metrics.operations_resolved.get_or_create(&labels).inc();

@@ -52,10 +52,11 @@ pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc
 async fn reconcile_now<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     let span = tracing::info_span!("reconcile", prebuildpreset = %preset.name_any(), namespace = %preset.namespace().unwrap_or_default());
     async move {
+        let started = std::time::Instant::now();
         let key = format!("preset/{}", preset.uid().unwrap_or_default());
         let result = conflict_is_no_failure(reconcile_inner(preset, &ctx).await);
         ctx.backoff.record(&key, result.is_ok());
-        ctx.metrics.reconciled("prebuildpreset", result.is_ok());
+        ctx.metrics.reconciled("prebuildpreset", result.is_ok(), started.elapsed());
         result
     }
     .instrument(span)
@@ -72,6 +73,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
     let mut deleting = preset.meta().deletion_timestamp.is_some();
     if deleting && !has_finalizer {
         forget(ctx, &uid);
+        forget_metrics(ctx, &preset);
         return Ok(Action::await_change());
     }
     if !has_finalizer {
@@ -194,28 +196,63 @@ fn abandoned_claims<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPrese
         .collect()
 }
 
+/// The pool's states as the `state` label of `pool_vms`.
+const POOL_STATES: [&str; 5] = ["ready", "provisioning", "claimed", "outdated", "deleting"];
+
 fn record_metrics<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPreset, plan: &PoolPlan, gone: bool) {
-    use crate::metrics::{PoolStateLabels, PresetLabels, ReasonLabels};
-    let namespace = preset.namespace().unwrap_or_default();
-    let name = preset.name_any();
-    let labels = PresetLabels { namespace: namespace.clone(), preset: name.clone() };
-    let s = &plan.status;
-    let deleting = s.instances.iter().filter(|i| i.state == PresetInstanceState::Deleting).count();
-    for (state, count) in [
-        ("ready", i64::from(s.ready)),
-        ("provisioning", i64::from(s.provisioning)),
-        ("claimed", i64::from(s.claimed)),
-        ("outdated", i64::from(s.outdated)),
-        ("deleting", i64::try_from(deleting).unwrap_or(i64::MAX)),
-    ] {
-        let state_labels = PoolStateLabels { namespace: namespace.clone(), preset: name.clone(), state: state.into() };
-        ctx.metrics.pool_vms.get_or_create(&state_labels).set(if gone { 0 } else { count });
-    }
-    ctx.metrics.pending_jobs.get_or_create(&labels).set(if gone { 0 } else { i64::from(s.pending) });
-    if plan.cancelled > 0 {
-        ctx.metrics.jobs_cancelled.get_or_create(&labels).inc_by(u64::from(plan.cancelled));
-    }
+    use crate::metrics::ReasonLabels;
     for reason in &plan.failures {
         ctx.metrics.provision_failures.get_or_create(&ReasonLabels { reason: reason.clone() }).inc();
+    }
+    if gone {
+        forget_metrics(ctx, preset);
+        return;
+    }
+    let m = &ctx.metrics;
+    let labels = preset_labels(preset);
+    let s = &plan.status;
+    let deleting = s.instances.iter().filter(|i| i.state == PresetInstanceState::Deleting).count();
+    let counts = [
+        i64::from(s.ready),
+        i64::from(s.provisioning),
+        i64::from(s.claimed),
+        i64::from(s.outdated),
+        i64::try_from(deleting).unwrap_or(i64::MAX),
+    ];
+    for (state, count) in POOL_STATES.iter().zip(counts) {
+        m.pool_vms.get_or_create(&state_labels(preset, state)).set(count);
+    }
+    m.pending_jobs.get_or_create(&labels).set(i64::from(s.pending));
+    m.pool_desired_vms.get_or_create(&labels).set(i64::from(preset.spec.instances));
+    let troubled = ["Degraded", "Stalled"].iter().any(|t| crate::controller::conditions::is_true(&s.conditions, t));
+    m.pool_degraded.get_or_create(&labels).set(i64::from(troubled));
+    if plan.cancelled > 0 {
+        m.jobs_cancelled.get_or_create(&labels).inc_by(u64::from(plan.cancelled));
+    }
+}
+
+/// Takes a deleted preset out of every per-preset metric: a gauge left at
+/// 0 would read as an empty pool that still exists.
+fn forget_metrics<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPreset) {
+    let m = &ctx.metrics;
+    let labels = preset_labels(preset);
+    for state in POOL_STATES {
+        m.pool_vms.remove(&state_labels(preset, state));
+    }
+    m.pending_jobs.remove(&labels);
+    m.pool_desired_vms.remove(&labels);
+    m.pool_degraded.remove(&labels);
+    m.jobs_cancelled.remove(&labels);
+}
+
+fn preset_labels(preset: &PrebuildPreset) -> crate::metrics::PresetLabels {
+    crate::metrics::PresetLabels { namespace: preset.namespace().unwrap_or_default(), preset: preset.name_any() }
+}
+
+fn state_labels(preset: &PrebuildPreset, state: &str) -> crate::metrics::PoolStateLabels {
+    crate::metrics::PoolStateLabels {
+        namespace: preset.namespace().unwrap_or_default(),
+        preset: preset.name_any(),
+        state: state.into(),
     }
 }

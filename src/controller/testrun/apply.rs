@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 use super::plan::{Observed, Plan, plan, plan_cleanup};
 use super::plan::{class_request, shape, vm_life_needed};
 use crate::api::prebuild::PrebuildPreset;
-use crate::api::testrun::TestRun;
+use crate::api::testrun::{TestRun, TestRunPhase, TestRunStatus};
 use crate::api::validation::validate_testrun;
 use crate::api::{FINALIZER, VmSpec};
 use crate::compute::naming::{LABEL_OWNER_UID, LABEL_TEMPLATE_VERSION, label_value, request_id, testrun_labels};
@@ -34,6 +34,8 @@ use crate::controller::prebuild::plan::POOL_VM_LIFETIME;
 use crate::controller::slots::Lane;
 use crate::controller::wake::Owner;
 use crate::controller::{CONFLICT_REQUEUE, Context, Error, conflict_is_no_failure};
+use crate::metrics::queue::Waiting;
+use crate::metrics::steps::Step;
 
 /// Times a reconcile re-reads and plans again after a conflicting write.
 const CONFLICT_RETRIES: usize = 4;
@@ -65,9 +67,10 @@ async fn reconcile_now<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C
     let span =
         tracing::info_span!("reconcile", testrun = %run.name_any(), namespace = %run.namespace().unwrap_or_default());
     async move {
+        let started = std::time::Instant::now();
         let result = conflict_is_no_failure(reconcile_inner(run.clone(), &ctx).await);
         ctx.backoff.record(&format!("testrun/{}", run.uid().unwrap_or_default()), result.is_ok());
-        ctx.metrics.reconciled("testrun", result.is_ok());
+        ctx.metrics.reconciled("testrun", result.is_ok(), started.elapsed());
         result
     }
     .instrument(span)
@@ -140,7 +143,19 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<TestRun>, ctx: &Context
     Ok(next_look(requeue, run.status.as_ref().is_some_and(|s| !s.operations.is_empty())))
 }
 
+/// What a run adds to the queue: nothing once finished or being deleted.
+fn waiting(status: &TestRunStatus, deleting: bool) -> Waiting {
+    if deleting || status.phase.is_some_and(|p| p.is_finished()) {
+        return Waiting::default();
+    }
+    let shards =
+        status.shards.iter().filter(|s| matches!(s.phase, TestRunPhase::Pending | TestRunPhase::Provisioning)).count();
+    let started = status.shards.iter().any(|s| s.phase == TestRunPhase::Running || s.phase.is_finished());
+    Waiting { run: !started, shards: i64::try_from(shards).unwrap_or(i64::MAX) }
+}
+
 fn forget<C: Compute + Clone>(ctx: &Context<C>, uid: &str) {
+    ctx.metrics.queue.forget(uid);
     ctx.book.forget(uid);
     ctx.wakers.forget(&label_value(uid));
     ctx.fresh_runs.forget(uid);
@@ -357,6 +372,11 @@ async fn apply<C: Compute + Clone>(
         let written = write_status(api, run, &status).await?;
         ctx.fresh_runs.wrote(run, written.clone());
         current = written;
+        let was_finished = run.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_finished());
+        if let Some(phase) = status.phase.filter(|p| p.is_finished() && !was_finished) {
+            let outcome = format!("{phase:?}");
+            ctx.metrics.runs_finished.get_or_create(&crate::metrics::OutcomeLabels { outcome }).inc();
+        }
         // A pool VM's agent waiting for this run's claim can have its assignment now.
         let preset_ref = status.started.as_ref().map_or(run.spec.preset_ref.as_ref(), |s| s.preset_ref.as_ref());
         if preset_ref.is_some() {
@@ -371,6 +391,12 @@ async fn apply<C: Compute + Clone>(
     keep.extend(preset.relabel_ids);
     ctx.tracker.forget_except(owner, &keep);
     submit_calls(&ctx.tracker, owner, preset.relabels);
+    for call in &calls {
+        if let CloudCall::Insert(spec) = call {
+            ctx.metrics.shard_steps.mark(&spec.name, Step::Created);
+        }
+    }
+    ctx.metrics.queue.set(&run.uid().unwrap_or_default(), waiting(&status, run.meta().deletion_timestamp.is_some()));
     submit_calls(&ctx.tracker, owner, calls);
     publish(&ctx.recorder, &ctx.metrics, &current, events).await;
     Ok(Applied { run: current, cleanup_done, expired, requeue: requeue_after })

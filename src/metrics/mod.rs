@@ -1,6 +1,9 @@
 //! Prometheus metrics and the health endpoints, served on `--metrics-listen`
 //! at `/metrics`, `/healthz` and `/readyz`.
 
+pub mod queue;
+pub mod steps;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -57,6 +60,27 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// Labels naming a kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `testrun` or `prebuildpreset`.
+    pub kind: String,
+}
+
+/// Labels naming how a run ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `Succeeded`, `Failed`, `TimedOut`, `Cancelled` or `Error`.
+    pub outcome: String,
+}
+
+/// Labels of the build.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The controller's version (Cargo.toml).
+    pub version: String,
+}
+
 /// Labels of a reconcile.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
@@ -101,6 +125,12 @@ pub struct ResolvedLabels {
 }
 
 type LatencyFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+type ReconcileFamily = Family<KindLabels, Histogram, fn() -> Histogram>;
+
+fn reconcile_histogram() -> Histogram {
+    // 1 ms to about 65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
 
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
@@ -153,6 +183,21 @@ pub struct Metrics {
     pub operations_tracked: Gauge,
     /// Cloud operations whose outcome is known, by kind and how it was learned.
     pub operations_resolved: Family<ResolvedLabels, Counter>,
+    /// 1 while a preset is Degraded (its latest provisions failed) or
+    /// Stalled, by preset; removed with the preset.
+    pub pool_degraded: Family<PresetLabels, Gauge>,
+    /// Ready VMs each preset wants (`spec.instances`); removed with the preset.
+    pub pool_desired_vms: Family<PresetLabels, Gauge>,
+    /// Reconcile duration by kind, in seconds.
+    pub reconcile_duration: ReconcileFamily,
+    /// TestRuns finished, by outcome.
+    pub runs_finished: Family<OutcomeLabels, Counter>,
+    /// 1, labelled with the build.
+    pub build_info: Family<BuildLabels, Gauge>,
+    /// The steps of shards' fresh VMs.
+    pub shard_steps: steps::ShardSteps,
+    /// Runs and shards waiting for VMs.
+    pub queue: queue::Queue,
     /// [`STARTING`], [`STANDBY`] or [`READY`].
     readiness: AtomicU8,
     /// 1 while this replica holds the leader Lease (or runs without
@@ -252,8 +297,46 @@ impl Metrics {
             "Cloud operations whose outcome is known, by kind and how it was learned",
             operations_resolved.clone(),
         );
+        let pool_degraded = Family::default();
+        registry.register(
+            "pool_degraded",
+            "1 while a PrebuildPreset's latest provisions failed or it is stopped by failures or an invalid spec",
+            pool_degraded.clone(),
+        );
+        let pool_desired_vms = Family::default();
+        registry.register("pool_desired_vms", "Ready VMs a PrebuildPreset wants", pool_desired_vms.clone());
+        let reconcile_duration = ReconcileFamily::new_with_constructor(reconcile_histogram);
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Reconcile duration by kind",
+            prometheus_client::registry::Unit::Seconds,
+            reconcile_duration.clone(),
+        );
+        let runs_finished = Family::default();
+        registry.register("runs_finished", "TestRuns finished, by outcome", runs_finished.clone());
+        let build_info: Family<BuildLabels, Gauge> = Family::default();
+        build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        registry.register("build_info", "The controller's build; always 1", build_info.clone());
+        let shard_steps = steps::ShardSteps::default();
+        registry.register_with_unit(
+            "shard_step_duration",
+            "Time each step of a shard's fresh VM took, from the step before: created, insert_accepted, \
+             vm_running, agent_registered, command_started, result_accepted, vm_gone",
+            prometheus_client::registry::Unit::Seconds,
+            shard_steps.durations.clone(),
+        );
+        let queue = queue::Queue::default();
+        registry.register("runs_waiting", "TestRuns with no shard running or done yet", queue.runs_waiting.clone());
+        registry.register("shards_waiting", "Shards waiting for a VM", queue.shards_waiting.clone());
         Self {
             registry,
+            pool_degraded,
+            pool_desired_vms,
+            reconcile_duration,
+            runs_finished,
+            build_info,
+            shard_steps,
+            queue,
             compute_requests,
             compute_latency,
             compute_waiting,
@@ -281,10 +364,11 @@ impl Metrics {
         }
     }
 
-    /// Counts a reconcile.
-    pub fn reconciled(&self, kind: &str, ok: bool) {
+    /// Counts a reconcile and how long it took.
+    pub fn reconciled(&self, kind: &str, ok: bool, took: std::time::Duration) {
         let result = if ok { "ok" } else { "error" };
         self.reconciles.get_or_create(&ReconcileLabels { kind: kind.into(), result: result.into() }).inc();
+        self.reconcile_duration.get_or_create(&KindLabels { kind: kind.into() }).observe(took.as_secs_f64());
     }
 
     /// Whether the controller is ready.

@@ -1,0 +1,67 @@
+//! Queue depth: TestRuns and shards waiting for a VM, summed over the runs
+//! this replica reconciles, as `runs_waiting` and `shards_waiting`. A run
+//! that finishes or is deleted leaves the sums.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus_client::metrics::gauge::Gauge;
+
+/// What one run adds to the queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Waiting {
+    /// Whether no shard of the run is running or done yet.
+    pub run: bool,
+    /// Shards waiting for their VM (pending or provisioning).
+    pub shards: i64,
+}
+
+/// The queue, by run uid, and its two gauges.
+#[derive(Default)]
+pub struct Queue {
+    by_run: Mutex<HashMap<String, Waiting>>,
+    /// TestRuns with no shard running or done yet.
+    pub runs_waiting: Gauge,
+    /// Shards waiting for a VM.
+    pub shards_waiting: Gauge,
+}
+
+impl Queue {
+    /// Sets what a run adds; a run that adds nothing leaves the map.
+    pub fn set(&self, uid: &str, waiting: Waiting) {
+        let mut by_run = self.by_run.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if waiting == Waiting::default() {
+            by_run.remove(uid);
+        } else {
+            by_run.insert(uid.to_string(), waiting);
+        }
+        let runs = by_run.values().filter(|w| w.run).count();
+        let shards: i64 = by_run.values().map(|w| w.shards).sum();
+        self.runs_waiting.set(i64::try_from(runs).unwrap_or(i64::MAX));
+        self.shards_waiting.set(shards);
+    }
+
+    /// Takes a run out (finished or deleted).
+    pub fn forget(&self, uid: &str) {
+        self.set(uid, Waiting::default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gauges_are_the_sums_and_a_forgotten_run_leaves_them() {
+        let q = Queue::default();
+        q.set("a", Waiting { run: true, shards: 3 });
+        q.set("b", Waiting { run: false, shards: 1 });
+        assert_eq!((q.runs_waiting.get(), q.shards_waiting.get()), (1, 4));
+        q.set("a", Waiting { run: false, shards: 2 });
+        assert_eq!((q.runs_waiting.get(), q.shards_waiting.get()), (0, 3));
+        q.forget("a");
+        q.forget("b");
+        assert_eq!((q.runs_waiting.get(), q.shards_waiting.get()), (0, 0));
+        assert!(q.by_run.lock().expect("lock").is_empty());
+    }
+}
