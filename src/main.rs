@@ -188,6 +188,11 @@ struct RunArgs {
     /// termination grace period, so the hand-over happens before SIGKILL.
     #[arg(long, env = "TESTRUN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = duration)]
     shutdown_timeout: Duration,
+    /// `/healthz` fails once a reconcile has been under way this long: the
+    /// controller is wedged, and the kubelet restarts it. A slow
+    /// kube-apiserver does not count (its requests time out first).
+    #[arg(long, env = "TESTRUN_WEDGED_AFTER", default_value = "5m", value_parser = duration)]
+    wedged_after: Duration,
     /// Log format.
     #[arg(long, value_enum, env = "TESTRUN_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -430,6 +435,7 @@ async fn controller(mut args: RunArgs, handover: &mut Option<Handover>) -> Resul
     gce.endpoint = args.compute_endpoint.clone();
     let compute = GceCompute::connect(gce).await.map_err(|e| e.to_string())?;
     let metrics = std::sync::Arc::new(testrun_controller::metrics::Metrics::new());
+    metrics.liveness.set_wedged_after(args.wedged_after);
     let rates = testrun_controller::compute::limit::Rates {
         mutations: args.compute_mutation_qps.unwrap_or(args.compute_qps),
         reads: args.compute_read_qps.unwrap_or(args.compute_qps),

@@ -1,6 +1,7 @@
 //! Prometheus metrics and the health endpoints, served on `--metrics-listen`
 //! at `/metrics`, `/healthz` and `/readyz`.
 
+pub mod liveness;
 pub mod queue;
 pub mod steps;
 
@@ -198,6 +199,8 @@ pub struct Metrics {
     pub shard_steps: steps::ShardSteps,
     /// Runs and shards waiting for VMs.
     pub queue: queue::Queue,
+    /// What `/healthz` answers.
+    pub liveness: liveness::Liveness,
     /// [`STARTING`], [`STANDBY`] or [`READY`].
     readiness: AtomicU8,
     /// 1 while this replica holds the leader Lease (or runs without
@@ -337,6 +340,7 @@ impl Metrics {
             build_info,
             shard_steps,
             queue,
+            liveness: liveness::Liveness::default(),
             compute_requests,
             compute_latency,
             compute_waiting,
@@ -407,7 +411,7 @@ impl Metrics {
 pub fn router(metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", get(render))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(metrics)
 }
@@ -415,6 +419,16 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 async fn render(State(metrics): State<Arc<Metrics>>) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
         .into_response()
+}
+
+async fn healthz(State(metrics): State<Arc<Metrics>>) -> Response {
+    match metrics.liveness.verdict() {
+        Ok(()) => (StatusCode::OK, "ok").into_response(),
+        Err(why) => {
+            tracing::error!(%why, "liveness check failing");
+            (StatusCode::INTERNAL_SERVER_ERROR, why).into_response()
+        }
+    }
 }
 
 async fn readyz(State(metrics): State<Arc<Metrics>>) -> Response {
@@ -464,5 +478,24 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("testrun_controller_agent_stale_reports_total 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_while_a_reconcile_is_wedged_and_recovers_when_it_ends() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.liveness.set_wedged_after(std::time::Duration::from_millis(50));
+        let addr = serve("127.0.0.1:0".parse().expect("an address"), metrics.clone()).await.expect("serving");
+        let get = || async {
+            let r = reqwest::get(format!("http://{addr}/healthz")).await.expect("GET /healthz");
+            (r.status(), r.text().await.expect("a body"))
+        };
+        assert_eq!(get().await, (reqwest::StatusCode::OK, "ok".to_string()));
+        let stuck = metrics.liveness.begin("testrun");
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        let (status, body) = get().await;
+        assert_eq!(status, reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body.starts_with("a testrun reconcile has been under way for"), "{body}");
+        drop(stuck);
+        assert_eq!(get().await.0, reqwest::StatusCode::OK);
     }
 }

@@ -52,6 +52,7 @@ pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc
 async fn reconcile_now<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     let span = tracing::info_span!("reconcile", prebuildpreset = %preset.name_any(), namespace = %preset.namespace().unwrap_or_default());
     async move {
+        let _under_way = ctx.metrics.liveness.begin("prebuildpreset");
         let started = std::time::Instant::now();
         let key = format!("preset/{}", preset.uid().unwrap_or_default());
         let result = conflict_is_no_failure(reconcile_inner(preset, &ctx).await);

@@ -67,6 +67,7 @@ async fn reconcile_now<C: Compute + Clone>(run: Arc<TestRun>, ctx: Arc<Context<C
     let span =
         tracing::info_span!("reconcile", testrun = %run.name_any(), namespace = %run.namespace().unwrap_or_default());
     async move {
+        let _under_way = ctx.metrics.liveness.begin("testrun");
         let started = std::time::Instant::now();
         let result = conflict_is_no_failure(reconcile_inner(run.clone(), &ctx).await);
         ctx.backoff.record(&format!("testrun/{}", run.uid().unwrap_or_default()), result.is_ok());
