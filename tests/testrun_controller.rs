@@ -741,6 +741,7 @@ async fn failing_deletes_are_retried_reported_and_finally_verified() {
         .expect("condition");
     assert!(condition.message.contains("failed 5 times"), "{}", condition.message);
     assert_eq!(env.vms().await.len(), 1, "the VM is still there while deletes fail");
+    env.wait_metric("testrun_controller_deletes_failing 1").await;
     // The seventh try goes through; the delete is verified and the alarm clears.
     env.wait_for("sticky", "the alarm to clear", Duration::from_secs(60), |r| {
         r.status.as_ref().is_some_and(|s| {
@@ -752,6 +753,7 @@ async fn failing_deletes_are_retried_reported_and_finally_verified() {
     })
     .await;
     env.wait_no_vms().await;
+    env.wait_metric("testrun_controller_deletes_failing 0").await;
     let events = env.events().await;
     assert!(events.iter().any(|(r, _)| r == "DeletionFailing"), "{events:?}");
     let metrics = env.controller.metrics().await;

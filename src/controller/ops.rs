@@ -199,6 +199,13 @@ pub fn retry_insert(op: &mut TrackedOperation, now: jiff::Timestamp, base: u64, 
     InsertRetry::Reissue
 }
 
+/// The deletes that have failed [`DELETE_TRIES_BEFORE_ALARM`] times or more.
+pub fn failing_deletes(operations: &[TrackedOperation]) -> impl Iterator<Item = &TrackedOperation> {
+    operations.iter().filter(|op| {
+        op.kind == OperationKind::Delete && op.tries >= DELETE_TRIES_BEFORE_ALARM && op.last_error.is_some()
+    })
+}
+
 /// The `DeletionFailing` condition from the tracked operations: True while a
 /// delete has failed [`DELETE_TRIES_BEFORE_ALARM`] times or more. Returns
 /// the message when it turned True in this call.
@@ -210,12 +217,7 @@ pub fn deletion_condition(
 ) -> Option<String> {
     use crate::api::ConditionStatus;
     use crate::controller::conditions;
-    let failing: Vec<&TrackedOperation> = operations
-        .iter()
-        .filter(|op| {
-            op.kind == OperationKind::Delete && op.tries >= DELETE_TRIES_BEFORE_ALARM && op.last_error.is_some()
-        })
-        .collect();
+    let failing: Vec<&TrackedOperation> = failing_deletes(operations).collect();
     let was = conditions::get(conditions, "DeletionFailing").is_some_and(|c| c.status == ConditionStatus::True);
     match failing.first() {
         Some(op) => {

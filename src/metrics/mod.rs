@@ -331,6 +331,11 @@ impl Metrics {
         let queue = queue::Queue::default();
         registry.register("runs_waiting", "TestRuns with no shard running or done yet", queue.runs_waiting.clone());
         registry.register("shards_waiting", "Shards waiting for a VM", queue.shards_waiting.clone());
+        registry.register(
+            "deletes_failing",
+            "VM deletes that failed 5 times or more and are still retried",
+            queue.deletes_failing.clone(),
+        );
         Self {
             registry,
             pool_degraded,

@@ -1,6 +1,7 @@
-//! Queue depth: TestRuns and shards waiting for a VM, summed over the runs
-//! this replica reconciles, as `runs_waiting` and `shards_waiting`. A run
-//! that finishes or is deleted leaves the sums.
+//! Sums over the objects this replica reconciles: queue depth (TestRuns and
+//! shards waiting for a VM, `runs_waiting` and `shards_waiting`) and VM
+//! deletes that keep failing (`deletes_failing`). An object that finishes
+//! or is deleted leaves the sums.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,10 +17,14 @@ pub struct Waiting {
     pub shards: i64,
 }
 
-/// The queue, by run uid, and its two gauges.
+/// The queue, by run uid, the failing deletes, by object uid, and their
+/// gauges.
 #[derive(Default)]
 pub struct Queue {
     by_run: Mutex<HashMap<String, Waiting>>,
+    failing: Mutex<HashMap<String, i64>>,
+    /// VM deletes that failed 5 times or more and are still retried.
+    pub deletes_failing: Gauge,
     /// TestRuns with no shard running or done yet.
     pub runs_waiting: Gauge,
     /// Shards waiting for a VM.
@@ -41,9 +46,21 @@ impl Queue {
         self.shards_waiting.set(shards);
     }
 
-    /// Takes a run out (finished or deleted).
+    /// Sets how many of an object's VM deletes keep failing.
+    pub fn set_failing_deletes(&self, uid: &str, n: usize) {
+        let mut failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if n == 0 {
+            failing.remove(uid);
+        } else {
+            failing.insert(uid.to_string(), i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.deletes_failing.set(failing.values().sum());
+    }
+
+    /// Takes an object out (finished or deleted).
     pub fn forget(&self, uid: &str) {
         self.set(uid, Waiting::default());
+        self.set_failing_deletes(uid, 0);
     }
 }
 
@@ -59,9 +76,12 @@ mod tests {
         assert_eq!((q.runs_waiting.get(), q.shards_waiting.get()), (1, 4));
         q.set("a", Waiting { run: false, shards: 2 });
         assert_eq!((q.runs_waiting.get(), q.shards_waiting.get()), (0, 3));
+        q.set_failing_deletes("a", 2);
+        q.set_failing_deletes("p", 1);
+        assert_eq!(q.deletes_failing.get(), 3);
         q.forget("a");
         q.forget("b");
-        assert_eq!((q.runs_waiting.get(), q.shards_waiting.get()), (0, 0));
+        assert_eq!((q.runs_waiting.get(), q.shards_waiting.get(), q.deletes_failing.get()), (0, 0, 1));
         assert!(q.by_run.lock().expect("lock").is_empty());
     }
 }

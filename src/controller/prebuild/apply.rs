@@ -147,6 +147,7 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<PrebuildPreset>, ctx: &
 
 fn forget<C: Compute + Clone>(ctx: &Context<C>, uid: &str) {
     ctx.pool.forget(uid);
+    ctx.metrics.queue.forget(uid);
     ctx.wakers.forget(&label_value(uid));
     ctx.fresh_presets.forget(uid);
     ctx.tracker.forget_except(&label_value(uid), &Default::default());
@@ -173,6 +174,9 @@ async fn apply<C: Compute + Clone>(
         current = written;
     }
     record_metrics(ctx, preset, &plan, deleting && done);
+    let failing =
+        if deleting && done { 0 } else { crate::controller::ops::failing_deletes(&status.operations).count() };
+    ctx.metrics.queue.set_failing_deletes(&preset.uid().unwrap_or_default(), failing);
     let PoolPlan { calls, events, .. } = plan;
     ctx.tracker.forget_except(owner, &named_request_ids(&status.operations));
     submit_calls(&ctx.tracker, owner, calls);

@@ -29,7 +29,7 @@ use crate::controller::execute::{
     named_request_ids, next_look, observe_operations, publish, record_accepted, set_finalizer, submit_calls,
     write_status,
 };
-use crate::controller::ops::{CloudCall, Seen};
+use crate::controller::ops::{CloudCall, Seen, failing_deletes};
 use crate::controller::prebuild::plan::POOL_VM_LIFETIME;
 use crate::controller::slots::Lane;
 use crate::controller::wake::Owner;
@@ -397,7 +397,9 @@ async fn apply<C: Compute + Clone>(
             ctx.metrics.shard_steps.mark(&spec.name, Step::Created);
         }
     }
-    ctx.metrics.queue.set(&run.uid().unwrap_or_default(), waiting(&status, run.meta().deletion_timestamp.is_some()));
+    let uid = run.uid().unwrap_or_default();
+    ctx.metrics.queue.set(&uid, waiting(&status, run.meta().deletion_timestamp.is_some()));
+    ctx.metrics.queue.set_failing_deletes(&uid, failing_deletes(&status.operations).count());
     submit_calls(&ctx.tracker, owner, calls);
     publish(&ctx.recorder, &ctx.metrics, &current, events).await;
     Ok(Applied { run: current, cleanup_done, expired, requeue: requeue_after })
