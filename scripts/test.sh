@@ -26,6 +26,8 @@ step "making sure Helm is available"
 bash scripts/ensure-helm.sh
 step "making sure Lua 5.1 is available (Argo CD health checks)"
 bash scripts/ensure-lua.sh
+step "making sure promtool is available (alert rule tests)"
+bash scripts/ensure-promtool.sh >/dev/null
 
 if [ "${TESTRUN_SKIP_LINT:-0}" != 1 ]; then
   if cargo fmt --version >/dev/null 2>&1; then

@@ -418,3 +418,155 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
     let classes: Api<VmClass> = Api::all(client.clone());
     assert!(classes.get_opt(&ns).await.expect("get").is_none(), "the chart's VmClass outlived the release");
 }
+
+/// The path of promtool (scripts/ensure-promtool.sh takes it from Debian's
+/// prometheus package when none is installed).
+fn promtool() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(common::repo_root().join("scripts/ensure-promtool.sh"))
+        .output()
+        .expect("running ensure-promtool.sh");
+    assert!(out.status.success(), "ensure-promtool.sh: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn run_promtool(args: &[&str]) -> (bool, String) {
+    let out = Command::new(promtool())
+        .args(args)
+        .current_dir(common::repo_root().join("charts/testrun-controller/files"))
+        .output()
+        .expect("running promtool");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn chart_file(name: &str) -> String {
+    std::fs::read_to_string(common::repo_root().join("charts/testrun-controller/files").join(name))
+        .expect("a chart file")
+}
+
+#[test]
+fn the_alert_rules_check_and_pass_their_unit_tests_in_promtool() {
+    let (ok, out) = run_promtool(&["check", "rules", "alerts.yaml"]);
+    assert!(ok && out.contains("SUCCESS: 6 rules found"), "{out}");
+    let (ok, out) = run_promtool(&["test", "rules", "alerts_test.yaml"]);
+    assert!(ok && out.contains("SUCCESS"), "{out}");
+}
+
+#[test]
+fn alerts_a_dashboard_and_a_service_monitor_come_behind_toggles() {
+    let kinds = |docs: &[serde_json::Value]| -> Vec<String> {
+        docs.iter().filter_map(|d| d["kind"].as_str().map(str::to_string)).collect()
+    };
+    let plain = render(&GCE);
+    assert!(!kinds(&plain).iter().any(|k| k == "ServiceMonitor" || k == "PrometheusRule"), "{:?}", kinds(&plain));
+    assert!(
+        !plain.iter().any(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "r-testrun-controller-dashboard")
+    );
+
+    let on =
+        [&GCE[..], &["serviceMonitor.enabled=true", "prometheusRule.enabled=true", "grafanaDashboard.enabled=true"]]
+            .concat();
+    let docs = render(&on);
+    // The ServiceMonitor selects the metrics Service alone, by a port it has.
+    let monitor = find(&docs, "ServiceMonitor", "r-testrun-controller");
+    let wanted = monitor["spec"]["selector"]["matchLabels"].as_object().expect("matchLabels");
+    let services: Vec<&serde_json::Value> = docs.iter().filter(|d| d["kind"] == "Service").collect();
+    let selected: Vec<&str> = services
+        .iter()
+        .filter(|s| wanted.iter().all(|(k, v)| &s["metadata"]["labels"][k] == v))
+        .filter_map(|s| s["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(selected, ["r-testrun-controller-metrics"], "{wanted:?}");
+    let metrics_service = find(&docs, "Service", "r-testrun-controller-metrics");
+    let port = monitor["spec"]["endpoints"][0]["port"].as_str().expect("a port name");
+    assert!(metrics_service["spec"]["ports"].as_array().expect("ports").iter().any(|p| p["name"] == port));
+
+    // The PrometheusRule carries files/alerts.yaml, and promtool takes it as rendered.
+    let rule = find(&docs, "PrometheusRule", "r-testrun-controller");
+    let file: serde_json::Value = serde_norway::from_str(&chart_file("alerts.yaml")).expect("alerts.yaml");
+    assert_eq!(rule["spec"]["groups"], file["groups"]);
+    let rendered = std::env::temp_dir().join(format!("rendered-rules-{}.yaml", std::process::id()));
+    std::fs::write(&rendered, serde_norway::to_string(&rule["spec"]).expect("YAML")).expect("writing the rules");
+    let (ok, out) = run_promtool(&["check", "rules", rendered.to_str().expect("a path")]);
+    let _ = std::fs::remove_file(&rendered);
+    assert!(ok, "the rendered PrometheusRule: {out}");
+
+    // The dashboard ConfigMap carries files/dashboard.json, for the sidecar.
+    let dashboard = find(&docs, "ConfigMap", "r-testrun-controller-dashboard");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let carried: serde_json::Value =
+        serde_json::from_str(dashboard["data"]["testrun-controller.json"].as_str().expect("the JSON")).expect("JSON");
+    let file: serde_json::Value = serde_json::from_str(&chart_file("dashboard.json")).expect("dashboard.json");
+    assert_eq!(carried, file);
+}
+
+/// The metric families the controller exports, from its own registry. A
+/// family is printed once it has a series: each gets one here.
+fn exported_families() -> std::collections::BTreeSet<String> {
+    use testrun_controller::metrics::steps::{Step, StepLabels};
+    use testrun_controller::metrics::*;
+    let m = Metrics::new();
+    let preset = PresetLabels { namespace: "ci".into(), preset: "pool".into() };
+    let reason = ReasonLabels { reason: "r".into() };
+    m.pool_vms.get_or_create(&PoolStateLabels { namespace: "ci".into(), preset: "pool".into(), state: "ready".into() });
+    for family in [&m.pending_jobs, &m.pool_degraded, &m.pool_desired_vms] {
+        family.get_or_create(&preset);
+    }
+    m.jobs_cancelled.get_or_create(&preset);
+    for family in [&m.provision_failures, &m.claims, &m.events, &m.inventory_lists] {
+        family.get_or_create(&reason);
+    }
+    m.reconciles.get_or_create(&ReconcileLabels { kind: "testrun".into(), result: "ok".into() });
+    m.agent_binary_requests.get_or_create(&ResultLabels { result: "full".into() });
+    m.compute_requests.get_or_create(&MethodCodeLabels { method: "instances.insert".into(), code: "OK".into() });
+    m.compute_latency.get_or_create(&MethodLabels { method: "instances.insert".into() });
+    m.compute_waiting.get_or_create(&ClassLabels { class: "mutation".into() });
+    m.operations_resolved.get_or_create(&ResolvedLabels { kind: "insert".into(), how: "read".into() });
+    m.reconcile_duration.get_or_create(&KindLabels { kind: "testrun".into() });
+    m.runs_finished.get_or_create(&OutcomeLabels { outcome: "Succeeded".into() });
+    m.shard_steps.durations.get_or_create(&StepLabels { step: Step::VmGone });
+    m.encode()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The metric names a text uses, as families (suffixes such as `_total`
+/// and `_bucket` dropped).
+fn families_used(text: &str) -> std::collections::BTreeSet<String> {
+    let names = regex::Regex::new(r"testrun_controller_[a-z_]+").expect("a regex");
+    names
+        .find_iter(text)
+        .map(|m| {
+            let name = m.as_str();
+            ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name)
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn every_metric_the_alerts_and_the_dashboard_use_is_exported_and_every_exported_one_is_in_readme() {
+    let exported = exported_families();
+    assert!(exported.len() > 20, "{exported:?}");
+    for (file, min) in [("alerts.yaml", 6), ("dashboard.json", 25)] {
+        let used = families_used(&chart_file(file));
+        assert!(used.len() >= min, "{file} uses only {used:?}");
+        let unknown: Vec<_> = used.difference(&exported).collect();
+        assert!(unknown.is_empty(), "{file} uses metrics the controller does not export: {unknown:?}");
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(&chart_file("dashboard.json")).expect("JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in panels {
+        assert!(ids.insert(panel["id"].as_i64().expect("an id")), "two panels share id {}", panel["id"]);
+    }
+    let readme = std::fs::read_to_string(common::repo_root().join("README.md")).expect("README.md");
+    let missing: Vec<_> = exported.iter().filter(|f| !readme.contains(&format!("`{f}`"))).collect();
+    assert!(missing.is_empty(), "README does not list {missing:?}");
+}

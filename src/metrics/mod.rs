@@ -323,8 +323,9 @@ impl Metrics {
         let shard_steps = steps::ShardSteps::default();
         registry.register_with_unit(
             "shard_step_duration",
-            "Time each step of a shard's fresh VM took, from the step before: created, insert_accepted, \
-             vm_running, agent_registered, command_started, result_accepted, vm_gone",
+            "Time each step of a shard's fresh VM took, from the step before (the first from when the VM \
+             was asked for): insert_accepted, vm_running, agent_registered, command_started, \
+             result_accepted, vm_gone",
             prometheus_client::registry::Unit::Seconds,
             shard_steps.durations.clone(),
         );
