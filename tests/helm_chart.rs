@@ -508,23 +508,28 @@ fn exported_families() -> std::collections::BTreeSet<String> {
     let m = Metrics::new();
     let preset = PresetLabels { namespace: "ci".into(), preset: "pool".into() };
     let reason = ReasonLabels { reason: "r".into() };
-    m.pool_vms.get_or_create(&PoolStateLabels { namespace: "ci".into(), preset: "pool".into(), state: "ready".into() });
+    let _ = m.pool_vms.get_or_create(&PoolStateLabels {
+        namespace: "ci".into(),
+        preset: "pool".into(),
+        state: "ready".into(),
+    });
     for family in [&m.pending_jobs, &m.pool_degraded, &m.pool_desired_vms] {
-        family.get_or_create(&preset);
+        let _ = family.get_or_create(&preset);
     }
-    m.jobs_cancelled.get_or_create(&preset);
+    let _ = m.jobs_cancelled.get_or_create(&preset);
     for family in [&m.provision_failures, &m.claims, &m.events, &m.inventory_lists] {
-        family.get_or_create(&reason);
+        let _ = family.get_or_create(&reason);
     }
-    m.reconciles.get_or_create(&ReconcileLabels { kind: "testrun".into(), result: "ok".into() });
-    m.agent_binary_requests.get_or_create(&ResultLabels { result: "full".into() });
-    m.compute_requests.get_or_create(&MethodCodeLabels { method: "instances.insert".into(), code: "OK".into() });
-    m.compute_latency.get_or_create(&MethodLabels { method: "instances.insert".into() });
-    m.compute_waiting.get_or_create(&ClassLabels { class: "mutation".into() });
-    m.operations_resolved.get_or_create(&ResolvedLabels { kind: "insert".into(), how: "read".into() });
-    m.reconcile_duration.get_or_create(&KindLabels { kind: "testrun".into() });
-    m.runs_finished.get_or_create(&OutcomeLabels { outcome: "Succeeded".into() });
-    m.shard_steps.durations.get_or_create(&StepLabels { step: Step::VmGone });
+    let _ = m.reconciles.get_or_create(&ReconcileLabels { kind: "testrun".into(), result: "ok".into() });
+    let _ = m.agent_binary_requests.get_or_create(&ResultLabels { result: "full".into() });
+    let _ =
+        m.compute_requests.get_or_create(&MethodCodeLabels { method: "instances.insert".into(), code: "OK".into() });
+    let _ = m.compute_latency.get_or_create(&MethodLabels { method: "instances.insert".into() });
+    let _ = m.compute_waiting.get_or_create(&ClassLabels { class: "mutation".into() });
+    let _ = m.operations_resolved.get_or_create(&ResolvedLabels { kind: "insert".into(), how: "read".into() });
+    let _ = m.reconcile_duration.get_or_create(&KindLabels { kind: "testrun".into() });
+    let _ = m.runs_finished.get_or_create(&OutcomeLabels { outcome: "Succeeded".into() });
+    let _ = m.shard_steps.durations.get_or_create(&StepLabels { step: Step::VmGone });
     m.encode()
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
