@@ -15,12 +15,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::controller::{ControllerProcess, free_port};
+use common::controller::ControllerProcess;
 use common::emulator::EmulatorProcess;
+use common::plane::ControlPlane;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use rand::rngs::StdRng;
 use rand::{RngExt as _, SeedableRng as _};
@@ -39,55 +38,6 @@ fn scale() -> Scale {
         Scale { runs: 200, kills: 20, deadline: Duration::from_secs(1800) }
     } else {
         Scale { runs: 50, kills: 5, deadline: Duration::from_secs(240) }
-    }
-}
-
-/// A control plane of the test's own, on free ports, sharing the cached
-/// kube-apiserver build.
-struct ControlPlane {
-    env: Vec<(String, String)>,
-    kubeconfig: PathBuf,
-}
-
-impl ControlPlane {
-    fn script(&self, command: &str) {
-        let out = Command::new("bash")
-            .arg(common::repo_root().join("scripts/control-plane.sh"))
-            .arg(command)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .output()
-            .expect("running control-plane.sh");
-        assert!(out.status.success(), "control-plane.sh {command}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn start() -> Self {
-        let shared = common::control_plane_kubeconfig();
-        let bin = shared.parent().expect("state folder").join("bin");
-        let state = std::env::temp_dir().join(format!("chaos-plane-{}", std::process::id()));
-        let etcd = loop {
-            let port = free_port();
-            if std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-                break port;
-            }
-        };
-        let env = vec![
-            ("TESTRUN_STATE_DIR".to_string(), state.display().to_string()),
-            ("TESTRUN_BIN_DIR".to_string(), bin.display().to_string()),
-            ("TESTRUN_APISERVER_PORT".to_string(), free_port().to_string()),
-            ("TESTRUN_ETCD_PORT".to_string(), etcd.to_string()),
-        ];
-        let plane = Self { env, kubeconfig: state.join("kubeconfig") };
-        plane.script("up");
-        plane
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        self.script("down");
-        if let Some((_, state)) = self.env.iter().find(|(k, _)| k == "TESTRUN_STATE_DIR") {
-            let _ = std::fs::remove_dir_all(state);
-        }
     }
 }
 
@@ -174,7 +124,7 @@ struct Disturbed {
 #[tokio::test]
 async fn the_controller_survives_kills_and_faults_without_losing_results_or_leaking_vms() {
     let scale = scale();
-    let plane = ControlPlane::start();
+    let plane = ControlPlane::start("chaos");
     let client = common::client_from(&plane.kubeconfig).await;
     common::install_crds(&client).await;
     let ns = common::create_namespace(&client, "chaos").await;

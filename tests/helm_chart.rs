@@ -575,3 +575,136 @@ fn every_metric_the_alerts_and_the_dashboard_use_is_exported_and_every_exported_
     let missing: Vec<_> = exported.iter().filter(|f| !readme.contains(&format!("`{f}`"))).collect();
     assert!(missing.is_empty(), "README does not list {missing:?}");
 }
+
+/// Runs a command with `KUBECONFIG` set; returns (success, stdout and stderr).
+fn run_at(kubeconfig: &std::path::Path, program: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(program)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .current_dir(common::repo_root())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn the_crd_chart_carries_the_generated_crds() {
+    for file in ["testruns.yaml", "prebuildpresets.yaml", "vmclasses.yaml"] {
+        let chart =
+            std::fs::read_to_string(common::repo_root().join("charts/testrun-controller-crds/files").join(file))
+                .expect("CRD");
+        let generated = std::fs::read_to_string(common::repo_root().join("crds").join(file)).expect("CRD");
+        assert!(
+            chart == generated,
+            "charts/testrun-controller-crds/files/{file} differs from crds/{file}; copy it over"
+        );
+    }
+    let (ok, out) = run_helm(&["lint", "charts/testrun-controller-crds"]);
+    assert!(ok, "{out}");
+    let (ok, out) = run_helm(&["template", "c", "charts/testrun-controller-crds", "--set", "keep=false"]);
+    assert!(ok && out.matches("kind: CustomResourceDefinition").count() == 3, "{out}");
+    assert!(!out.contains("helm.sh/resource-policy"), "keep=false keeps nothing");
+}
+
+#[tokio::test]
+async fn the_crd_chart_adopts_crds_applied_before_upgrades_them_and_keeps_them_on_uninstall() {
+    // CRDs are cluster-wide: this test has a control plane of its own.
+    let plane = common::plane::ControlPlane::start("crd-chart");
+    let kubeconfig = plane.kubeconfig.clone();
+    let kubectl = PathBuf::from("kubectl");
+    let helm = helm();
+
+    // CRDs as an older release left them, applied with kubectl: without the
+    // testrun-all category and without PrebuildPreset's scale subresource.
+    let old = std::env::temp_dir().join(format!("old-crds-{}", std::process::id()));
+    std::fs::create_dir_all(&old).expect("a folder");
+    for file in ["testruns.yaml", "prebuildpresets.yaml", "vmclasses.yaml"] {
+        let text = std::fs::read_to_string(common::repo_root().join("crds").join(file)).expect("CRD");
+        let mut crd: serde_json::Value = serde_norway::from_str(&text).expect("YAML");
+        crd["spec"]["names"].as_object_mut().expect("names").remove("categories");
+        for version in crd["spec"]["versions"].as_array_mut().expect("versions") {
+            if let Some(sub) = version["subresources"].as_object_mut() {
+                sub.remove("scale");
+            }
+        }
+        std::fs::write(old.join(file), serde_json::to_string(&crd).expect("JSON")).expect("writing");
+    }
+    let (ok, out) = run_at(&kubeconfig, &kubectl, &["apply", "-f", old.to_str().expect("a path")]);
+    let _ = std::fs::remove_dir_all(&old);
+    assert!(ok, "{out}");
+    let (ok, out) = run_at(
+        &kubeconfig,
+        &kubectl,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/testruns.testrun.dev",
+            "crd/prebuildpresets.testrun.dev",
+            "--timeout=60s",
+        ],
+    );
+    assert!(ok, "{out}");
+    let client = common::client_from(&kubeconfig).await;
+    let runs: Api<TestRun> = Api::namespaced(client.clone(), "default");
+    let run: TestRun = serde_json::from_value(json!({
+        "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun", "metadata": { "name": "kept" },
+        "spec": { "command": ["true"], "vm": { "zones": ["us-central1-a"], "machineType": "e2-standard-2",
+                  "image": "projects/debian-cloud/global/images/family/debian-12" } }
+    }))
+    .expect("a TestRun");
+    runs.create(&PostParams::default(), &run).await.expect("creating a TestRun");
+
+    // Helm refuses CRDs it does not own; adopt-crds.sh hands them over.
+    let install = ["install", "crds", "charts/testrun-controller-crds", "--namespace", "default"];
+    let (ok, out) = run_at(&kubeconfig, &helm, &install);
+    assert!(!ok && out.contains("invalid ownership metadata"), "{out}");
+    let script = common::repo_root().join("scripts/adopt-crds.sh");
+    let (ok, out) = run_at(&kubeconfig, &PathBuf::from("bash"), &[script.to_str().expect("a path"), "crds", "default"]);
+    assert!(ok, "adopt-crds.sh: {out}");
+    let (ok, out) = run_at(&kubeconfig, &helm, &install);
+    assert!(ok, "helm install after adopting: {out}");
+
+    // The release brought the CRDs up to date; the TestRun is untouched.
+    let crd_json = |name: &str| {
+        let (ok, out) = run_at(&kubeconfig, &kubectl, &["get", "crd", name, "-o", "json"]);
+        assert!(ok, "{out}");
+        serde_json::from_str::<serde_json::Value>(&out).expect("JSON")
+    };
+    let pbp = crd_json("prebuildpresets.testrun.dev");
+    assert_eq!(pbp["spec"]["names"]["categories"], json!(["testrun-all"]));
+    assert_eq!(pbp["spec"]["versions"][0]["subresources"]["scale"]["specReplicasPath"], ".spec.instances");
+    assert_eq!(pbp["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    let tr = crd_json("testruns.testrun.dev");
+    assert_eq!(tr["spec"]["names"]["categories"], json!(["testrun-all"]));
+    assert!(runs.get_opt("kept").await.expect("get").is_some());
+
+    // A later helm upgrade applies what the chart holds now (here a change
+    // made by hand is put back).
+    let (ok, out) = run_at(
+        &kubeconfig,
+        &kubectl,
+        &[
+            "patch",
+            "crd",
+            "testruns.testrun.dev",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/names/categories"}]"#,
+        ],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) =
+        run_at(&kubeconfig, &helm, &["upgrade", "crds", "charts/testrun-controller-crds", "--namespace", "default"]);
+    assert!(ok, "helm upgrade: {out}");
+    assert_eq!(crd_json("testruns.testrun.dev")["spec"]["names"]["categories"], json!(["testrun-all"]));
+
+    // Uninstalling keeps the CRDs, and with them every TestRun.
+    let (ok, out) = run_at(&kubeconfig, &helm, &["uninstall", "crds", "--namespace", "default"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("kept due to the resource policy"), "{out}");
+    for name in ["testruns.testrun.dev", "prebuildpresets.testrun.dev", "vmclasses.testrun.dev"] {
+        let (ok, out) = run_at(&kubeconfig, &kubectl, &["get", "crd", name]);
+        assert!(ok, "{name} went with the release: {out}");
+    }
+    assert!(runs.get_opt("kept").await.expect("get").is_some(), "the TestRun went with the release");
+}

@@ -8,6 +8,7 @@
 pub mod argocd;
 pub mod controller;
 pub mod emulator;
+pub mod plane;
 pub mod service;
 
 use std::path::{Path, PathBuf};
