@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 step() { printf '==> %s\n' "$*" >&2; }
 
 command -v cargo >/dev/null 2>&1 || {
-  echo "test.sh: cargo not found; install Rust (edition 2024 needs rustc 1.85 or newer) with rustup" >&2
+  echo "test.sh: cargo not found; install Rust (rustc 1.91 or newer, Cargo.toml's rust-version) with rustup" >&2
   exit 1
 }
 if ! cargo nextest --version >/dev/null 2>&1; then
