@@ -122,7 +122,9 @@ async fn valid_testrun_round_trips_with_server_defaults() {
     let created = create_raw(&api, minimal_testrun("defaults")).await.expect("valid TestRun accepted");
     let spec = &created["spec"];
     assert_eq!(spec["shards"], 1);
-    assert_eq!(spec["timeout"], "1h");
+    // No schema default for timeout: unset, it is 1h or the VmClass's
+    // maxRunDuration, whichever is shorter, fixed at the start.
+    assert!(spec.get("timeout").is_none(), "{spec}");
     assert_eq!(spec["heartbeatTimeout"], "60s");
     assert_eq!(spec["maxAttempts"], 3);
     assert_eq!(spec["cancel"], false);
@@ -133,7 +135,8 @@ async fn valid_testrun_round_trips_with_server_defaults() {
     let typed: Api<TestRun> = Api::namespaced(client, &ns);
     let run = typed.get("defaults").await.expect("typed read");
     assert_eq!(run.spec.shards, 1);
-    assert_eq!(run.spec.timeout.parse().expect("valid duration"), Duration::from_secs(3600));
+    assert_eq!(run.spec.timeout, None);
+    assert_eq!(run.spec.attempt_timeout(None), Duration::from_secs(3600));
     assert_eq!(run.spec.command, vec!["true".to_string()]);
     assert!(run.status.is_none());
     assert_eq!(testrun_controller::api::validation::validate_testrun(&run.spec), Ok(()));
@@ -207,7 +210,7 @@ async fn invalid_testruns_are_rejected_naming_the_field() {
     let stored = api.get("kubernetes-durations").await.expect("get");
     let spec: testrun_controller::api::testrun::TestRunSpec =
         serde_json::from_value(stored.data["spec"].clone()).expect("spec");
-    assert_eq!(spec.timeout_duration(), Duration::from_secs(5400));
+    assert_eq!(spec.attempt_timeout(None), Duration::from_secs(5400));
     assert_eq!(spec.heartbeat_timeout.parse(), Ok(Duration::from_millis(150_500)));
 }
 

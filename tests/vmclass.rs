@@ -93,7 +93,7 @@ async fn requests_outside_their_class_are_refused_and_create_nothing() {
             "apiVersion": "testrun.dev/v1alpha1", "kind": "VmClass", "metadata": { "name": class },
             "spec": { "limits": {
                 "allowedMachineTypes": ["n2-*"], "allowedZones": ["us-central1-?"],
-                "maxShards": 2, "maxRunDuration": "1h", "maxPoolInstances": 1
+                "maxShards": 2, "maxRunDuration": "30m", "maxPoolInstances": 1
             } }
         }),
     )
@@ -119,9 +119,22 @@ async fn requests_outside_their_class_are_refused_and_create_nothing() {
     let message = invalid_message(&presets, "big-pool", |p| p.status.clone().map(|s| s.conditions)).await;
     assert!(message.contains(&format!("spec.instances: 5 is more than VmClass {class} allows (1)")), "{message}");
 
-    // Within the limits: the same class admits it.
-    runs.create(&PostParams::default(), &run_of("fits", &class, 2, "n2-standard-2", "true")).await.expect("create");
+    // A timeout written longer than the class allows is refused...
+    let mut too_long = run_of("too-long", &class, 1, "n2-standard-2", "true");
+    too_long.spec.timeout = Some("2h".into());
+    runs.create(&PostParams::default(), &too_long).await.expect("create");
+    let message = invalid_message(&runs, "too-long", |r| r.status.clone().map(|s| s.conditions)).await;
+    assert!(message.contains(&format!("spec.timeout: 7200s is longer than VmClass {class} allows (30m)")), "{message}");
+
+    // ...but the default never is: within the limits and without a timeout,
+    // the run takes the class's 30m instead of 1h.
+    let mut fits = run_of("fits", &class, 2, "n2-standard-2", "true");
+    fits.spec.timeout = None;
+    runs.create(&PostParams::default(), &fits).await.expect("create");
     wait_phase(&runs, "fits", TestRunPhase::Succeeded, Duration::from_secs(60), || controller.log()).await;
+    let fits = runs.get("fits").await.expect("get");
+    let default = fits.started().and_then(|s| s.default_timeout.clone()).map(|t| t.as_str().to_string());
+    assert_eq!(default.as_deref(), Some("30m"));
     // Only the run that fits made VMs.
     let history: Value = reqwest::get(format!("{}/emulator/v1/history", emulator.url))
         .await

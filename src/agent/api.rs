@@ -203,8 +203,8 @@ fn assignment(key: &LeaseKey, run: &TestRun, shard: &ShardStatus) -> Assignment 
         command,
         env: env.into_iter().map(|e| EnvVar { name: e.name, value: e.value }).collect(),
         working_dir,
-        timeout_seconds: run.spec.timeout.parse().map(|d| d.as_secs()).unwrap_or(3600),
-        heartbeat_interval_seconds: heartbeat_interval(run.spec.effective_heartbeat_timeout()),
+        timeout_seconds: run.spec.attempt_timeout(run.started()).as_secs(),
+        heartbeat_interval_seconds: heartbeat_interval(run.spec.effective_heartbeat_timeout(run.started())),
     }
 }
 
@@ -235,14 +235,14 @@ async fn heartbeat(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<Stat
         return Err(Refusal(StatusCode::CONFLICT, "Finished", format!("the shard is {:?}; stop", shard.phase)));
     }
     let now = Timestamp::now();
-    if let (Some(start), Ok(timeout)) = (shard.start_time.as_ref(), run.spec.timeout.parse()) {
-        let limit = crate::controller::ops::signed(timeout);
+    if let Some(start) = shard.start_time.as_ref() {
+        let limit = crate::controller::ops::signed(run.spec.attempt_timeout(run.started()));
         if now.duration_since(start.0) > limit {
             api.wakers.wake_run(ObjectRef::from_obj(run.as_ref()));
             return Err(Refusal(
                 StatusCode::CONFLICT,
                 "TimedOut",
-                format!("the attempt ran longer than {}", run.spec.timeout),
+                format!("the attempt ran longer than {}", run.spec.attempt_timeout_text(run.started())),
             ));
         }
     }

@@ -89,9 +89,12 @@ pub struct TestRunSpec {
     pub shards: i32,
 
     /// Longest wall time of one attempt of a shard, e.g. `"30m"`. When it is
-    /// over, heartbeats are refused and the shard ends as TimedOut.
-    #[serde(default = "default_timeout")]
-    pub timeout: DurationString,
+    /// over, heartbeats are refused and the shard ends as TimedOut. Unset:
+    /// 1h, or the VmClass's `limits.maxRunDuration` when that is shorter
+    /// (fixed when the run starts, in `status.started.defaultTimeout`); a
+    /// timeout written here that is longer than the class allows is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<DurationString>,
 
     /// How long a shard's VM may go without a heartbeat before its lease is
     /// lost: the VM is deleted and, while attempts remain, the shard starts
@@ -118,26 +121,56 @@ pub struct TestRunSpec {
     pub cancel: bool,
 }
 
+/// The timeout of an attempt that sets none, under a class without a
+/// shorter `maxRunDuration`.
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl TestRunSpec {
-    /// `timeout` as a duration (the default, 1 h, when it does not parse;
-    /// validation reports that).
-    pub fn timeout_duration(&self) -> std::time::Duration {
-        self.timeout.parse().unwrap_or(std::time::Duration::from_secs(3600))
+    /// The timeout in effect for an attempt: `spec.timeout`, else the
+    /// default the run started with, else 1 h. (A timeout that does not
+    /// parse counts as 1 h; validation reports it.)
+    pub fn attempt_timeout(&self, started: Option<&StartedWith>) -> std::time::Duration {
+        self.timeout
+            .as_ref()
+            .or_else(|| started.and_then(|s| s.default_timeout.as_ref()))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(DEFAULT_TIMEOUT)
     }
 
-    /// The heartbeat timeout in effect: `heartbeatTimeout`, bounded by
-    /// `timeout`, so a default never makes a short run invalid.
-    pub fn effective_heartbeat_timeout(&self) -> std::time::Duration {
+    /// The timeout in effect as written, for messages.
+    pub fn attempt_timeout_text(&self, started: Option<&StartedWith>) -> String {
+        self.timeout
+            .as_ref()
+            .or_else(|| started.and_then(|s| s.default_timeout.as_ref()))
+            .map_or_else(|| "1h".to_string(), |t| t.as_str().to_string())
+    }
+
+    /// The heartbeat timeout in effect: `heartbeatTimeout`, bounded by the
+    /// attempt's timeout, so a default never makes a short run invalid.
+    pub fn effective_heartbeat_timeout(&self, started: Option<&StartedWith>) -> std::time::Duration {
         let heartbeat = self.heartbeat_timeout.parse().unwrap_or(std::time::Duration::from_secs(60));
-        heartbeat.min(self.timeout_duration())
+        heartbeat.min(self.attempt_timeout(started))
+    }
+}
+
+/// The timeout a run that sets none starts with: 1 h, or its class's
+/// `maxRunDuration` when that is shorter.
+pub fn default_timeout_under(class_max: Option<(std::time::Duration, &DurationString)>) -> DurationString {
+    match class_max {
+        Some((max, text)) if max < DEFAULT_TIMEOUT => text.clone(),
+        _ => DurationString::new("1h"),
+    }
+}
+
+impl TestRun {
+    /// What it started with, if it started.
+    pub fn started(&self) -> Option<&StartedWith> {
+        self.status.as_ref().and_then(|s| s.started.as_ref())
     }
 }
 
 fn default_shards() -> i32 {
     1
-}
-fn default_timeout() -> DurationString {
-    DurationString::new("1h")
 }
 fn default_heartbeat_timeout() -> DurationString {
     DurationString::new("60s")
@@ -266,6 +299,10 @@ pub struct StartedWith {
     /// The preset the run claimed warm VMs from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset_ref: Option<PresetRef>,
+    /// The timeout of every attempt when `spec.timeout` is unset: 1h, or
+    /// the VmClass's `limits.maxRunDuration` when shorter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_timeout: Option<DurationString>,
 }
 
 impl StartedWith {
@@ -279,6 +316,7 @@ impl StartedWith {
             vm_from_preset: spec.vm.is_none(),
             vm,
             preset_ref: spec.preset_ref.clone(),
+            default_timeout: None,
         }
     }
 

@@ -140,11 +140,11 @@ pub fn validate_testrun(spec: &TestRunSpec) -> Result<(), InvalidSpec> {
             ),
         );
     }
-    let timeout = p.duration("spec.timeout", &spec.timeout);
-    if let Some(timeout) = timeout
+    if let Some(written) = &spec.timeout
+        && let Some(timeout) = p.duration("spec.timeout", written)
         && timeout > MAX_TIMEOUT
     {
-        p.add("spec.timeout", format!("{} is longer than the longest run allowed, 7 days", spec.timeout));
+        p.add("spec.timeout", format!("{written} is longer than the longest run allowed, 7 days"));
     }
     // A heartbeat timeout longer than the timeout is bounded by it (see
     // TestRunSpec::effective_heartbeat_timeout), never refused: the
@@ -334,10 +334,10 @@ mod tests {
     #[test]
     fn a_timeout_longer_than_a_week_is_rejected() {
         let mut spec = testrun();
-        spec.timeout = "168h".into();
+        spec.timeout = Some("168h".into());
         assert!(validate_testrun(&spec).is_ok());
         for long in ["169h", "99999999999h"] {
-            spec.timeout = long.into();
+            spec.timeout = Some(long.into());
             spec.heartbeat_timeout = "1m".into();
             assert_eq!(fields(validate_testrun(&spec)), ["spec.timeout"], "{long}");
         }
@@ -354,15 +354,15 @@ mod tests {
         .expect("spec");
         assert_eq!(spec.heartbeat_timeout.as_str(), "60s");
         assert_eq!(validate_testrun(&spec), Ok(()));
-        assert_eq!(spec.effective_heartbeat_timeout(), std::time::Duration::from_secs(8));
+        assert_eq!(spec.effective_heartbeat_timeout(None), std::time::Duration::from_secs(8));
         spec.heartbeat_timeout = "2s".into();
-        assert_eq!(spec.effective_heartbeat_timeout(), std::time::Duration::from_secs(2));
+        assert_eq!(spec.effective_heartbeat_timeout(None), std::time::Duration::from_secs(2));
     }
 
     #[test]
     fn malformed_and_zero_durations_are_reported_per_field() {
         let mut spec = testrun();
-        spec.timeout = "0s".into();
+        spec.timeout = Some("0s".into());
         spec.heartbeat_timeout = "soon".into();
         assert_eq!(fields(validate_testrun(&spec)), ["spec.timeout", "spec.heartbeatTimeout"]);
     }
@@ -445,7 +445,7 @@ mod tests {
         ) {
             let mut spec = testrun();
             spec.vm.as_mut().expect("vm").labels = labels;
-            spec.timeout = timeout.as_str().into();
+            spec.timeout = Some(timeout.as_str().into());
             spec.heartbeat_timeout = heartbeat.as_str().into();
             if let Err(e) = validate_testrun(&spec) {
                 prop_assert!(!e.0.is_empty());

@@ -286,6 +286,13 @@ impl ClassChoice {
         }
     }
 
+    /// The class's `limits.maxRunDuration`, parsed, with its text.
+    pub fn max_run_duration(&self) -> Option<(std::time::Duration, &DurationString)> {
+        let ClassChoice::Class(class) = self else { return None };
+        let text = class.spec.limits.max_run_duration.as_ref()?;
+        Some((text.parse().ok()?, text))
+    }
+
     /// Why `request` cannot be made in this class, as one message (the
     /// problems joined by `; `); none when it can.
     pub fn refusal(&self, request: &ClassRequest<'_>) -> Option<String> {

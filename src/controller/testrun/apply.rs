@@ -224,7 +224,7 @@ async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanu
         .collect();
     // A pool VM must live as long as a VM of the run's own would; a run
     // that needs longer than any pool VM lives gets new VMs.
-    let needed = vm_life_needed(&run.spec, ctx.settings.registration_timeout);
+    let needed = vm_life_needed(run.spec.attempt_timeout(started), ctx.settings.registration_timeout);
     let born_after = born_after(Timestamp::now(), POOL_VM_LIFETIME, needed);
     let mut taken = BTreeMap::new();
     if let Some(born_after) = born_after

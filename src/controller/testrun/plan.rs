@@ -30,7 +30,9 @@ use crate::agent::protocol::{
     META_AGENT_URL, META_ATTEMPT, META_NAME, META_NAMESPACE, META_OWNER_UID, META_SHARD, META_VM_TOKEN,
 };
 use crate::agent::tokens::LeaseKey;
-use crate::api::testrun::{ShardResult, ShardStatus, StartedWith, TestRun, TestRunPhase, TestRunSpec, TestRunStatus};
+use crate::api::testrun::{
+    ShardResult, ShardStatus, StartedWith, TestRun, TestRunPhase, TestRunStatus, default_timeout_under,
+};
 use crate::api::validation::validate_testrun;
 use crate::api::vmclass::{self, ClassChoice, ClassRequest};
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation, VmSpec};
@@ -122,8 +124,7 @@ const MAX_RUN_MARGIN: Duration = Duration::from_secs(15 * 60);
 /// How long a VM of a run must be able to live: the run's `timeout`, the
 /// wait for its agent to register, and a margin. A shard's own VMs get it
 /// as `maxRunDuration`; a claimed pool VM must have this much life left.
-pub fn vm_life_needed(spec: &TestRunSpec, registration_timeout: Duration) -> Duration {
-    let timeout = spec.timeout.parse().unwrap_or(Duration::from_secs(3600));
+pub fn vm_life_needed(timeout: Duration, registration_timeout: Duration) -> Duration {
     timeout + registration_timeout + MAX_RUN_MARGIN
 }
 
@@ -226,7 +227,13 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
     }
     match &p.status.started {
         None if p.blocked.is_some() => {}
-        None => p.status.started = Some(StartedWith::from_spec(&run.spec, vm.clone())),
+        None => {
+            let mut started = StartedWith::from_spec(&run.spec, vm.clone());
+            if run.spec.timeout.is_none() {
+                started.default_timeout = Some(default_timeout_under(obs.class.max_run_duration()));
+            }
+            p.status.started = Some(started);
+        }
         Some(started) => {
             let changed = started.changed_in(&run.spec);
             p.spec_changed(&changed);
@@ -662,7 +669,10 @@ impl Planner<'_> {
             service_account: vmclass::service_account(self.obs.class.class()),
             network: vmclass::network(self.obs.class.class()),
             spot: vm.spot,
-            max_run_duration: vm_life_needed(&run.spec, self.obs.settings.registration_timeout),
+            max_run_duration: vm_life_needed(
+                run.spec.attempt_timeout(self.status.started.as_ref()),
+                self.obs.settings.registration_timeout,
+            ),
             request_id: request_id.to_string(),
         }
     }
@@ -798,8 +808,11 @@ impl Planner<'_> {
         let vm_gone = self.obs.vms.absent(&zone, &name);
         let creating = self.in_flight(OperationKind::Insert, &zone, &name);
 
-        let timeout = signed(run.spec.timeout_duration());
-        let heartbeat_timeout = signed(run.spec.effective_heartbeat_timeout());
+        let started = self.status.started.as_ref();
+        let timeout = signed(run.spec.attempt_timeout(started));
+        let heartbeat_timeout = signed(run.spec.effective_heartbeat_timeout(started));
+        let timeout_text = run.spec.attempt_timeout_text(started);
+        let heartbeat_text = format!("{:?}", run.spec.effective_heartbeat_timeout(started));
 
         // The agent registered: its lease began. A heartbeat on the current
         // lease says the same (its registration was heard by a process
@@ -873,12 +886,8 @@ impl Planner<'_> {
         if now.duration_since(start) > timeout {
             let s = &mut self.status.shards[index];
             s.phase = TestRunPhase::TimedOut;
-            s.message = Some(format!("attempt {} ran longer than {}", s.attempt, run.spec.timeout));
-            self.event(
-                true,
-                "TimedOut",
-                format!("shard {} ran longer than {}; its VM is deleted", shard.index, run.spec.timeout),
-            );
+            s.message = Some(format!("attempt {} ran longer than {timeout_text}", s.attempt));
+            self.event(true, "TimedOut", format!("shard {} ran longer than {timeout_text}; its VM is deleted", shard.index));
             return;
         }
         if vm_gone && !creating {
@@ -896,7 +905,7 @@ impl Planner<'_> {
         .max()
         .unwrap_or(now);
         if now.duration_since(last_heard) > heartbeat_timeout {
-            let why = format!("no heartbeat for {:?}", run.spec.effective_heartbeat_timeout());
+            let why = format!("no heartbeat for {heartbeat_text}");
             self.event(true, "LeaseLost", format!("shard {} lost lease {}: {why}", shard.index, shard.lease_id));
             self.fail_attempt(index, &format!("lease lost ({why})"), vm);
             return;
@@ -1209,7 +1218,7 @@ pub fn class_request<'a>(run: &'a TestRun, vm: &'a VmSpec) -> ClassRequest<'a> {
         image: &vm.image,
         zones: &vm.zones,
         shards: Some(started.map_or(run.spec.shards, |s| s.shards)),
-        timeout: run.spec.timeout.parse().ok(),
+        timeout: run.spec.timeout.as_ref().and_then(|t| t.parse().ok()),
         pool_instances: None,
     }
 }
@@ -1226,6 +1235,8 @@ mod tests {
     //! The planner against a small in-memory world: operations finish when
     //! the test says, agents register, beat and report when the test says.
     use super::*;
+    use crate::api::duration::DurationString;
+    use crate::api::testrun::TestRunSpec;
     use crate::compute::{ComputeError, Instance};
     use proptest::prelude::*;
 
@@ -2152,6 +2163,66 @@ mod tests {
                     prop_assert_eq!(conditions::is_true(c, "Stalled"), !succeeded);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_run_without_a_timeout_takes_its_class_limit_as_its_default_and_an_explicit_longer_one_is_refused() {
+        use crate::api::vmclass::{VmClass, VmClassLimits, VmClassSpec};
+        let mut class = VmClass::new("short", VmClassSpec::default());
+        class.spec.limits =
+            VmClassLimits { max_run_duration: Some(DurationString::from("30m")), ..Default::default() };
+        let class = ClassChoice::Class(std::sync::Arc::new(class));
+        let mut unset = run(1, 3);
+        unset.spec.timeout = None;
+        let mut w = World::new(unset);
+        w.class = class.clone();
+        let plan = w.reconcile();
+        assert!(!conditions::is_true(&plan.status.conditions, "InvalidSpec"), "{:?}", plan.status.conditions);
+        let started = plan.status.started.as_ref().expect("started");
+        assert_eq!(started.default_timeout.as_ref().map(|t| t.as_str()), Some("30m"));
+        let life = plan.calls.iter().find_map(|c| match c {
+            CloudCall::Insert(spec) => Some(spec.max_run_duration),
+            _ => None,
+        });
+        let registration = w.settings.registration_timeout;
+        assert_eq!(life, Some(vm_life_needed(Duration::from_secs(1800), registration)));
+        // The attempt ends at the class's limit, not at an hour.
+        w.finish_operations(None);
+        w.reconcile();
+        w.register(0);
+        w.reconcile();
+        w.advance(31 * 60);
+        w.reconcile();
+        let shard = w.shard(0);
+        assert_eq!(shard.phase, TestRunPhase::TimedOut, "{shard:?}");
+        assert_eq!(shard.message.as_deref(), Some("attempt 1 ran longer than 30m"));
+
+        // Written by the user, a longer timeout is refused.
+        let mut long = run(1, 3);
+        long.spec.timeout = Some("2h".into());
+        let mut w = World::new(long);
+        w.class = class;
+        let plan = w.reconcile();
+        let invalid = conditions::get(&plan.status.conditions, "InvalidSpec").expect("InvalidSpec");
+        assert!(invalid.message.contains("spec.timeout: 7200s is longer than VmClass short allows (30m)"), "{}", invalid.message);
+        assert!(plan.calls.is_empty());
+    }
+
+    #[test]
+    fn a_run_without_a_timeout_under_no_class_or_a_longer_limit_defaults_to_an_hour() {
+        for choice in [ClassChoice::NoClass, {
+            let mut class = crate::api::vmclass::VmClass::new("long", Default::default());
+            class.spec.limits.max_run_duration = Some(DurationString::from("3h"));
+            ClassChoice::Class(std::sync::Arc::new(class))
+        }] {
+            let mut unset = run(1, 3);
+            unset.spec.timeout = None;
+            let mut w = World::new(unset);
+            w.class = choice;
+            let plan = w.reconcile();
+            let started = plan.status.started.as_ref().expect("started");
+            assert_eq!(started.default_timeout.as_ref().map(|t| t.as_str()), Some("1h"));
         }
     }
 
