@@ -2,7 +2,9 @@
 //! [`crate::api`]. `testrun-controller crdgen` prints them; `crds/` holds the
 //! committed copies, which a test keeps equal to this output.
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray,
+};
 use kube::CustomResourceExt;
 
 use crate::api::{PrebuildPreset, TestRun, VmClass};
@@ -31,10 +33,39 @@ pub enum CrdError {
 /// Every CRD this controller serves, in a fixed order.
 pub fn all() -> Vec<GeneratedCrd> {
     vec![
-        GeneratedCrd { file_name: "testruns.yaml", crd: TestRun::crd() },
-        GeneratedCrd { file_name: "prebuildpresets.yaml", crd: PrebuildPreset::crd() },
-        GeneratedCrd { file_name: "vmclasses.yaml", crd: VmClass::crd() },
+        GeneratedCrd { file_name: "testruns.yaml", crd: explainable(TestRun::crd()) },
+        GeneratedCrd { file_name: "prebuildpresets.yaml", crd: explainable(PrebuildPreset::crd()) },
+        GeneratedCrd { file_name: "vmclasses.yaml", crd: explainable(VmClass::crd()) },
     ]
+}
+
+/// Drops `nullable` from every object with fields (`status`,
+/// `status.started`, …): a kube-apiserver that publishes OpenAPI v2 (what
+/// kubectl explain reads before 1.27) publishes a nullable object as its
+/// description alone, so `kubectl explain` showed none of its fields. The
+/// controller never writes such an object as null, and the apiserver drops
+/// a null where the schema does not allow one.
+fn explainable(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    for version in &mut crd.spec.versions {
+        if let Some(root) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
+            not_nullable_objects(root);
+        }
+    }
+    crd
+}
+
+fn not_nullable_objects(schema: &mut JSONSchemaProps) {
+    if let Some(properties) = schema.properties.as_mut() {
+        for property in properties.values_mut() {
+            if property.properties.is_some() {
+                property.nullable = None;
+            }
+            not_nullable_objects(property);
+        }
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        not_nullable_objects(items);
+    }
 }
 
 /// One CRD as a YAML document (starting with `---`).

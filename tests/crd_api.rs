@@ -315,26 +315,39 @@ async fn examples_apply_with_kubectl() {
 async fn kubectl_explain_shows_the_doc_comments() {
     let client = common::client().await;
     common::install_crds(&client).await;
-    let wanted = schema_description(&["spec", "shards"]);
-    assert!(!wanted.is_empty(), "spec.shards has a doc comment");
-    // The server publishes CRD schemas to its OpenAPI document shortly after
-    // the CRD changes; wait for it.
-    let mut last = String::new();
-    for _ in 0..60 {
-        let (ok, stdout, stderr) = common::kubectl(&["explain", "testrun.spec.shards"]);
-        let flat = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
-        if ok && flat.contains(&wanted) {
-            return;
+    // Old fields and new ones: status fields, the started default, the
+    // scale selector.
+    let fields: [(usize, &str, &[&str]); 5] = [
+        (0, "testrun.spec.shards", &["spec", "shards"]),
+        (0, "testrun.spec.timeout", &["spec", "timeout"]),
+        (0, "testrun.status.oldestRunningShardStartTime", &["status", "oldestRunningShardStartTime"]),
+        (0, "testrun.status.started.defaultTimeout", &["status", "started", "defaultTimeout"]),
+        (1, "prebuildpreset.status.selector", &["status", "selector"]),
+    ];
+    for (crd, field, path) in fields {
+        let wanted = schema_description(crd, path);
+        assert!(!wanted.is_empty(), "{field} has a doc comment");
+        // The server publishes CRD schemas to its OpenAPI document shortly
+        // after the CRD changes; wait for it.
+        let mut last = String::new();
+        let mut shown = false;
+        for _ in 0..60 {
+            let (ok, stdout, stderr) = common::kubectl(&["explain", field]);
+            let flat = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+            if ok && flat.contains(&wanted) {
+                shown = true;
+                break;
+            }
+            last = format!("{stdout}{stderr}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        last = format!("{stdout}{stderr}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(shown, "kubectl explain {field} never showed {wanted:?}; last output:\n{last}");
     }
-    panic!("kubectl explain testrun.spec.shards never showed {wanted:?}; last output:\n{last}");
 }
 
 /// The description the generated CRD carries for a field of TestRun.
-fn schema_description(path: &[&str]) -> String {
-    let crd = testrun_controller::crd::all().remove(0).crd;
+fn schema_description(crd: usize, path: &[&str]) -> String {
+    let crd = testrun_controller::crd::all().remove(crd).crd;
     let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
     let mut node = &schema["openAPIV3Schema"];
     for key in path {
