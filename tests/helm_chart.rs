@@ -21,11 +21,16 @@ use testrun_controller::api::prebuild::PrebuildPreset;
 use testrun_controller::api::testrun::{TestRun, TestRunPhase};
 
 fn helm() -> PathBuf {
+    ensured_tool("ensure-helm.sh")
+}
+
+/// The path a `scripts/ensure-*.sh` prints, after it made sure the tool is there.
+fn ensured_tool(script: &str) -> PathBuf {
     let out = Command::new("bash")
-        .arg(common::repo_root().join("scripts/ensure-helm.sh"))
+        .arg(common::repo_root().join("scripts").join(script))
         .output()
-        .expect("running ensure-helm.sh");
-    assert!(out.status.success(), "ensure-helm.sh: {}", String::from_utf8_lossy(&out.stderr));
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
@@ -422,12 +427,7 @@ async fn a_controller_with_only_the_charts_permissions_does_its_whole_job() {
 /// The path of promtool (scripts/ensure-promtool.sh takes it from Debian's
 /// prometheus package when none is installed).
 fn promtool() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(common::repo_root().join("scripts/ensure-promtool.sh"))
-        .output()
-        .expect("running ensure-promtool.sh");
-    assert!(out.status.success(), "ensure-promtool.sh: {}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    ensured_tool("ensure-promtool.sh")
 }
 
 fn run_promtool(args: &[&str]) -> (bool, String) {

@@ -268,9 +268,21 @@ async fn repeated_capacity_failures_back_off_then_degrade_until_the_spec_changes
         "{metrics}"
     );
 
-    // Capacity is back and the spec changes: the preset recovers.
+    // Capacity is back. Scaling (kubectl scale, an autoscaler) does not
+    // lift the stop: the spec's generation moves, the streak stays.
     reqwest::Client::new().delete(&faults).send().await.expect("clearing faults");
-    env.patch(json!({ "instances": 2 })).await;
+    let (ok, out, err) = common::kubectl(&["scale", "-n", &env.ns, "pbp/pool", "--replicas=2"]);
+    assert!(ok, "kubectl scale: {out}{err}");
+    let p = env
+        .wait_for("the scale seen", |p| {
+            p.status.as_ref().is_some_and(|s| s.observed_generation == p.metadata.generation)
+        })
+        .await;
+    let status = p.status.expect("status");
+    assert_eq!(status.consecutive_failures, 3, "scaling cleared the failure streak");
+    assert!(status.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == ConditionStatus::True));
+    // A change of what a provision makes does: the preset recovers.
+    env.patch(json!({ "templateVersion": "v2" })).await;
     let p = env.wait_for("2 ready", |p| p.status.as_ref().is_some_and(|s| s.ready == 2)).await;
     common::argocd::expect_health("PrebuildPreset", &p, "recovered", "Healthy");
     let degraded = p.status.expect("status").conditions.into_iter().find(|c| c.type_ == "Degraded").expect("Degraded");

@@ -9,6 +9,19 @@ use serde::{Deserialize, Serialize};
 use super::common::{Condition, TrackedOperation, VmSpec};
 use super::duration::DurationString;
 
+impl PrebuildPresetSpec {
+    /// A digest of every field but `instances`: what a provision makes and
+    /// how failures are handled.
+    pub fn provision_digest(&self) -> String {
+        use sha2::Digest as _;
+        let mut spec = self.clone();
+        spec.instances = 0;
+        let json = serde_json::to_vec(&spec).unwrap_or_default();
+        let digest = sha2::Sha256::digest(&json);
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// Template versions: usable as a Compute Engine label value (lowercase
 /// letters, digits, `_` and `-`, 1 to 63 characters, starting with a letter
 /// or digit).
@@ -199,9 +212,16 @@ pub struct PrebuildPresetStatus {
     /// the active one, since the preset was created.
     #[serde(default)]
     pub cancelled_total: i64,
-    /// Failed provisions in a row; reset by a successful one or a spec change.
+    /// Failed provisions in a row; reset by a successful one or a change of
+    /// what a provision makes (not of `spec.instances`: scaling a pool,
+    /// by hand or by an autoscaler, does not lift `maxConsecutiveFailures`).
     #[serde(default)]
     pub consecutive_failures: i32,
+    /// A digest of what a provision makes (`templateVersion`, `vm`,
+    /// `failureBackoff`, `maxConsecutiveFailures`, `maxConcurrentProvisions`);
+    /// the failure streak starts over when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provision_spec_digest: Option<String>,
     /// When the last provision failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_time: Option<Time>,

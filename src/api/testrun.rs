@@ -299,8 +299,9 @@ pub struct StartedWith {
     /// The preset the run claimed warm VMs from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset_ref: Option<PresetRef>,
-    /// The timeout of every attempt when `spec.timeout` is unset: 1h, or
-    /// the VmClass's `limits.maxRunDuration` when shorter.
+    /// The timeout of every attempt while `spec.timeout` is unset (also
+    /// after it is removed from a started run): 1h, or the VmClass's
+    /// `limits.maxRunDuration` when shorter, as the class was at the start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_timeout: Option<DurationString>,
 }

@@ -77,6 +77,8 @@ pub async fn run<C: Compute + Clone>(ctx: std::sync::Arc<Context<C>>) {
         sweep(&books, &live);
         ctx.fresh_runs.retain(|uid| live.runs.contains(uid));
         ctx.fresh_presets.retain(|uid| live.presets.contains_key(uid));
+        ctx.metrics.queue.retain(|uid| live.runs.contains(uid) || live.presets.contains_key(uid));
+        ctx.metrics.retain_pools(|uid| live.presets.contains_key(uid));
         tracing::debug!(
             runs = live.runs.len(),
             presets = live.presets.len(),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The default of `--wedged-after`.
-pub const DEFAULT_WEDGED_AFTER: Duration = Duration::from_secs(300);
+pub const DEFAULT_WEDGED_AFTER: Duration = Duration::from_secs(600);
 
 /// The reconciles under way.
 pub struct Liveness {

@@ -36,6 +36,9 @@ pub struct PresetLabels {
     pub preset: String,
 }
 
+/// The `state` label values of `pool_vms`.
+pub const POOL_STATES: [&str; 5] = ["ready", "provisioning", "claimed", "outdated", "deleting"];
+
 /// Labels naming a PrebuildPreset and a pool VM state.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolStateLabels {
@@ -201,6 +204,8 @@ pub struct Metrics {
     pub queue: queue::Queue,
     /// What `/healthz` answers.
     pub liveness: liveness::Liveness,
+    /// The presets with per-preset series, by uid.
+    pool_series: std::sync::Mutex<std::collections::HashMap<String, PresetLabels>>,
     /// [`STARTING`], [`STANDBY`] or [`READY`].
     readiness: AtomicU8,
     /// 1 while this replica holds the leader Lease (or runs without
@@ -347,6 +352,7 @@ impl Metrics {
             shard_steps,
             queue,
             liveness: liveness::Liveness::default(),
+            pool_series: Default::default(),
             compute_requests,
             compute_latency,
             compute_waiting,
@@ -372,6 +378,43 @@ impl Metrics {
             readiness: AtomicU8::new(STARTING),
             leader,
         }
+    }
+
+    /// Records that a preset (by uid) has per-preset series.
+    pub fn pool_series_seen(&self, uid: &str, labels: &PresetLabels) {
+        self.lock_pool_series().insert(uid.to_string(), labels.clone());
+    }
+
+    /// Removes every per-preset series of a preset (deleted): a gauge left
+    /// at 0 would read as an empty pool that still exists.
+    pub fn forget_pool(&self, uid: &str) {
+        let Some(labels) = self.lock_pool_series().remove(uid) else { return };
+        for state in POOL_STATES {
+            let state = PoolStateLabels {
+                namespace: labels.namespace.clone(),
+                preset: labels.preset.clone(),
+                state: state.into(),
+            };
+            self.pool_vms.remove(&state);
+        }
+        self.pending_jobs.remove(&labels);
+        self.pool_desired_vms.remove(&labels);
+        self.pool_degraded.remove(&labels);
+        self.jobs_cancelled.remove(&labels);
+    }
+
+    /// Keeps the per-preset series of the presets `keep` holds (a sweep
+    /// against the cache: a preset whose finalizer was removed by hand is
+    /// never reconciled again).
+    pub fn retain_pools(&self, keep: impl Fn(&str) -> bool) {
+        let gone: Vec<String> = self.lock_pool_series().keys().filter(|uid| !keep(uid)).cloned().collect();
+        for uid in gone {
+            self.forget_pool(&uid);
+        }
+    }
+
+    fn lock_pool_series(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, PresetLabels>> {
+        self.pool_series.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Counts a reconcile and how long it took.
@@ -503,5 +546,28 @@ mod tests {
         assert!(body.starts_with("a testrun reconcile has been under way for"), "{body}");
         drop(stuck);
         assert_eq!(get().await.0, reqwest::StatusCode::OK);
+    }
+
+    #[test]
+    fn a_gone_preset_loses_every_series_of_its_own() {
+        let m = Metrics::new();
+        let ours = PresetLabels { namespace: "ci".into(), preset: "pool".into() };
+        let other = PresetLabels { namespace: "ci".into(), preset: "other".into() };
+        for (uid, labels) in [("u1", &ours), ("u2", &other)] {
+            m.pool_series_seen(uid, labels);
+            m.pool_desired_vms.get_or_create(labels).set(2);
+            m.pool_degraded.get_or_create(labels).set(1);
+            m.pool_vms
+                .get_or_create(&PoolStateLabels {
+                    namespace: labels.namespace.clone(),
+                    preset: labels.preset.clone(),
+                    state: "ready".into(),
+                })
+                .set(2);
+        }
+        m.retain_pools(|uid| uid == "u2");
+        let text = m.encode();
+        assert!(!text.contains(r#"preset="pool""#), "{text}");
+        assert!(text.contains(r#"testrun_controller_pool_desired_vms{namespace="ci",preset="other"} 2"#), "{text}");
     }
 }

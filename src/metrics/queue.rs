@@ -57,6 +57,20 @@ impl Queue {
         self.deletes_failing.set(failing.values().sum());
     }
 
+    /// Keeps only the objects `keep` holds (a sweep against the caches: an
+    /// object whose finalizer was removed by hand is never reconciled
+    /// again).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let gone: Vec<String> = {
+            let by_run = self.by_run.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            by_run.keys().chain(failing.keys()).filter(|uid| !keep(uid)).cloned().collect()
+        };
+        for uid in gone {
+            self.forget(&uid);
+        }
+    }
+
     /// Takes an object out (finished or deleted).
     pub fn forget(&self, uid: &str) {
         self.set(uid, Waiting::default());
@@ -83,5 +97,8 @@ mod tests {
         q.forget("b");
         assert_eq!((q.runs_waiting.get(), q.shards_waiting.get(), q.deletes_failing.get()), (0, 0, 1));
         assert!(q.by_run.lock().expect("lock").is_empty());
+        q.set("c", Waiting { run: true, shards: 1 });
+        q.retain(|uid| uid == "c");
+        assert_eq!((q.runs_waiting.get(), q.deletes_failing.get()), (1, 0), "p is gone, c stays");
     }
 }

@@ -52,6 +52,9 @@ pub async fn reconcile<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc
 async fn reconcile_now<C: Compute + Clone>(preset: Arc<PrebuildPreset>, ctx: Arc<Context<C>>) -> Result<Action, Error> {
     let span = tracing::info_span!("reconcile", prebuildpreset = %preset.name_any(), namespace = %preset.namespace().unwrap_or_default());
     async move {
+        // A preset reconcile first waits for the TestRun cache; that wait
+        // is not a wedge.
+        crate::controller::cache_ready(&ctx.runs).await;
         let _under_way = ctx.metrics.liveness.begin("prebuildpreset");
         let started = std::time::Instant::now();
         let key = format!("preset/{}", preset.uid().unwrap_or_default());
@@ -201,9 +204,6 @@ fn abandoned_claims<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPrese
         .collect()
 }
 
-/// The pool's states as the `state` label of `pool_vms`.
-const POOL_STATES: [&str; 5] = ["ready", "provisioning", "claimed", "outdated", "deleting"];
-
 fn record_metrics<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPreset, plan: &PoolPlan, gone: bool) {
     use crate::metrics::ReasonLabels;
     for reason in &plan.failures {
@@ -215,6 +215,7 @@ fn record_metrics<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPreset,
     }
     let m = &ctx.metrics;
     let labels = preset_labels(preset);
+    m.pool_series_seen(&preset.uid().unwrap_or_default(), &labels);
     let s = &plan.status;
     let deleting = s.instances.iter().filter(|i| i.state == PresetInstanceState::Deleting).count();
     let counts = [
@@ -224,7 +225,7 @@ fn record_metrics<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPreset,
         i64::from(s.outdated),
         i64::try_from(deleting).unwrap_or(i64::MAX),
     ];
-    for (state, count) in POOL_STATES.iter().zip(counts) {
+    for (state, count) in crate::metrics::POOL_STATES.iter().zip(counts) {
         m.pool_vms.get_or_create(&state_labels(preset, state)).set(count);
     }
     m.pending_jobs.get_or_create(&labels).set(i64::from(s.pending));
@@ -236,18 +237,9 @@ fn record_metrics<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPreset,
     }
 }
 
-/// Takes a deleted preset out of every per-preset metric: a gauge left at
-/// 0 would read as an empty pool that still exists.
+/// Takes a deleted preset out of every per-preset metric.
 fn forget_metrics<C: Compute + Clone>(ctx: &Context<C>, preset: &PrebuildPreset) {
-    let m = &ctx.metrics;
-    let labels = preset_labels(preset);
-    for state in POOL_STATES {
-        m.pool_vms.remove(&state_labels(preset, state));
-    }
-    m.pending_jobs.remove(&labels);
-    m.pool_desired_vms.remove(&labels);
-    m.pool_degraded.remove(&labels);
-    m.jobs_cancelled.remove(&labels);
+    ctx.metrics.forget_pool(&preset.uid().unwrap_or_default());
 }
 
 fn preset_labels(preset: &PrebuildPreset) -> crate::metrics::PresetLabels {

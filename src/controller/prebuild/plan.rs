@@ -155,6 +155,7 @@ pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
     };
     let generation = preset.metadata.generation;
     let namespace = preset.metadata.namespace.clone().unwrap_or_default();
+    p.status.selector = Some(pool_selector(preset));
     let refused = obs.class.refusal(&pool_request(preset, &namespace));
     if refused.is_some() {
         p.wake = crate::controller::testrun::plan::CLASS_POLL;
@@ -187,13 +188,20 @@ pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
         return p.finish(false);
     }
     conditions::set(&mut p.status.conditions, "InvalidSpec", ConditionStatus::False, "Valid", "", generation, obs.now);
-    // A spec change clears the failure streak (and with it Degraded).
-    if p.status.observed_generation != generation {
+    // A change of what a provision makes clears the failure streak (and
+    // with it Degraded and Stalled); a new size does not. (A status from
+    // before the digest was kept: a spec change then counts as one.)
+    let digest = preset.spec.provision_digest();
+    let changed = match &p.status.provision_spec_digest {
+        Some(before) => *before != digest,
+        None => p.status.observed_generation != generation,
+    };
+    if changed {
         p.status.consecutive_failures = 0;
     }
+    p.status.provision_spec_digest = Some(digest);
     p.status.observed_generation = generation;
     p.status.active_version = Some(preset.spec.template_version.clone());
-    p.status.selector = Some(pool_selector(preset));
 
     p.cancel_outdated_jobs();
     p.follow_operations();
@@ -1317,8 +1325,15 @@ mod tests {
         assert_eq!((degraded.status, degraded.reason.as_str()), (ConditionStatus::True, "TooManyFailures"));
         let stalled = conditions::get(&plan.status.conditions, "Stalled").expect("Stalled");
         assert_eq!((stalled.status, stalled.reason.as_str()), (ConditionStatus::True, "TooManyFailures"));
+        // A new size (kubectl scale, an autoscaler) does not lift it...
         w.preset.spec.instances = 2;
         w.preset.metadata.generation = Some(2);
+        let plan = w.reconcile();
+        assert!(plan.calls.is_empty(), "scaling a stopped pool makes no VM");
+        assert!(conditions::is_true(&plan.status.conditions, "Stalled"));
+        // ...a change of what a provision makes does.
+        w.preset.spec.vm.machine_type = "e2-standard-4".into();
+        w.preset.metadata.generation = Some(3);
         let plan = w.reconcile();
         assert_eq!(plan.calls.len(), 1, "a spec change starts over");
         assert_eq!(plan.status.consecutive_failures, 0);

@@ -142,6 +142,8 @@ struct Planner<'a> {
     unverified: BTreeSet<(String, String)>,
     /// Why no VM may be created now (the spec turned invalid after the start).
     blocked: Option<String>,
+    /// `presetRef` names no preset: `Ready` says so until the run ends.
+    waiting_for_preset: bool,
 }
 
 /// Plans one reconcile of a run that is not being deleted.
@@ -158,6 +160,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         cleanup: false,
         unverified: BTreeSet::new(),
         blocked: None,
+        waiting_for_preset: false,
     };
     p.status.observed_generation = run.metadata.generation;
 
@@ -179,6 +182,19 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         }
         p.blocked = Some(message.clone());
     }
+    // Said before anything returns early: a fixed spec is valid even while
+    // the run waits for its preset.
+    if invalid.is_none() {
+        conditions::set(
+            &mut p.status.conditions,
+            "InvalidSpec",
+            ConditionStatus::False,
+            "Valid",
+            "",
+            run.metadata.generation,
+            obs.now,
+        );
+    }
     let started = p.status.started.as_ref().map(|s| s.vm.clone());
     let vm = match started.or_else(|| run.spec.vm.clone()).or_else(|| obs.preset_vm.cloned()) {
         Some(vm) => vm,
@@ -194,17 +210,6 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
             VmSpec::default()
         }
     };
-    if invalid.is_none() {
-        conditions::set(
-            &mut p.status.conditions,
-            "InvalidSpec",
-            ConditionStatus::False,
-            "Valid",
-            "",
-            run.metadata.generation,
-            obs.now,
-        );
-    }
 
     if p.status.shards.is_empty() {
         p.status.start_time = Some(Time(obs.now));
@@ -228,10 +233,10 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
     match &p.status.started {
         None if p.blocked.is_some() => {}
         None => {
+            // Kept even when spec.timeout is set: removed later, the run
+            // falls back to a default its class admits, not to 1h.
             let mut started = StartedWith::from_spec(&run.spec, vm.clone());
-            if run.spec.timeout.is_none() {
-                started.default_timeout = Some(default_timeout_under(obs.class.max_run_duration()));
-            }
+            started.default_timeout = Some(default_timeout_under(obs.class.max_run_duration()));
             p.status.started = Some(started);
         }
         Some(started) => {
@@ -267,6 +272,7 @@ pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
         cleanup: true,
         unverified: BTreeSet::new(),
         blocked: None,
+        waiting_for_preset: false,
     };
     // Without a VM shape the operations are still followed; the shape only
     // words error messages.
@@ -329,6 +335,7 @@ impl Planner<'_> {
         let run = self.obs.run;
         let name = run.spec.preset_ref.as_ref().map(|r| r.name.clone()).unwrap_or_default();
         let message = format!("PrebuildPreset {name} does not exist; waiting for it (or set spec.vm)");
+        self.waiting_for_preset = true;
         if conditions::get(&self.status.conditions, "Ready").is_none_or(|c| c.reason != "PresetNotFound") {
             self.event(true, "PresetNotFound", message.clone());
         }
@@ -887,7 +894,11 @@ impl Planner<'_> {
             let s = &mut self.status.shards[index];
             s.phase = TestRunPhase::TimedOut;
             s.message = Some(format!("attempt {} ran longer than {timeout_text}", s.attempt));
-            self.event(true, "TimedOut", format!("shard {} ran longer than {timeout_text}; its VM is deleted", shard.index));
+            self.event(
+                true,
+                "TimedOut",
+                format!("shard {} ran longer than {timeout_text}; its VM is deleted", shard.index),
+            );
             return;
         }
         if vm_gone && !creating {
@@ -1032,7 +1043,8 @@ impl Planner<'_> {
             .filter(|c| c.status == ConditionStatus::True)
             .map(|c| c.message.clone());
         let phase = self.status.phase;
-        if let Some(phase) = phase.filter(|_| invalid.is_none()) {
+        let waiting_for_preset = self.waiting_for_preset && !phase.is_some_and(|p| p.is_finished());
+        if let Some(phase) = phase.filter(|_| invalid.is_none() && !waiting_for_preset) {
             let (ready, reason, message) = match phase {
                 TestRunPhase::Succeeded => (ConditionStatus::True, "Succeeded", "every shard succeeded".to_string()),
                 p => (ConditionStatus::False, phase_reason(p), self.summary()),
@@ -1841,6 +1853,30 @@ mod tests {
     }
 
     #[test]
+    fn a_run_waiting_for_its_preset_says_so_in_ready_and_stalled_and_warns_once() {
+        let mut waiting = run(1, 3);
+        waiting.spec.vm = None;
+        waiting.spec.preset_ref = Some(crate::api::testrun::PresetRef { name: "pool".into() });
+        // First invalid (it leaves the phase Pending), then fixed.
+        waiting.spec.env = vec![crate::api::EnvVar { name: "A".into(), value: "1".into() }; 2];
+        let mut w = World::new(waiting);
+        w.reconcile();
+        assert!(conditions::is_true(&w.status().conditions, "InvalidSpec"));
+        w.run.spec.env.truncate(1);
+        let mut warnings = 0;
+        for _ in 0..3 {
+            let plan = w.reconcile();
+            warnings += plan.events.iter().filter(|e| e.reason == "PresetNotFound").count();
+            let c = &plan.status.conditions;
+            let ready = conditions::get(c, "Ready").expect("Ready");
+            assert_eq!(ready.reason, "PresetNotFound", "{c:?}");
+            let stalled = conditions::get(c, "Stalled").expect("Stalled");
+            assert_eq!((stalled.status, stalled.reason.as_str()), (ConditionStatus::True, "PresetNotFound"));
+        }
+        assert_eq!(warnings, 1, "one Warning, not one per look");
+    }
+
+    #[test]
     fn a_started_run_goes_on_when_its_preset_is_deleted() {
         let mut with_preset = run(1, 3);
         let shape = with_preset.spec.vm.take();
@@ -2170,8 +2206,7 @@ mod tests {
     fn a_run_without_a_timeout_takes_its_class_limit_as_its_default_and_an_explicit_longer_one_is_refused() {
         use crate::api::vmclass::{VmClass, VmClassLimits, VmClassSpec};
         let mut class = VmClass::new("short", VmClassSpec::default());
-        class.spec.limits =
-            VmClassLimits { max_run_duration: Some(DurationString::from("30m")), ..Default::default() };
+        class.spec.limits = VmClassLimits { max_run_duration: Some(DurationString::from("30m")), ..Default::default() };
         let class = ClassChoice::Class(std::sync::Arc::new(class));
         let mut unset = run(1, 3);
         unset.spec.timeout = None;
@@ -2205,7 +2240,11 @@ mod tests {
         w.class = class;
         let plan = w.reconcile();
         let invalid = conditions::get(&plan.status.conditions, "InvalidSpec").expect("InvalidSpec");
-        assert!(invalid.message.contains("spec.timeout: 7200s is longer than VmClass short allows (30m)"), "{}", invalid.message);
+        assert!(
+            invalid.message.contains("spec.timeout: 7200s is longer than VmClass short allows (30m)"),
+            "{}",
+            invalid.message
+        );
         assert!(plan.calls.is_empty());
     }
 
