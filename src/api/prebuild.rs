@@ -12,13 +12,28 @@ use super::duration::DurationString;
 impl PrebuildPresetSpec {
     /// A digest of every field but `instances`: what a provision makes and
     /// how failures are handled.
+    /// Starts with [`PROVISION_DIGEST_VERSION`]: a digest of another version
+    /// (the spec type gained a field) is not compared, so an upgrade never
+    /// clears every failure streak at once.
     pub fn provision_digest(&self) -> String {
         use sha2::Digest as _;
         let mut spec = self.clone();
         spec.instances = 0;
         let json = serde_json::to_vec(&spec).unwrap_or_default();
         let digest = sha2::Sha256::digest(&json);
-        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+        let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        format!("{PROVISION_DIGEST_VERSION}:{hex}")
+    }
+}
+
+/// The version of [`PrebuildPresetSpec::provision_digest`]; raise it when
+/// the spec's serialization changes (a test pins a digest).
+pub const PROVISION_DIGEST_VERSION: &str = "v1";
+
+impl PrebuildPresetSpec {
+    /// Whether `before` is a digest of the current version.
+    pub fn comparable_digest(before: &str) -> bool {
+        before.split_once(':').is_some_and(|(v, _)| v == PROVISION_DIGEST_VERSION)
     }
 }
 

@@ -3,8 +3,10 @@
 //! returns: the loop no longer progresses for that object, and a restart is
 //! the cure). A part of the controller that ends stops the process itself.
 //!
-//! A slow or unreachable kube-apiserver does not fail it: requests time out
-//! and reconciles end with an error, which a restart would not mend.
+//! A slow or unreachable kube-apiserver should not fail it: each request
+//! gives up after 295 s without an answer and the reconcile ends with an
+//! error, which a restart would not mend; the default limit is above a few
+//! such requests in a row.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The default of `--wedged-after`.
-pub const DEFAULT_WEDGED_AFTER: Duration = Duration::from_secs(600);
+pub const DEFAULT_WEDGED_AFTER: Duration = Duration::from_secs(900);
 
 /// The reconciles under way.
 pub struct Liveness {

@@ -388,7 +388,15 @@ impl Metrics {
     /// Removes every per-preset series of a preset (deleted): a gauge left
     /// at 0 would read as an empty pool that still exists.
     pub fn forget_pool(&self, uid: &str) {
-        let Some(labels) = self.lock_pool_series().remove(uid) else { return };
+        let labels = {
+            let mut series = self.lock_pool_series();
+            let Some(labels) = series.remove(uid) else { return };
+            // A preset made again under the same name owns them now.
+            if series.values().any(|l| *l == labels) {
+                return;
+            }
+            labels
+        };
         for state in POOL_STATES {
             let state = PoolStateLabels {
                 namespace: labels.namespace.clone(),
@@ -565,7 +573,9 @@ mod tests {
                 })
                 .set(2);
         }
-        m.retain_pools(|uid| uid == "u2");
+        // The same name made again (a new uid) keeps the series when the old uid goes.
+        m.pool_series_seen("u3", &other);
+        m.retain_pools(|uid| uid == "u3");
         let text = m.encode();
         assert!(!text.contains(r#"preset="pool""#), "{text}");
         assert!(text.contains(r#"testrun_controller_pool_desired_vms{namespace="ci",preset="other"} 2"#), "{text}");

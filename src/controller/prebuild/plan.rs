@@ -27,7 +27,9 @@ use crate::agent::protocol::{
     META_AGENT_URL, META_NAMESPACE, META_OWNER_UID, META_PRESET, META_TEMPLATE_VERSION, META_VM_TOKEN,
 };
 use crate::agent::tokens::LeaseKey;
-use crate::api::prebuild::{PendingJob, PrebuildPreset, PrebuildPresetStatus, PresetInstance, PresetInstanceState};
+use crate::api::prebuild::{
+    PendingJob, PrebuildPreset, PrebuildPresetSpec, PrebuildPresetStatus, PresetInstance, PresetInstanceState,
+};
 use crate::api::validation::validate_prebuild_preset;
 use crate::api::vmclass::{self, ClassChoice, ClassRequest};
 
@@ -193,8 +195,8 @@ pub fn plan(obs: &PoolObserved<'_>) -> PoolPlan {
     // before the digest was kept: a spec change then counts as one.)
     let digest = preset.spec.provision_digest();
     let changed = match &p.status.provision_spec_digest {
-        Some(before) => *before != digest,
-        None => p.status.observed_generation != generation,
+        Some(before) if PrebuildPresetSpec::comparable_digest(before) => *before != digest,
+        _ => p.status.observed_generation != generation,
     };
     if changed {
         p.status.consecutive_failures = 0;
@@ -1296,6 +1298,19 @@ mod tests {
         w.finish(false);
         w.reconcile();
         assert_eq!((w.ready("v1"), w.ready("v2")), (0, 2));
+    }
+
+    #[test]
+    fn the_provision_digest_is_pinned_and_ignores_the_size() {
+        let p = preset(2, "v1", 2);
+        let mut bigger = p.spec.clone();
+        bigger.instances = 9;
+        assert_eq!(p.spec.provision_digest(), bigger.provision_digest());
+        // Changing the spec type changes this: raise PROVISION_DIGEST_VERSION
+        // with it, so upgrades do not clear every failure streak.
+        assert_eq!(p.spec.provision_digest(), "v1:c585fd59da5c7585");
+        assert!(PrebuildPresetSpec::comparable_digest(&p.spec.provision_digest()));
+        assert!(!PrebuildPresetSpec::comparable_digest("v0:0123"));
     }
 
     #[test]

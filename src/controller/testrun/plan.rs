@@ -182,15 +182,21 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         }
         p.blocked = Some(message.clone());
     }
-    // Said before anything returns early: a fixed spec is valid even while
-    // the run waits for its preset.
+    // Said before anything returns early: a fixed spec is no longer
+    // invalid while the run waits for its preset, but its VmClass can only
+    // judge it once the preset gives it a shape.
     if invalid.is_none() {
+        let (status, reason, message) = if shape(run, obs.preset_vm).is_some() {
+            (ConditionStatus::False, "Valid", "")
+        } else {
+            (ConditionStatus::Unknown, "PresetNotFound", "the VmClass checks the run once its preset gives it a shape")
+        };
         conditions::set(
             &mut p.status.conditions,
             "InvalidSpec",
-            ConditionStatus::False,
-            "Valid",
-            "",
+            status,
+            reason,
+            message,
             run.metadata.generation,
             obs.now,
         );
@@ -1044,12 +1050,15 @@ impl Planner<'_> {
             .map(|c| c.message.clone());
         let phase = self.status.phase;
         let waiting_for_preset = self.waiting_for_preset && !phase.is_some_and(|p| p.is_finished());
-        if let Some(phase) = phase.filter(|_| invalid.is_none() && !waiting_for_preset) {
+        if let Some(phase) = phase.filter(|_| invalid.is_none()) {
             let (ready, reason, message) = match phase {
                 TestRunPhase::Succeeded => (ConditionStatus::True, "Succeeded", "every shard succeeded".to_string()),
                 p => (ConditionStatus::False, phase_reason(p), self.summary()),
             };
-            conditions::set(&mut self.status.conditions, "Ready", ready, reason, message.clone(), generation, now);
+            // While the run waits for its preset, Ready says that.
+            if !waiting_for_preset {
+                conditions::set(&mut self.status.conditions, "Ready", ready, reason, message.clone(), generation, now);
+            }
             let progressing = if phase.is_finished() { ConditionStatus::False } else { ConditionStatus::True };
             conditions::set(
                 &mut self.status.conditions,
@@ -1863,7 +1872,11 @@ mod tests {
         w.reconcile();
         assert!(conditions::is_true(&w.status().conditions, "InvalidSpec"));
         w.run.spec.env.truncate(1);
-        let mut warnings = 0;
+        let plan = w.reconcile();
+        let mut warnings = plan.events.iter().filter(|e| e.reason == "PresetNotFound").count();
+        // Fixed, but not judged by its class yet: Unknown, not Valid.
+        let invalid = conditions::get(&w.status().conditions, "InvalidSpec").expect("InvalidSpec").clone();
+        assert_eq!((invalid.status, invalid.reason.as_str()), (ConditionStatus::Unknown, "PresetNotFound"));
         for _ in 0..3 {
             let plan = w.reconcile();
             warnings += plan.events.iter().filter(|e| e.reason == "PresetNotFound").count();
