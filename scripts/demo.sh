@@ -62,19 +62,13 @@ sleep 1
 alive emulator || { tail -n 20 "$LOGS/emulator.log" >&2; echo "demo: the emulator exited" >&2; exit 1; }
 alive controller || { tail -n 20 "$LOGS/controller.log" >&2; echo "demo: the controller exited" >&2; exit 1; }
 
-# Waits until TestRun $1 finishes; prints its phase.
+# Waits until TestRun $1 finishes, the way CI would (README, "TestRun"):
+# Reconciling=False at either end, then Complete says whether it passed.
 wait_run() {
-  local phase=""
-  for _ in $(seq 1 120); do
-    phase=$(kubectl get tr "$1" -o jsonpath='{.status.phase}')
-    case "$phase" in
-      Succeeded|Failed|TimedOut|Error|Cancelled) break ;;
-    esac
-    sleep 1
-  done
-  kubectl get tr "$1"
+  kubectl wait "tr/$1" --for=condition=Reconciling=False --timeout=120s >/dev/null || true
+  kubectl get tr "$1" -o wide
   kubectl get tr "$1" -o jsonpath='{range .status.shards[*]}shard {.index} attempt {.attempt} on {.instance} in {.zone}: {.phase}, exit {.result.exitCode}{"\n"}{.result.outputTail}{end}'
-  [ "$phase" = Succeeded ]
+  [ "$(kubectl get tr "$1" -o jsonpath='{.status.conditions[?(@.type=="Complete")].status}')" = True ]
 }
 
 step "running examples/testrun.yaml"
