@@ -221,9 +221,11 @@ struct EmulatorArgs {
     work_dir: PathBuf,
     /// A fault rule, repeatable: comma-separated `key=value` pairs with
     /// `kind` (capacity, quota, rateLimit, unavailable, slow, fail, hang,
-    /// vanish) and optional `call` (insert, delete, get, list,
-    /// aggregatedList, setLabels, operationGet, operationWait), `zone`,
-    /// `count`, `probability` (0..1) and `delayMs` (for slow). Example:
+    /// vanish, lostAnswer, unreachable, preempt) and optional `call`
+    /// (insert, delete, get, list, aggregatedList, setLabels, operationGet,
+    /// operationWait), `zone`, `count`, `probability` (0..1) and `delayMs`
+    /// (for slow; for preempt, how long after booting a Spot VM it drew is
+    /// preempted). Example:
     /// `--fault call=insert,zone=us-central1-a,kind=capacity,count=2`.
     #[arg(long = "fault", value_name = "RULE")]
     faults: Vec<FaultRule>,
@@ -232,6 +234,11 @@ struct EmulatorArgs {
     /// benchmark uses it).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
     vm_nice: u8,
+    /// How long a preempted Spot VM runs after its notice
+    /// (`instance/preempted` TRUE in its metadata) before it is stopped, or
+    /// deleted with `instanceTerminationAction: DELETE`.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    preempt_notice: Duration,
     /// Seed for fault probabilities, so a run is repeatable.
     #[arg(long, default_value_t = 0)]
     fault_seed: u64,
@@ -347,6 +354,7 @@ async fn emulator(args: EmulatorArgs) -> Result<(), String> {
         fault_seed: args.fault_seed,
         faults: args.faults,
         vm_nice: args.vm_nice,
+        preempt_notice: args.preempt_notice,
     };
     let local = listener.local_addr().map_err(|e| format!("reading the listening address: {e}"))?;
     tracing::info!(listen = %local, faults = config.faults.len(), "compute emulator serving");

@@ -588,3 +588,98 @@ async fn the_emulator_counts_calls_by_method() {
     let calls: BTreeMap<String, u64> = reqwest::get(&url).await.expect("admin API").json().await.expect("JSON");
     assert!(calls.is_empty(), "{calls:?}");
 }
+
+#[tokio::test]
+async fn a_spot_vm_is_preempted_as_compute_engine_does_and_a_standard_one_never() {
+    let emulator =
+        EmulatorProcess::start(&["--operation-delay", "50ms", "--boot-delay", "50ms", "--preempt-notice", "1s"]);
+    let compute = emulator.compute("proj-spot").await;
+    for (name, spot) in [("spot-1", true), ("standard-1", false)] {
+        let mut vm = spec(name, ZONE);
+        vm.startup_script = SCRIPT.into();
+        vm.spot = spot;
+        wait_done(&compute, &compute.insert(&vm).await.expect("insert")).await;
+    }
+    let mut rows = Vec::new();
+    eventually("both VMs to boot", async || {
+        rows = vm_rows(&emulator).await;
+        rows.len() == 2 && rows.iter().all(|r| r["processAlive"] == true)
+    })
+    .await;
+    let row = |name: &str| rows.iter().find(|r| r["name"] == name).expect("a row").clone();
+    assert_eq!((row("spot-1")["spot"].clone(), row("standard-1")["spot"].clone()), (true.into(), false.into()));
+    let http = reqwest::Client::new();
+    let preempted_says = |host: String| {
+        let http = http.clone();
+        async move {
+            let url = format!("http://{host}/computeMetadata/v1/instance/preempted");
+            let r = http.get(url).header("Metadata-Flavor", "Google").send().await.expect("metadata");
+            r.text().await.expect("body")
+        }
+    };
+    let spot_host = row("spot-1")["metadataHost"].as_str().expect("a metadata host").to_string();
+    let spot_pid = row("spot-1")["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).expect("pid");
+    assert_eq!(preempted_says(spot_host.clone()).await, "FALSE");
+
+    let preempt = |name: &str| {
+        let url = format!("{}/emulator/v1/instances/{ZONE}/{name}/preempt", emulator.url);
+        async move { reqwest::Client::new().post(url).send().await.expect("admin api") }
+    };
+    // Compute Engine preempts Spot VMs only.
+    let refused = preempt("standard-1").await;
+    assert_eq!(refused.status(), 409);
+    assert!(refused.text().await.expect("body").contains("not a Spot VM"));
+    assert_eq!(preempt("nothing-here").await.status(), 404);
+
+    // The notice: TRUE in its metadata while it still runs, then (with the
+    // controller's instanceTerminationAction DELETE) it is deleted.
+    let answer: serde_json::Value = preempt("spot-1").await.json().await.expect("json");
+    assert_eq!((answer["preempted"].clone(), answer["then"].clone()), (true.into(), "delete".into()), "{answer}");
+    assert_eq!(preempted_says(spot_host).await, "TRUE");
+    assert!(group_alive(spot_pid), "the VM runs through its notice");
+    assert_eq!(preempt("spot-1").await.status(), 200, "preempting again changes nothing");
+    eventually("the preempted VM to be deleted", async || matches!(compute.get(ZONE, "spot-1").await, Ok(None))).await;
+    eventually("its processes to die", async || !group_alive(spot_pid)).await;
+    let standard = compute.get(ZONE, "standard-1").await.expect("get").expect("the standard VM");
+    assert_eq!(standard.status, InstanceStatus::Running);
+}
+
+#[tokio::test]
+async fn a_preempt_fault_preempts_the_spot_vms_it_draws_after_they_boot() {
+    let emulator = EmulatorProcess::start(&[
+        "--operation-delay",
+        "50ms",
+        "--boot-delay",
+        "50ms",
+        "--preempt-notice",
+        "300ms",
+        "--fault",
+        "call=insert,kind=preempt,delayMs=200",
+    ]);
+    let compute = emulator.compute("proj-spot-fault").await;
+    for (name, spot) in [("spot-2", true), ("standard-2", false)] {
+        let mut vm = spec(name, ZONE);
+        vm.spot = spot;
+        wait_done(&compute, &compute.insert(&vm).await.expect("insert")).await;
+    }
+    eventually("the Spot VM to be preempted and deleted", async || {
+        matches!(compute.get(ZONE, "spot-2").await, Ok(None))
+    })
+    .await;
+    // The standard VM drew the fault too, and is never preempted.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let standard = compute.get(ZONE, "standard-2").await.expect("get").expect("the standard VM");
+    assert_eq!(standard.status, InstanceStatus::Running);
+    let faults: serde_json::Value =
+        reqwest::get(format!("{}/emulator/v1/faults", emulator.url)).await.expect("faults").json().await.expect("json");
+    assert_eq!(faults["rules"][0]["kind"], "preempt");
+
+    // A preempt fault for any call but insert is refused.
+    let bad = reqwest::Client::new()
+        .post(format!("{}/emulator/v1/faults", emulator.url))
+        .json(&serde_json::json!({ "call": "delete", "kind": "preempt" }))
+        .send()
+        .await
+        .expect("admin api");
+    assert_eq!(bad.status(), 400, "{:?}", bad.text().await);
+}

@@ -49,6 +49,12 @@ pub struct VmRow {
     pub process_alive: bool,
     /// The VM's `GCE_METADATA_HOST`.
     pub metadata_host: Option<String>,
+    /// Whether it is a Spot VM.
+    #[serde(default)]
+    pub spot: bool,
+    /// Whether Compute Engine preempted it (it stops or goes after the notice).
+    #[serde(default)]
+    pub preempted: bool,
 }
 
 /// The routes under `/emulator/v1`.
@@ -58,6 +64,7 @@ pub fn router(emulator: Arc<Emulator>) -> Router {
         .route("/emulator/v1/faults", get(list_faults).post(add_fault).put(replace_faults).delete(clear_faults))
         .route("/emulator/v1/faults/{id}", delete(remove_fault))
         .route("/emulator/v1/instances", get(instances))
+        .route("/emulator/v1/instances/{zone}/{name}/preempt", axum::routing::post(preempt))
         .route("/emulator/v1/history", get(history))
         .route("/emulator/v1/accepted-inserts", get(accepted_inserts))
         .route("/emulator/v1/calls", get(calls).delete(reset_calls))
@@ -125,10 +132,38 @@ async fn instances(State(emulator): State<Arc<Emulator>>) -> Json<Vec<VmRow>> {
                 pid,
                 process_alive: pid.is_some_and(|p| p > 0 && group_alive(Pid::from_raw(p))),
                 metadata_host: record.process.as_ref().map(|p| p.metadata_host.clone()),
+                spot: record.is_spot(),
+                preempted: record.preempted,
             }
         })
         .collect();
     Json(rows)
+}
+
+/// Preempts a running Spot VM, named by zone and name (in whichever project
+/// holds it): 200 with the notice, 404 without such a VM, 409 for a standard
+/// VM or one not RUNNING.
+async fn preempt(State(emulator): State<Arc<Emulator>>, Path((zone, name)): Path<(String, String)>) -> Response {
+    let key = {
+        let state = emulator.lock();
+        state.instances.keys().find(|k| k.zone == zone && k.name == name).cloned()
+    };
+    let refused = |status: StatusCode, e: super::lifecycle::PreemptRefused| {
+        (status, Json(json!({ "error": e.to_string() }))).into_response()
+    };
+    let Some(key) = key else {
+        return refused(StatusCode::NOT_FOUND, super::lifecycle::PreemptRefused::NotFound);
+    };
+    match emulator.preempt(&key, None) {
+        Ok(p) => Json(json!({
+            "preempted": true,
+            "noticeSeconds": p.notice.as_secs_f64(),
+            "then": if p.delete { "delete" } else { "stop" },
+        }))
+        .into_response(),
+        Err(e @ super::lifecycle::PreemptRefused::NotFound) => refused(StatusCode::NOT_FOUND, e),
+        Err(e) => refused(StatusCode::CONFLICT, e),
+    }
 }
 
 /// Compute API calls received so far, by method.

@@ -94,6 +94,11 @@ pub enum FaultKind {
     /// and an aggregated list leaves it out with an `UNREACHABLE` warning
     /// for its scope, as Compute Engine does. Needs `zone`.
     Unreachable,
+    /// The insert succeeds, and a Spot VM it makes is preempted `delayMs`
+    /// after it booted: `instance/preempted` turns TRUE in its metadata
+    /// and after the preemption notice it is stopped or deleted. Standard
+    /// VMs are never preempted. Insert only.
+    Preempt,
 }
 
 impl FromStr for FaultKind {
@@ -101,7 +106,7 @@ impl FromStr for FaultKind {
     fn from_str(s: &str) -> Result<Self, String> {
         serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
             format!(
-                "unknown fault kind {s:?} (capacity, quota, rateLimit, unavailable, slow, fail, hang, vanish, lostAnswer, unreachable)"
+                "unknown fault kind {s:?} (capacity, quota, rateLimit, unavailable, slow, fail, hang, vanish, lostAnswer, unreachable, preempt)"
             )
         })
     }
@@ -151,6 +156,9 @@ impl FaultRule {
         }
         if self.kind == FaultKind::Slow && self.delay_ms == 0 {
             return Err("a slow fault needs delayMs".into());
+        }
+        if self.kind == FaultKind::Preempt && self.call.is_some_and(|c| c != Call::Insert) {
+            return Err("a preempt fault applies only to insert".into());
         }
         let operation_kinds =
             [FaultKind::Capacity, FaultKind::Quota, FaultKind::Fail, FaultKind::Hang, FaultKind::Vanish];
@@ -218,6 +226,8 @@ pub struct Verdict {
     pub lose_answer: bool,
     /// Extra delay.
     pub delay: Duration,
+    /// Preempt the Spot VM this insert makes this long after it is RUNNING.
+    pub preempt_after: Option<Duration>,
 }
 
 /// The active rules and the seeded generator.
@@ -275,6 +285,7 @@ impl Faults {
             }
             let applicable = match rule.kind {
                 FaultKind::RateLimit | FaultKind::Unavailable | FaultKind::Slow | FaultKind::Unreachable => true,
+                FaultKind::Preempt => call == Call::Insert,
                 _ => call.is_mutation(),
             };
             if !applicable || (rule.probability < 1.0 && !self.rng.random_bool(rule.probability)) {
@@ -291,6 +302,10 @@ impl Faults {
                 }
                 FaultKind::Slow => {
                     verdict.delay += Duration::from_millis(rule.delay_ms);
+                    true
+                }
+                FaultKind::Preempt if verdict.preempt_after.is_none() => {
+                    verdict.preempt_after = Some(Duration::from_millis(rule.delay_ms));
                     true
                 }
                 FaultKind::LostAnswer if !verdict.lose_answer => {
@@ -422,5 +437,17 @@ mod tests {
         assert_eq!(faults.judge(Call::AggregatedList, None).http_error, None, "a list of all zones answers");
         assert_eq!(faults.unreachable_zones(), std::collections::BTreeSet::from(["us-central1-a".to_string()]));
         assert!(faults.unreachable_zones().is_empty(), "the count is used up");
+    }
+
+    #[test]
+    fn a_preempt_rule_applies_to_inserts_only_and_carries_its_delay() {
+        let rule: FaultRule = "call=insert,kind=preempt,delayMs=250".parse().expect("a rule");
+        assert_eq!((rule.kind, rule.delay_ms), (FaultKind::Preempt, 250));
+        assert!("call=delete,kind=preempt".parse::<FaultRule>().is_err());
+        let mut faults = Faults::new(0);
+        faults.add("kind=preempt,delayMs=100".parse().expect("a rule"));
+        assert_eq!(faults.judge(Call::Insert, None).preempt_after, Some(Duration::from_millis(100)));
+        let delete = faults.judge(Call::Delete, None);
+        assert_eq!((delete.preempt_after, delete.operation), (None, None), "a delete is never touched");
     }
 }

@@ -175,8 +175,14 @@ impl Emulator {
 
         let delay = self.config.operation_delay + verdict.delay;
         let emulator = self.clone();
+        let preempt_after = verdict.preempt_after;
         tokio::spawn(async move {
-            emulator.drive(op_key, target, target_id, operation_type, verdict.operation, delay).await;
+            emulator.clone().drive(op_key, target.clone(), target_id, operation_type, verdict.operation, delay).await;
+            // (drive returns once an inserted VM has booted.)
+            if let Some(after) = preempt_after {
+                tokio::time::sleep(after).await;
+                let _ = emulator.preempt(&target, Some(target_id));
+            }
         });
         Ok(answer)
     }
@@ -265,7 +271,7 @@ impl Emulator {
                 let key = target.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(max_run).await;
-                    emulator.expire(&key, target_id, delete_on_expiry);
+                    emulator.expire(&key, target_id, delete_on_expiry, "max run duration reached");
                 });
             }
             if let Some(info) = info {
@@ -306,8 +312,8 @@ impl Emulator {
         }
     }
 
-    /// `maxRunDuration` is over: delete or stop the VM.
-    fn expire(&self, key: &InstanceKey, id: u64, delete: bool) {
+    /// `maxRunDuration` is over, or a preemption notice: delete or stop the VM.
+    fn expire(&self, key: &InstanceKey, id: u64, delete: bool, why: &'static str) {
         let mut state = self.lock();
         let Some(record) = state.instances.get_mut(key).filter(|r| r.id == id) else { return };
         if let Some(process) = record.process.take() {
@@ -315,11 +321,48 @@ impl Emulator {
         }
         if delete {
             state.instances.remove(key);
-            tracing::info!(instance = %key.name, zone = %key.zone, "max run duration reached; VM deleted");
+            tracing::info!(instance = %key.name, zone = %key.zone, why, "VM deleted");
         } else {
             record.status = Status::Terminated;
-            tracing::info!(instance = %key.name, zone = %key.zone, "max run duration reached; VM stopped");
+            record.preempted = false;
+            tracing::info!(instance = %key.name, zone = %key.zone, why, "VM stopped");
         }
+    }
+
+    /// Preempts a running Spot VM as Compute Engine does: `instance/preempted`
+    /// turns TRUE in its metadata now, and after the preemption notice the
+    /// VM is stopped, or deleted with `instanceTerminationAction: DELETE`.
+    /// `id` pins the VM (a VM of the same name made later is not touched).
+    /// Preempting a preempted VM changes nothing.
+    pub fn preempt(self: &Arc<Self>, key: &InstanceKey, id: Option<u64>) -> Result<Preempted, PreemptRefused> {
+        let (id, delete) = {
+            let mut state = self.lock();
+            let record = state
+                .instances
+                .get_mut(key)
+                .filter(|r| id.is_none_or(|id| r.id == id))
+                .ok_or(PreemptRefused::NotFound)?;
+            if !record.is_spot() {
+                return Err(PreemptRefused::NotSpot);
+            }
+            if record.status != Status::Running || record.deleting {
+                return Err(PreemptRefused::NotRunning);
+            }
+            if record.preempted {
+                return Ok(Preempted { notice: self.config.preempt_notice, delete: record.delete_on_expiry });
+            }
+            record.preempted = true;
+            (record.id, record.delete_on_expiry)
+        };
+        tracing::info!(instance = %key.name, zone = %key.zone, notice = ?self.config.preempt_notice, "Spot VM preempted");
+        let emulator = self.clone();
+        let key = key.clone();
+        let notice = self.config.preempt_notice;
+        tokio::spawn(async move {
+            tokio::time::sleep(notice).await;
+            emulator.expire(&key, id, delete, "preempted");
+        });
+        Ok(Preempted { notice, delete })
     }
 
     fn update_operation(&self, key: &OperationKey, change: impl FnOnce(&mut OperationRecord)) {
@@ -401,5 +444,29 @@ fn new_instance(id: u64, resource: model::Instance) -> InstanceRecord {
         delete_on_expiry,
         process: None,
         deleting: false,
+        preempted: false,
     }
+}
+
+/// A preemption under way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Preempted {
+    /// How long the VM runs on after its notice.
+    pub notice: Duration,
+    /// Whether it is then deleted (else stopped).
+    pub delete: bool,
+}
+
+/// Why a VM cannot be preempted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PreemptRefused {
+    /// No such VM.
+    #[error("no such instance")]
+    NotFound,
+    /// A standard VM: Compute Engine preempts Spot VMs only.
+    #[error("the instance is not a Spot VM (scheduling.provisioningModel is not SPOT)")]
+    NotSpot,
+    /// It is not RUNNING (still starting, stopped or being deleted).
+    #[error("the instance is not RUNNING")]
+    NotRunning,
 }

@@ -57,7 +57,7 @@ async fn serve(State(vm): State<Vm>, Query(params): Query<HashMap<String, String
     let json_wanted =
         params.get("alt").is_some_and(|a| a == "json") || params.get("recursive").is_some_and(|r| r == "true");
 
-    let (machine_type, attributes, service_account) = {
+    let (machine_type, attributes, service_account, preempted) = {
         let state = vm.emulator.lock();
         let Some(record) = state.instances.get(&vm.key).filter(|r| r.id == vm.id) else {
             return answer(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "instance is gone".into());
@@ -73,11 +73,14 @@ async fn serve(State(vm): State<Vm>, Query(params): Query<HashMap<String, String
         let machine = record.resource.machine_type.as_deref().map(machine_type_name).unwrap_or_default().to_string();
         let account =
             record.resource.service_accounts.first().and_then(|s| s.email.clone()).unwrap_or_else(|| "default".into());
-        (machine, attributes, account)
+        (machine, attributes, account, record.preempted)
     };
     let number = project_number(&vm.key.project);
     match path.as_str() {
         "instance/name" => text(&vm.key.name),
+        // TRUE from a Spot VM's preemption notice until it stops (no
+        // wait_for_change: the answer is immediate).
+        "instance/preempted" => text(if preempted { "TRUE" } else { "FALSE" }),
         "instance/id" => text(vm.id.to_string()),
         "instance/zone" => text(format!("projects/{number}/zones/{}", vm.key.zone)),
         "instance/hostname" => text(format!("{}.{}.c.{}.internal", vm.key.name, vm.key.zone, vm.key.project)),

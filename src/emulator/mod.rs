@@ -54,6 +54,10 @@ pub struct EmulatorConfig {
     /// Scheduling niceness of VM processes (0 to 19): real VMs never take
     /// CPU from the controller; on one host, 19 comes closest.
     pub vm_nice: u8,
+    /// How long a preempted Spot VM runs between its preemption notice
+    /// (`instance/preempted` TRUE) and being stopped or deleted; 30 s on
+    /// Compute Engine.
+    pub preempt_notice: Duration,
 }
 
 impl Default for EmulatorConfig {
@@ -66,6 +70,7 @@ impl Default for EmulatorConfig {
             fault_seed: 0,
             faults: Vec::new(),
             vm_nice: 0,
+            preempt_notice: Duration::from_secs(30),
         }
     }
 }

@@ -95,6 +95,21 @@ pub struct InstanceRecord {
     pub process: Option<VmProcess>,
     /// A delete operation is under way.
     pub deleting: bool,
+    /// A Spot VM Compute Engine preempted: its metadata says
+    /// `instance/preempted` TRUE until it is stopped or deleted.
+    pub preempted: bool,
+}
+
+impl InstanceRecord {
+    /// Whether it was created as a Spot VM (`scheduling.provisioningModel: SPOT`).
+    pub fn is_spot(&self) -> bool {
+        self.resource
+            .scheduling
+            .as_ref()
+            .and_then(|s| s.provisioning_model.as_ref())
+            .and_then(|m| m.name())
+            .is_some_and(|m| m == "SPOT")
+    }
 }
 
 /// Where an operation stands.
