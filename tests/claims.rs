@@ -143,6 +143,7 @@ async fn a_status_planned_from_an_old_copy_never_lands() {
         last_heartbeat: None,
         result,
         message: None,
+        history: Vec::new(),
     };
     let status = |shard: ShardStatus, phase: TestRunPhase| TestRunStatus {
         phase: Some(phase),

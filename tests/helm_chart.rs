@@ -529,6 +529,7 @@ fn exported_families() -> std::collections::BTreeSet<String> {
     let _ = m.operations_resolved.get_or_create(&ResolvedLabels { kind: "insert".into(), how: "read".into() });
     let _ = m.reconcile_duration.get_or_create(&KindLabels { kind: "testrun".into() });
     let _ = m.runs_finished.get_or_create(&OutcomeLabels { outcome: "Succeeded".into() });
+    let _ = m.attempts_finished.get_or_create(&OutcomeLabels { outcome: "LeaseLost".into() });
     let _ = m.shard_steps.durations.get_or_create(&StepLabels { step: Step::VmGone });
     m.encode()
         .lines()

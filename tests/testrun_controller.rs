@@ -197,6 +197,7 @@ async fn three_shards_succeed_and_every_vm_is_deleted() {
     // when an agent registers before its insert's operation is read).
     for line in [
         "testrun_controller_runs_finished_total{outcome=\"Succeeded\"} 1",
+        "testrun_controller_attempts_finished_total{outcome=\"Succeeded\"} 3",
         "testrun_controller_runs_waiting 0",
         "testrun_controller_shards_waiting 0",
         "testrun_controller_build_info{version=\"",
@@ -267,6 +268,8 @@ async fn a_failing_shard_fails_the_run_with_its_exit_code_and_kubectl_wait_sees_
     assert_eq!(result.exit_code, 3);
     assert!(result.output_tail.contains("boom"), "{result:?}");
     assert_eq!(failed.attempt, 1, "a failing test does not use up attempts");
+    let told: Vec<_> = failed.history.iter().map(|r| (r.attempt, r.outcome, r.exit_code)).collect();
+    assert_eq!(told, [(1, testrun_controller::api::testrun::AttemptOutcome::TestFailed, Some(3))]);
     assert_eq!(status.shards[0].phase, TestRunPhase::Succeeded);
     env.wait_no_vms().await;
 }
@@ -581,8 +584,17 @@ async fn a_lost_lease_moves_the_shard_to_a_new_attempt_and_the_old_worker_is_ref
         .expect("agent API");
     assert_eq!(response.status(), 409);
     let after = env.runs.get("flaky").await.expect("get");
-    assert_eq!(after.status.expect("status").shards[0].result.as_ref(), Some(result));
+    let shard = &after.status.expect("status").shards[0];
+    assert_eq!(shard.result.as_ref(), Some(result));
+    // Each attempt says why it ended, on its own VM.
+    use testrun_controller::api::testrun::AttemptOutcome;
+    let told: Vec<(i32, AttemptOutcome, Option<i32>)> =
+        shard.history.iter().map(|r| (r.attempt, r.outcome, r.exit_code)).collect();
+    assert_eq!(told, [(1, AttemptOutcome::LeaseLost, None), (2, AttemptOutcome::Succeeded, Some(0))]);
+    assert_eq!(shard.history[0].instance, old.instance);
+    assert_ne!(shard.history[0].instance, shard.history[1].instance);
     env.wait_no_vms().await;
+    env.wait_metric("testrun_controller_attempts_finished_total{outcome=\"LeaseLost\"} 1").await;
 }
 
 #[tokio::test]

@@ -347,6 +347,77 @@ impl StartedWith {
     }
 }
 
+/// Why an attempt of a shard ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+pub enum AttemptOutcome {
+    /// The command exited with code 0.
+    Succeeded,
+    /// The command exited with another code (`exitCode`).
+    TestFailed,
+    /// Compute Engine preempted the Spot VM.
+    Preempted,
+    /// The VM's agent went silent for longer than `heartbeatTimeout`.
+    LeaseLost,
+    /// The VM disappeared (before its agent registered, or while the test ran).
+    VmLost,
+    /// No zone had capacity for the VM.
+    CapacityExhausted,
+    /// The VM's agent did not register within the registration timeout.
+    RegistrationTimeout,
+    /// The attempt ran longer than `timeout`.
+    TimedOut,
+    /// The run was cancelled.
+    Cancelled,
+    /// Compute Engine refused to create the VM (a permanent error, or
+    /// retries ran out).
+    CreateFailed,
+}
+
+impl AttemptOutcome {
+    /// The name, as in status and the `outcome` metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Succeeded => "Succeeded",
+            Self::TestFailed => "TestFailed",
+            Self::Preempted => "Preempted",
+            Self::LeaseLost => "LeaseLost",
+            Self::VmLost => "VmLost",
+            Self::CapacityExhausted => "CapacityExhausted",
+            Self::RegistrationTimeout => "RegistrationTimeout",
+            Self::TimedOut => "TimedOut",
+            Self::Cancelled => "Cancelled",
+            Self::CreateFailed => "CreateFailed",
+        }
+    }
+}
+
+/// How many ended attempts a shard keeps in `history`.
+pub const ATTEMPT_HISTORY: usize = 5;
+
+/// One ended attempt of a shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptRecord {
+    /// The attempt, from 1.
+    pub attempt: i32,
+    /// Why it ended.
+    pub outcome: AttemptOutcome,
+    /// The command's exit code, for `Succeeded` and `TestFailed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The zone of its VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Its VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// When its agent registered (its lease began), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When it ended.
+    pub end_time: Time,
+}
+
 /// Where one shard stands.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -389,6 +460,12 @@ pub struct ShardStatus {
     /// A plain sentence about the shard's state, e.g. why an attempt ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The last attempts that ended (at most 5, oldest first), each with
+    /// why: `Succeeded`, `TestFailed` (with its exit code), `Preempted`,
+    /// `LeaseLost`, `VmLost`, `CapacityExhausted`, `RegistrationTimeout`,
+    /// `TimedOut`, `Cancelled` or `CreateFailed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<AttemptRecord>,
 }
 
 /// The result of a shard's test, as the agent reported it.

@@ -71,10 +71,11 @@ pub struct KindLabels {
     pub kind: String,
 }
 
-/// Labels naming how a run ended.
+/// Labels naming how a run or an attempt ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `Succeeded`, `Failed`, `TimedOut`, `Cancelled` or `Error`.
+    /// For a run `Succeeded`, `Failed`, `TimedOut`, `Cancelled` or `Error`;
+    /// for an attempt an `AttemptOutcome`.
     pub outcome: String,
 }
 
@@ -196,6 +197,9 @@ pub struct Metrics {
     pub reconcile_duration: ReconcileFamily,
     /// TestRuns finished, by outcome.
     pub runs_finished: Family<OutcomeLabels, Counter>,
+    /// Shard attempts that ended, by outcome (`Succeeded`, `TestFailed`,
+    /// `LeaseLost`, …).
+    pub attempts_finished: Family<OutcomeLabels, Counter>,
     /// 1, labelled with the build.
     pub build_info: Family<BuildLabels, Gauge>,
     /// The steps of shards' fresh VMs.
@@ -322,6 +326,8 @@ impl Metrics {
         );
         let runs_finished = Family::default();
         registry.register("runs_finished", "TestRuns finished, by outcome", runs_finished.clone());
+        let attempts_finished = Family::default();
+        registry.register("attempts_finished", "Shard attempts that ended, by outcome", attempts_finished.clone());
         let build_info: Family<BuildLabels, Gauge> = Family::default();
         build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
         registry.register("build_info", "The controller's build; always 1", build_info.clone());
@@ -348,6 +354,7 @@ impl Metrics {
             pool_desired_vms,
             reconcile_duration,
             runs_finished,
+            attempts_finished,
             build_info,
             shard_steps,
             queue,

@@ -366,7 +366,7 @@ async fn apply<C: Compute + Clone>(
     preset: PresetView,
     owner: &str,
 ) -> Result<Applied, Error> {
-    let Plan { mut status, calls, events, cleanup_done, expired, requeue_after, .. } = plan;
+    let Plan { mut status, calls, events, cleanup_done, expired, requeue_after, ended, .. } = plan;
     let mut current = run.clone();
     if run.status.as_ref() != Some(&status) {
         record_accepted(&ctx.tracker, &mut status.operations);
@@ -377,6 +377,10 @@ async fn apply<C: Compute + Clone>(
         if let Some(phase) = status.phase.filter(|p| p.is_finished() && !was_finished) {
             let outcome = format!("{phase:?}");
             ctx.metrics.runs_finished.get_or_create(&crate::metrics::OutcomeLabels { outcome }).inc();
+        }
+        for outcome in &ended {
+            let labels = crate::metrics::OutcomeLabels { outcome: outcome.name().to_string() };
+            ctx.metrics.attempts_finished.get_or_create(&labels).inc();
         }
         // A pool VM's agent waiting for this run's claim can have its assignment now.
         let preset_ref = status.started.as_ref().map_or(run.spec.preset_ref.as_ref(), |s| s.preset_ref.as_ref());

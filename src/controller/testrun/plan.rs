@@ -31,7 +31,8 @@ use crate::agent::protocol::{
 };
 use crate::agent::tokens::LeaseKey;
 use crate::api::testrun::{
-    ShardResult, ShardStatus, StartedWith, TestRun, TestRunPhase, TestRunStatus, default_timeout_under,
+    ATTEMPT_HISTORY, AttemptOutcome, AttemptRecord, ShardResult, ShardStatus, StartedWith, TestRun, TestRunPhase,
+    TestRunStatus, default_timeout_under,
 };
 use crate::api::validation::validate_testrun;
 use crate::api::vmclass::{self, ClassChoice, ClassRequest};
@@ -112,6 +113,9 @@ pub struct Plan {
     pub cleanup_done: bool,
     /// `ttlSecondsAfterFinished` has passed: delete the TestRun.
     pub expired: bool,
+    /// The attempts this plan ends, by outcome (counted once its status is
+    /// written).
+    pub ended: Vec<AttemptOutcome>,
 }
 
 /// How long heartbeats alone may go unwritten to status.
@@ -144,6 +148,8 @@ struct Planner<'a> {
     blocked: Option<String>,
     /// `presetRef` names no preset: `Ready` says so until the run ends.
     waiting_for_preset: bool,
+    /// The attempts this pass ended.
+    ended: Vec<AttemptOutcome>,
 }
 
 /// Plans one reconcile of a run that is not being deleted.
@@ -161,6 +167,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         unverified: BTreeSet::new(),
         blocked: None,
         waiting_for_preset: false,
+        ended: Vec::new(),
     };
     p.status.observed_generation = run.metadata.generation;
 
@@ -233,6 +240,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
                 last_heartbeat: None,
                 result: None,
                 message: None,
+                history: Vec::new(),
             })
             .collect();
     }
@@ -279,6 +287,7 @@ pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
         unverified: BTreeSet::new(),
         blocked: None,
         waiting_for_preset: false,
+        ended: Vec::new(),
     };
     // Without a VM shape the operations are still followed; the shape only
     // words error messages.
@@ -599,7 +608,7 @@ impl Planner<'_> {
                             None => {
                                 let wait = capacity_wait(self.status.shards[index].attempt);
                                 let why = format!("no zone has capacity: {message}");
-                                self.end_attempt(index, &why, vm, Some(wait));
+                                self.end_attempt(index, AttemptOutcome::CapacityExhausted, &why, vm, Some(wait));
                             }
                         }
                         None
@@ -610,7 +619,8 @@ impl Planner<'_> {
                         let purpose = format!("insert/{}/{}/{}/{}", self.uid(), shard.index, shard.attempt, op.zone);
                         match retry_insert(&mut op, self.obs.now, base, &purpose) {
                             InsertRetry::GiveUp => {
-                                self.fail_attempt(index, &format!("creating the VM kept failing: {message}"), vm);
+                                let why = format!("creating the VM kept failing: {message}");
+                                self.fail_attempt(index, AttemptOutcome::CreateFailed, &why, vm);
                                 None
                             }
                             InsertRetry::Wait(wait) => {
@@ -625,7 +635,7 @@ impl Planner<'_> {
                     }
                     RetryClass::Permanent => {
                         self.event(true, "VmCreateFailed", message.clone());
-                        self.fail_attempt(index, &message, vm);
+                        self.fail_attempt(index, AttemptOutcome::CreateFailed, &message, vm);
                         None
                     }
                 }
@@ -751,13 +761,36 @@ impl Planner<'_> {
     }
 
     /// The current attempt failed for infrastructure reasons.
-    fn fail_attempt(&mut self, index: usize, why: &str, vm: &VmSpec) {
-        self.end_attempt(index, why, vm, None);
+    fn fail_attempt(&mut self, index: usize, outcome: AttemptOutcome, why: &str, vm: &VmSpec) {
+        self.end_attempt(index, outcome, why, vm, None);
+    }
+
+    /// Records why the shard's current attempt ended, keeping the last
+    /// [`ATTEMPT_HISTORY`].
+    fn record_attempt(&mut self, index: usize, outcome: AttemptOutcome, exit_code: Option<i32>) {
+        let now = self.obs.now;
+        let shard = &mut self.status.shards[index];
+        if shard.attempt < 1 || shard.history.last().is_some_and(|r| r.attempt == shard.attempt) {
+            return;
+        }
+        shard.history.push(AttemptRecord {
+            attempt: shard.attempt,
+            outcome,
+            exit_code,
+            zone: shard.zone.clone(),
+            instance: shard.instance.clone(),
+            start_time: shard.start_time.clone(),
+            end_time: Time(now),
+        });
+        let excess = shard.history.len().saturating_sub(ATTEMPT_HISTORY);
+        shard.history.drain(..excess);
+        self.ended.push(outcome);
     }
 
     /// The current attempt failed; the next one starts now, or after `wait`
     /// (the shard waits in Pending until `retryAfter`).
-    fn end_attempt(&mut self, index: usize, why: &str, vm: &VmSpec, wait: Option<Duration>) {
+    fn end_attempt(&mut self, index: usize, outcome: AttemptOutcome, why: &str, vm: &VmSpec, wait: Option<Duration>) {
+        self.record_attempt(index, outcome, None);
         let max = self.obs.run.spec.max_attempts;
         let now = self.obs.now;
         let shard = &mut self.status.shards[index];
@@ -801,6 +834,11 @@ impl Planner<'_> {
             return;
         }
         if run.spec.cancel {
+            // An attempt under way ends; one already ended (waiting for the
+            // next) was recorded then.
+            if matches!(shard.phase, TestRunPhase::Provisioning | TestRunPhase::Running) {
+                self.record_attempt(index, AttemptOutcome::Cancelled, None);
+            }
             let s = &mut self.status.shards[index];
             s.phase = TestRunPhase::Cancelled;
             s.retry_after = None;
@@ -844,6 +882,8 @@ impl Planner<'_> {
         // A result is final: write it, then the agent is told it is stored.
         if let Some(result) = heard.and_then(|h| h.result.clone()) {
             let phase = if result.exit_code == 0 { TestRunPhase::Succeeded } else { TestRunPhase::Failed };
+            let outcome = if result.exit_code == 0 { AttemptOutcome::Succeeded } else { AttemptOutcome::TestFailed };
+            self.record_attempt(index, outcome, Some(result.exit_code));
             let s = &mut self.status.shards[index];
             s.phase = phase;
             s.message = Some(format!("attempt {} exited with code {}", s.attempt, result.exit_code));
@@ -874,7 +914,8 @@ impl Planner<'_> {
                 .iter()
                 .any(|o| o.instance == name && o.zone == zone && self.in_flight(o.kind, &zone, &name));
             if !creating && vm_gone && !any_open {
-                self.fail_attempt(index, &format!("VM {name} disappeared before its agent registered"), vm);
+                let why = format!("VM {name} disappeared before its agent registered");
+                self.fail_attempt(index, AttemptOutcome::VmLost, &why, vm);
                 return;
             }
             let requested = shard.requested_time.as_ref().map(|t| t.0).unwrap_or(now);
@@ -882,6 +923,7 @@ impl Planner<'_> {
             if now >= deadline {
                 self.fail_attempt(
                     index,
+                    AttemptOutcome::RegistrationTimeout,
                     &format!(
                         "the agent on VM {name} did not register within {}s",
                         self.obs.settings.registration_timeout.as_secs()
@@ -897,6 +939,7 @@ impl Planner<'_> {
         // Running.
         let start = shard.start_time.as_ref().map(|t| t.0).unwrap_or(now);
         if now.duration_since(start) > timeout {
+            self.record_attempt(index, AttemptOutcome::TimedOut, None);
             let s = &mut self.status.shards[index];
             s.phase = TestRunPhase::TimedOut;
             s.message = Some(format!("attempt {} ran longer than {timeout_text}", s.attempt));
@@ -908,7 +951,7 @@ impl Planner<'_> {
             return;
         }
         if vm_gone && !creating {
-            self.fail_attempt(index, &format!("VM {name} disappeared while the test ran"), vm);
+            self.fail_attempt(index, AttemptOutcome::VmLost, &format!("VM {name} disappeared while the test ran"), vm);
             return;
         }
         let last_heard = [
@@ -924,7 +967,7 @@ impl Planner<'_> {
         if now.duration_since(last_heard) > heartbeat_timeout {
             let why = format!("no heartbeat for {heartbeat_text}");
             self.event(true, "LeaseLost", format!("shard {} lost lease {}: {why}", shard.index, shard.lease_id));
-            self.fail_attempt(index, &format!("lease lost ({why})"), vm);
+            self.fail_attempt(index, AttemptOutcome::LeaseLost, &format!("lease lost ({why})"), vm);
             return;
         }
         // Heartbeats alone are written at most every HEARTBEAT_WRITE_INTERVAL.
@@ -1084,6 +1127,7 @@ impl Planner<'_> {
             requeue_after: self.wake,
             cleanup_done,
             expired: false,
+            ended: self.ended,
         }
     }
 
@@ -1635,6 +1679,8 @@ mod tests {
         w.advance(30);
         w.reconcile();
         assert_eq!(w.shard(0).attempt, 2);
+        let history = w.shard(0).history;
+        assert_eq!(history.iter().map(|r| r.outcome).collect::<Vec<_>>(), [AttemptOutcome::CapacityExhausted]);
         assert!(conditions::is_true(&w.status().conditions, "Degraded"), "no VM yet");
         // Degraded is the state now, not a record: it clears once the shard
         // has its VM.
@@ -1802,6 +1848,12 @@ mod tests {
         w.reconcile();
         assert_eq!(w.shard(0).phase, TestRunPhase::Error);
         assert_eq!(w.status().phase, Some(TestRunPhase::Error));
+        // Each attempt says why it ended, on which VM.
+        let history = w.shard(0).history;
+        let told: Vec<(i32, AttemptOutcome)> = history.iter().map(|r| (r.attempt, r.outcome)).collect();
+        assert_eq!(told, [(1, AttemptOutcome::LeaseLost), (2, AttemptOutcome::LeaseLost)]);
+        assert_eq!(history[0].instance, first.instance);
+        assert!(history.iter().all(|r| r.start_time.is_some() && r.zone.is_some()));
     }
 
     #[test]
@@ -2198,6 +2250,34 @@ mod tests {
                 }
                 // A finished run makes no creation calls.
                 prop_assert_eq!(w.inserts_after_finish, 0);
+                // Every ended attempt is told once, in order, and a shard's
+                // end is its last attempt's outcome.
+                for shard in &status.shards {
+                    prop_assert!(shard.history.len() <= ATTEMPT_HISTORY);
+                    prop_assert!(shard.history.windows(2).all(|w| w[0].attempt < w[1].attempt), "{:?}", shard.history);
+                    prop_assert!(shard.history.iter().all(|r| r.attempt >= 1 && r.attempt <= shard.attempt));
+                    let last = shard.history.last().map(|r| (r.attempt, r.outcome, r.exit_code));
+                    match shard.phase {
+                        TestRunPhase::Succeeded => {
+                            prop_assert_eq!(last, Some((shard.attempt, AttemptOutcome::Succeeded, Some(0))));
+                        }
+                        TestRunPhase::Failed => {
+                            let code = shard.result.as_ref().map(|r| r.exit_code);
+                            prop_assert_eq!(last, Some((shard.attempt, AttemptOutcome::TestFailed, code)));
+                        }
+                        TestRunPhase::TimedOut => {
+                            prop_assert_eq!(last.map(|l| (l.0, l.1)), Some((shard.attempt, AttemptOutcome::TimedOut)));
+                        }
+                        TestRunPhase::Error => {
+                            let outcome = last.map(|l| l.1);
+                            prop_assert!(
+                                !matches!(outcome, None | Some(AttemptOutcome::Succeeded | AttemptOutcome::TestFailed)),
+                                "an Error shard ended on {:?}", outcome
+                            );
+                        }
+                        _ => {}
+                    }
+                }
                 // The conditions say the current phase: Complete only on
                 // success, Failed only on another end, never Reconciling
                 // and Stalled at once, nothing left Reconciling at the end.
