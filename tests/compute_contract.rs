@@ -592,7 +592,7 @@ async fn the_emulator_counts_calls_by_method() {
 #[tokio::test]
 async fn a_spot_vm_is_preempted_as_compute_engine_does_and_a_standard_one_never() {
     let emulator =
-        EmulatorProcess::start(&["--operation-delay", "50ms", "--boot-delay", "50ms", "--preempt-notice", "1s"]);
+        EmulatorProcess::start(&["--operation-delay", "50ms", "--boot-delay", "50ms", "--preempt-notice", "2s"]);
     let compute = emulator.compute("proj-spot").await;
     for (name, spot) in [("spot-1", true), ("standard-1", false)] {
         let mut vm = spec(name, ZONE);
@@ -631,13 +631,17 @@ async fn a_spot_vm_is_preempted_as_compute_engine_does_and_a_standard_one_never(
     assert!(refused.text().await.expect("body").contains("not a Spot VM"));
     assert_eq!(preempt("nothing-here").await.status(), 404);
 
-    // The notice: TRUE in its metadata while it still runs, then (with the
+    // The notice, an ACPI soft off: the VM is STOPPING and its processes get
+    // SIGTERM, its metadata says TRUE meanwhile, and then (with the
     // controller's instanceTerminationAction DELETE) it is deleted.
     let answer: serde_json::Value = preempt("spot-1").await.json().await.expect("json");
     assert_eq!((answer["preempted"].clone(), answer["then"].clone()), (true.into(), "delete".into()), "{answer}");
-    assert_eq!(preempted_says(spot_host).await, "TRUE");
-    assert!(group_alive(spot_pid), "the VM runs through its notice");
     assert_eq!(preempt("spot-1").await.status(), 200, "preempting again changes nothing");
+    assert_eq!(preempted_says(spot_host).await, "TRUE");
+    let listed = vm_rows(&emulator).await;
+    let spot = listed.iter().find(|r| r["name"] == "spot-1").expect("still listed during its notice");
+    assert_eq!((spot["status"].clone(), spot["preempted"].clone()), ("STOPPING".into(), true.into()), "{spot}");
+    eventually("the soft off to end its processes", async || !group_alive(spot_pid)).await;
     eventually("the preempted VM to be deleted", async || matches!(compute.get(ZONE, "spot-1").await, Ok(None))).await;
     eventually("its processes to die", async || !group_alive(spot_pid)).await;
     let standard = compute.get(ZONE, "standard-1").await.expect("get").expect("the standard VM");

@@ -354,8 +354,6 @@ pub enum AttemptOutcome {
     Succeeded,
     /// The command exited with another code (`exitCode`).
     TestFailed,
-    /// Compute Engine preempted the Spot VM.
-    Preempted,
     /// The VM's agent went silent for longer than `heartbeatTimeout`.
     LeaseLost,
     /// The VM disappeared (before its agent registered, or while the test ran).
@@ -379,7 +377,6 @@ impl AttemptOutcome {
         match self {
             Self::Succeeded => "Succeeded",
             Self::TestFailed => "TestFailed",
-            Self::Preempted => "Preempted",
             Self::LeaseLost => "LeaseLost",
             Self::VmLost => "VmLost",
             Self::CapacityExhausted => "CapacityExhausted",
@@ -461,10 +458,11 @@ pub struct ShardStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// The last attempts that ended (at most 5, oldest first), each with
-    /// why: `Succeeded`, `TestFailed` (with its exit code), `Preempted`,
-    /// `LeaseLost`, `VmLost`, `CapacityExhausted`, `RegistrationTimeout`,
-    /// `TimedOut`, `Cancelled` or `CreateFailed`.
+    /// why: `Succeeded`, `TestFailed` (with its exit code), `LeaseLost`,
+    /// `VmLost`, `CapacityExhausted`, `RegistrationTimeout`, `TimedOut`,
+    /// `Cancelled` or `CreateFailed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 5))]
     pub history: Vec<AttemptRecord>,
 }
 

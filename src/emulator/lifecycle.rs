@@ -181,7 +181,10 @@ impl Emulator {
             // (drive returns once an inserted VM has booted.)
             if let Some(after) = preempt_after {
                 tokio::time::sleep(after).await;
-                let _ = emulator.preempt(&target, Some(target_id));
+                // A standard VM, or an insert that made none, is not preempted.
+                if let Err(e) = emulator.preempt(&target, Some(target_id)) {
+                    tracing::debug!(instance = %target.name, error = %e, "the preempt fault found nothing to preempt");
+                }
             }
         });
         Ok(answer)
@@ -324,14 +327,14 @@ impl Emulator {
             tracing::info!(instance = %key.name, zone = %key.zone, why, "VM deleted");
         } else {
             record.status = Status::Terminated;
-            record.preempted = false;
             tracing::info!(instance = %key.name, zone = %key.zone, why, "VM stopped");
         }
     }
 
     /// Preempts a running Spot VM as Compute Engine does: `instance/preempted`
-    /// turns TRUE in its metadata now, and after the preemption notice the
-    /// VM is stopped, or deleted with `instanceTerminationAction: DELETE`.
+    /// turns TRUE in its metadata now, the VM goes STOPPING and its processes
+    /// get SIGTERM, and after the preemption notice the rest is killed and
+    /// the VM is stopped, or deleted with `instanceTerminationAction: DELETE`.
     /// `id` pins the VM (a VM of the same name made later is not touched).
     /// Preempting a preempted VM changes nothing.
     pub fn preempt(self: &Arc<Self>, key: &InstanceKey, id: Option<u64>) -> Result<Preempted, PreemptRefused> {
@@ -345,13 +348,19 @@ impl Emulator {
             if !record.is_spot() {
                 return Err(PreemptRefused::NotSpot);
             }
-            if record.status != Status::Running || record.deleting {
-                return Err(PreemptRefused::NotRunning);
-            }
             if record.preempted {
                 return Ok(Preempted { notice: self.config.preempt_notice, delete: record.delete_on_expiry });
             }
+            if record.status != Status::Running || record.deleting {
+                return Err(PreemptRefused::NotRunning);
+            }
+            // The notice is an ACPI soft off: the guest starts shutting
+            // down now, and its metadata server still answers.
             record.preempted = true;
+            record.status = Status::Stopping;
+            if let Some(process) = record.process.as_ref() {
+                process.soft_off();
+            }
             (record.id, record.delete_on_expiry)
         };
         tracing::info!(instance = %key.name, zone = %key.zone, notice = ?self.config.preempt_notice, "Spot VM preempted");

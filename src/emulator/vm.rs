@@ -176,6 +176,15 @@ impl VmProcess {
         });
     }
 
+    /// The ACPI soft off of a preemption notice: SIGTERM to its process
+    /// group, while its metadata server keeps answering (the hard stop
+    /// follows with [`Self::shut_down`]).
+    pub fn soft_off(&self) {
+        if self.pid > 0 {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGTERM);
+        }
+    }
+
     /// Stops the VM at once (emulator shutdown).
     pub fn kill_now(self) {
         self.metadata_server.abort();

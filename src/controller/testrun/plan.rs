@@ -293,6 +293,12 @@ pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
     // words error messages.
     let vm = p.status.started.as_ref().map(|s| s.vm.clone()).or_else(|| obs.run.spec.vm.clone());
     p.follow_operations(&vm.unwrap_or_default());
+    // Attempts under way end with the run.
+    for index in 0..p.status.shards.len() {
+        if matches!(p.status.shards[index].phase, TestRunPhase::Provisioning | TestRunPhase::Running) {
+            p.record_attempt(index, AttemptOutcome::Cancelled, None);
+        }
+    }
     p.collect_strays(true);
     if !obs.vms.is_complete() {
         p.wake_within(UNSEEN_ZONE_RECHECK);
@@ -795,6 +801,12 @@ impl Planner<'_> {
         let now = self.obs.now;
         let shard = &mut self.status.shards[index];
         let (i, attempt) = (shard.index, shard.attempt);
+        if self.obs.run.spec.cancel || self.cleanup {
+            // No next attempt for a cancelled or deleted run.
+            shard.phase = TestRunPhase::Pending;
+            shard.message = Some(format!("attempt {attempt} failed: {why}"));
+            return;
+        }
         if attempt < max {
             match wait {
                 Some(wait) => {
@@ -1892,6 +1904,56 @@ mod tests {
         let failed = conditions::get(&plan.status.conditions, "Failed").expect("Failed");
         assert_eq!((failed.status, failed.reason.as_str()), (ConditionStatus::True, "Cancelled"));
         assert!(failed.message.starts_with("cancelled (spec.cancel)"), "{}", failed.message);
+    }
+
+    #[test]
+    fn a_cancelled_run_whose_insert_fails_starts_no_next_attempt() {
+        let mut w = World::new(run(1, 3));
+        w.reconcile();
+        w.run.spec.cancel = true;
+        w.fail_every_call(&ComputeError::OperationFailed {
+            operation: "x".into(),
+            code: ErrorCode::Other("INVALID_FIELD_VALUE".into()),
+            message: "boom".into(),
+        });
+        let plan = w.reconcile();
+        assert_eq!(inserts(&plan), 0, "{:?}", plan.calls);
+        let shard = w.shard(0);
+        assert_eq!((shard.attempt, shard.phase), (1, TestRunPhase::Cancelled));
+        assert!(shard.history.len() <= 1, "{:?}", shard.history);
+    }
+
+    #[test]
+    fn deleting_a_run_ends_its_attempts_under_way_as_cancelled_once() {
+        let mut w = World::new(run(2, 3));
+        w.reconcile();
+        w.finish_operations(None);
+        w.register(0);
+        w.reconcile();
+        w.deleting = true;
+        let first = w.reconcile();
+        assert_eq!(first.ended, [AttemptOutcome::Cancelled, AttemptOutcome::Cancelled]);
+        let again = w.reconcile();
+        assert!(again.ended.is_empty(), "told once: {:?}", again.ended);
+        assert!(
+            w.status().shards.iter().all(|s| s.history.last().map(|r| r.outcome) == Some(AttemptOutcome::Cancelled))
+        );
+    }
+
+    #[test]
+    fn the_longest_history_of_the_largest_run_fits_well_within_etcd() {
+        let record = AttemptRecord {
+            attempt: 10,
+            outcome: AttemptOutcome::RegistrationTimeout,
+            exit_code: Some(255),
+            zone: Some("northamerica-northeast1-c".into()),
+            instance: Some("x".repeat(63)),
+            start_time: Some(Time(Timestamp::UNIX_EPOCH)),
+            end_time: Time(Timestamp::UNIX_EPOCH),
+        };
+        let history = vec![record; ATTEMPT_HISTORY];
+        let per_shard = serde_json::to_vec(&history).expect("JSON").len();
+        assert!(per_shard * 256 < 400 * 1024, "{per_shard} bytes a shard");
     }
 
     #[test]
