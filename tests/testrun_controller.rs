@@ -890,3 +890,30 @@ async fn a_hung_delete_is_settled_at_its_deadline_and_made_again() {
         "the hung delete is surfaced: {events:?}"
     );
 }
+
+#[tokio::test]
+async fn max_failed_shards_0_stops_a_ten_shard_run_at_its_first_failure_and_deletes_every_vm() {
+    let env = setup("fail-fast", &[], &[]).await;
+    let mut body =
+        testrun("fast", 10, &["sh", "-c", "if [ $TESTRUN_SHARD = 3 ]; then sleep 2; exit 1; fi; exec sleep 120"]);
+    body["spec"]["maxFailedShards"] = json!(0);
+    env.create(body).await;
+    let run = env.wait_phase("fast", TestRunPhase::Failed).await;
+    let status = run.status.expect("status");
+    for shard in &status.shards {
+        let want = if shard.index == 3 { TestRunPhase::Failed } else { TestRunPhase::Cancelled };
+        assert_eq!(shard.phase, want, "shard {}: {:?}", shard.index, shard.message);
+    }
+    assert!(
+        status.shards[0].message.as_deref().unwrap_or_default().contains("more than spec.maxFailedShards (0)"),
+        "{:?}",
+        status.shards[0].message
+    );
+    let failed = status.conditions.iter().find(|c| c.type_ == "Failed").expect("Failed");
+    assert!(failed.message.contains("shard 3 Failed: attempt 1 exited with code 1"), "{}", failed.message);
+    // No money spent on a run already red: every VM goes, long before the
+    // other shards' two minutes.
+    env.wait_no_vms().await;
+    let events = env.events().await;
+    assert!(events.iter().any(|(r, n)| r == "FailFast" && n.contains("stopped 9 other shards")), "{events:?}");
+}

@@ -109,6 +109,14 @@ pub struct TestRunSpec {
     #[schemars(range(min = 1, max = 10))]
     pub max_attempts: i32,
 
+    /// Fail fast: once more shards than this have failed (Failed, TimedOut
+    /// or Error), the run ends Failed and every other shard is stopped
+    /// (Cancelled) and its VM deleted. `0` stops at the first failure;
+    /// unset, every shard runs to its end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 256))]
+    pub max_failed_shards: Option<i32>,
+
     /// Delete the TestRun this many seconds after it finished; kept forever
     /// when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -263,6 +263,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
     for i in 0..p.status.shards.len() {
         p.advance_shard(i, &vm);
     }
+    p.fail_fast();
     p.collect_strays(false);
     p.derive_phase();
     let expired = p.ttl_expired();
@@ -771,6 +772,38 @@ impl Planner<'_> {
         self.end_attempt(index, outcome, why, vm, None);
     }
 
+    /// `spec.maxFailedShards`: once more shards than it allows have failed,
+    /// every shard still under way or waiting is stopped (Cancelled); its VM
+    /// is then deleted as no shard wants it. The run ends Failed.
+    fn fail_fast(&mut self) {
+        let Some(allowed) = self.obs.run.spec.max_failed_shards else { return };
+        let failed =
+            |s: &ShardStatus| matches!(s.phase, TestRunPhase::Failed | TestRunPhase::TimedOut | TestRunPhase::Error);
+        let count = self.status.shards.iter().filter(|s| failed(s)).count();
+        if count <= usize::try_from(allowed).unwrap_or(0) {
+            return;
+        }
+        let why = format!("{count} shards failed, more than spec.maxFailedShards ({allowed}) allows");
+        let mut stopped = 0;
+        for index in 0..self.status.shards.len() {
+            let phase = self.status.shards[index].phase;
+            if phase.is_finished() {
+                continue;
+            }
+            if matches!(phase, TestRunPhase::Provisioning | TestRunPhase::Running) {
+                self.record_attempt(index, AttemptOutcome::Cancelled, None);
+            }
+            let s = &mut self.status.shards[index];
+            s.phase = TestRunPhase::Cancelled;
+            s.retry_after = None;
+            s.message = Some(format!("stopped: {why}"));
+            stopped += 1;
+        }
+        if stopped > 0 {
+            self.event(true, "FailFast", format!("{why}; stopped {stopped} other shards and delete their VMs"));
+        }
+    }
+
     /// Records why the shard's current attempt ended, keeping the last
     /// [`ATTEMPT_HISTORY`].
     fn record_attempt(&mut self, index: usize, outcome: AttemptOutcome, exit_code: Option<i32>) {
@@ -1190,9 +1223,15 @@ impl Planner<'_> {
         if self.obs.run.spec.cancel {
             message.insert_str(0, "cancelled (spec.cancel); ");
         }
-        if let Some(shard) =
-            self.status.shards.iter().find(|s| s.phase.is_finished() && s.phase != TestRunPhase::Succeeded)
-        {
+        // A shard that failed, rather than one stopped because of it.
+        let failed =
+            |s: &&ShardStatus| matches!(s.phase, TestRunPhase::Failed | TestRunPhase::TimedOut | TestRunPhase::Error);
+        let shards = &self.status.shards;
+        let first = shards
+            .iter()
+            .find(failed)
+            .or_else(|| shards.iter().find(|s| s.phase.is_finished() && s.phase != TestRunPhase::Succeeded));
+        if let Some(shard) = first {
             message.push_str(&format!(
                 "; shard {} {}: {}",
                 shard.index,
@@ -1954,6 +1993,48 @@ mod tests {
         let history = vec![record; ATTEMPT_HISTORY];
         let per_shard = serde_json::to_vec(&history).expect("JSON").len();
         assert!(per_shard * 256 < 400 * 1024, "{per_shard} bytes a shard");
+    }
+
+    #[test]
+    fn more_failed_shards_than_allowed_stop_the_others_and_delete_their_vms() {
+        let mut fast = run(4, 3);
+        fast.spec.max_failed_shards = Some(0);
+        let mut w = World::new(fast);
+        w.reconcile();
+        w.finish_operations(None);
+        w.reconcile();
+        for i in 0..4 {
+            w.register(i);
+        }
+        w.reconcile();
+        w.report(2, 1);
+        let plan = w.reconcile();
+        let status = w.status();
+        assert_eq!(status.phase, Some(TestRunPhase::Failed));
+        let phases: Vec<TestRunPhase> = status.shards.iter().map(|s| s.phase).collect();
+        use TestRunPhase::{Cancelled, Failed};
+        assert_eq!(phases, [Cancelled, Cancelled, Failed, Cancelled]);
+        assert!(status.shards[0].message.as_deref().unwrap_or_default().contains("more than spec.maxFailedShards (0)"));
+        let deletes = plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count();
+        assert_eq!(deletes, 4, "every VM goes: {:?}", plan.calls);
+        assert!(plan.events.iter().any(|e| e.reason == "FailFast"));
+        let failed = conditions::get(&plan.status.conditions, "Failed").expect("Failed");
+        assert!(failed.message.contains("shard 2 Failed"), "the failed shard, not a stopped one: {}", failed.message);
+        assert_eq!(status.shards[0].history.last().map(|r| r.outcome), Some(AttemptOutcome::Cancelled));
+
+        // One failure allowed: the run goes on.
+        let mut lenient = run(2, 3);
+        lenient.spec.max_failed_shards = Some(1);
+        let mut w = World::new(lenient);
+        w.reconcile();
+        w.finish_operations(None);
+        w.reconcile();
+        w.register(0);
+        w.register(1);
+        w.reconcile();
+        w.report(0, 1);
+        w.reconcile();
+        assert_eq!(w.shard(1).phase, TestRunPhase::Running);
     }
 
     #[test]
