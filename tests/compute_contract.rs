@@ -471,21 +471,33 @@ sleep 600 &
 sleep 600
 "#;
 
+/// Inserts VMs (name, Spot or not) running [`SCRIPT`] and waits until
+/// every one has booted; returns the emulator's rows of them.
+async fn boot_script_vms(
+    emulator: &EmulatorProcess,
+    compute: &GceCompute,
+    vms: &[(&str, bool)],
+) -> Vec<serde_json::Value> {
+    for (name, spot) in vms {
+        let mut vm = spec(name, ZONE);
+        vm.startup_script = SCRIPT.into();
+        vm.spot = *spot;
+        wait_done(compute, &compute.insert(&vm).await.expect("insert")).await;
+    }
+    let mut rows = Vec::new();
+    eventually("every VM to boot", async || {
+        rows = vm_rows(emulator).await;
+        rows.len() == vms.len() && rows.iter().all(|r| r["processAlive"] == true)
+    })
+    .await;
+    rows
+}
+
 #[tokio::test]
 async fn startup_script_boots_reads_metadata_and_dies_with_its_vm() {
     let mut emulator = EmulatorProcess::start(&["--operation-delay", "50ms", "--boot-delay", "50ms"]);
     let compute = emulator.compute("proj-boot").await;
-    for name in ["vm-1", "vm-2"] {
-        let mut vm = spec(name, ZONE);
-        vm.startup_script = SCRIPT.into();
-        wait_done(&compute, &compute.insert(&vm).await.expect("insert")).await;
-    }
-    let mut rows = Vec::new();
-    eventually("both VMs to boot", async || {
-        rows = vm_rows(&emulator).await;
-        rows.len() == 2 && rows.iter().all(|r| r["processAlive"] == true)
-    })
-    .await;
+    let rows = boot_script_vms(&emulator, &compute, &[("vm-1", false), ("vm-2", false)]).await;
 
     // The script ran with its identity in the environment.
     let row = rows.iter().find(|r| r["name"] == "vm-1").expect("vm-1 listed").clone();
@@ -594,18 +606,7 @@ async fn a_spot_vm_is_preempted_as_compute_engine_does_and_a_standard_one_never(
     let emulator =
         EmulatorProcess::start(&["--operation-delay", "50ms", "--boot-delay", "50ms", "--preempt-notice", "2s"]);
     let compute = emulator.compute("proj-spot").await;
-    for (name, spot) in [("spot-1", true), ("standard-1", false)] {
-        let mut vm = spec(name, ZONE);
-        vm.startup_script = SCRIPT.into();
-        vm.spot = spot;
-        wait_done(&compute, &compute.insert(&vm).await.expect("insert")).await;
-    }
-    let mut rows = Vec::new();
-    eventually("both VMs to boot", async || {
-        rows = vm_rows(&emulator).await;
-        rows.len() == 2 && rows.iter().all(|r| r["processAlive"] == true)
-    })
-    .await;
+    let rows = boot_script_vms(&emulator, &compute, &[("spot-1", true), ("standard-1", false)]).await;
     let row = |name: &str| rows.iter().find(|r| r["name"] == name).expect("a row").clone();
     assert_eq!((row("spot-1")["spot"].clone(), row("standard-1")["spot"].clone()), (true.into(), false.into()));
     let http = reqwest::Client::new();

@@ -35,13 +35,7 @@ fn ensured_tool(script: &str) -> PathBuf {
 }
 
 fn run_helm(args: &[&str]) -> (bool, String) {
-    let out = Command::new(helm())
-        .args(args)
-        .env("KUBECONFIG", common::control_plane_kubeconfig())
-        .current_dir(common::repo_root())
-        .output()
-        .expect("running helm");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    run_at(&common::control_plane_kubeconfig(), &helm(), args)
 }
 
 /// `helm template` with `sets`; the documents it renders.

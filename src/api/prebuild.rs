@@ -24,18 +24,16 @@ impl PrebuildPresetSpec {
         let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
         format!("{PROVISION_DIGEST_VERSION}:{hex}")
     }
-}
 
-/// The version of [`PrebuildPresetSpec::provision_digest`]; raise it when
-/// the spec's serialization changes (a test pins a digest).
-pub const PROVISION_DIGEST_VERSION: &str = "v1";
-
-impl PrebuildPresetSpec {
     /// Whether `before` is a digest of the current version.
     pub fn comparable_digest(before: &str) -> bool {
         before.split_once(':').is_some_and(|(v, _)| v == PROVISION_DIGEST_VERSION)
     }
 }
+
+/// The version of [`PrebuildPresetSpec::provision_digest`]; raise it when
+/// the spec's serialization changes (a test pins a digest).
+pub const PROVISION_DIGEST_VERSION: &str = "v1";
 
 /// Template versions: usable as a Compute Engine label value (lowercase
 /// letters, digits, `_` and `-`, 1 to 63 characters, starting with a letter

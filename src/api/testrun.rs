@@ -223,6 +223,12 @@ impl TestRunPhase {
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::TimedOut | Self::Cancelled | Self::Error)
     }
+
+    /// Whether it is an end other than success that counts as a failure
+    /// (`Failed`, `TimedOut`, `Error`; not `Cancelled`).
+    pub fn is_failure(self) -> bool {
+        matches!(self, Self::Failed | Self::TimedOut | Self::Error)
+    }
 }
 
 /// Where one shard stands; the same words as the run's phase.

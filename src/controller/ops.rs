@@ -218,7 +218,7 @@ pub fn deletion_condition(
     use crate::api::ConditionStatus;
     use crate::controller::conditions;
     let failing: Vec<&TrackedOperation> = failing_deletes(operations).collect();
-    let was = conditions::get(conditions, "DeletionFailing").is_some_and(|c| c.status == ConditionStatus::True);
+    let was = conditions::is_true(conditions, "DeletionFailing");
     match failing.first() {
         Some(op) => {
             let message = format!(

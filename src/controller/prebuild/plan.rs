@@ -837,8 +837,7 @@ impl Pool<'_> {
     fn finish(mut self, cleanup_done: bool) -> PoolPlan {
         let generation = self.obs.preset.metadata.generation;
         let now = self.obs.now;
-        let invalid =
-            conditions::get(&self.status.conditions, "InvalidSpec").is_some_and(|c| c.status == ConditionStatus::True);
+        let invalid = conditions::is_true(&self.status.conditions, "InvalidSpec");
         if !invalid {
             let desired = self.obs.preset.spec.instances;
             let summary = format!(

@@ -777,9 +777,7 @@ impl Planner<'_> {
     /// is then deleted as no shard wants it. The run ends Failed.
     fn fail_fast(&mut self) {
         let Some(allowed) = self.obs.run.spec.max_failed_shards else { return };
-        let failed =
-            |s: &ShardStatus| matches!(s.phase, TestRunPhase::Failed | TestRunPhase::TimedOut | TestRunPhase::Error);
-        let count = self.status.shards.iter().filter(|s| failed(s)).count();
+        let count = self.status.shards.iter().filter(|s| s.phase.is_failure()).count();
         if count <= usize::try_from(allowed).unwrap_or(0) {
             return;
         }
@@ -1224,12 +1222,10 @@ impl Planner<'_> {
             message.insert_str(0, "cancelled (spec.cancel); ");
         }
         // A shard that failed, rather than one stopped because of it.
-        let failed =
-            |s: &&ShardStatus| matches!(s.phase, TestRunPhase::Failed | TestRunPhase::TimedOut | TestRunPhase::Error);
         let shards = &self.status.shards;
         let first = shards
             .iter()
-            .find(failed)
+            .find(|s| s.phase.is_failure())
             .or_else(|| shards.iter().find(|s| s.phase.is_finished() && s.phase != TestRunPhase::Succeeded));
         if let Some(shard) = first {
             message.push_str(&format!(
