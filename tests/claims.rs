@@ -143,6 +143,9 @@ async fn a_status_planned_from_an_old_copy_never_lands() {
         last_heartbeat: None,
         result,
         message: None,
+        spot: false,
+        preemptions: 0,
+        uncounted_attempts: 0,
         history: Vec::new(),
     };
     let status = |shard: ShardStatus, phase: TestRunPhase| TestRunStatus {

@@ -917,3 +917,117 @@ async fn max_failed_shards_0_stops_a_ten_shard_run_at_its_first_failure_and_dele
     let events = env.events().await;
     assert!(events.iter().any(|(r, n)| r == "FailFast" && n.contains("stopped 9 other shards")), "{events:?}");
 }
+
+#[tokio::test]
+async fn exit_code_75_is_retried_by_a_retry_shard_rule_and_other_codes_end_the_shard() {
+    use testrun_controller::api::testrun::AttemptOutcome;
+    let env = setup("retry-rule", &[], &[]).await;
+    // Shard 0 exits 75 (temporary failure) once, then passes; shard 1
+    // exits 3, which no rule retries.
+    let script = "if [ $TESTRUN_SHARD = 1 ]; then exit 3; fi; \
+                  if [ $TESTRUN_ATTEMPT = 1 ]; then exit 75; fi; echo passed on attempt $TESTRUN_ATTEMPT";
+    let mut body = testrun("flaky-exit", 2, &["sh", "-c", script]);
+    body["spec"]["failurePolicy"] =
+        json!({"rules": [{"action": "RetryShard", "onExitCodes": {"operator": "In", "values": [75]}}]});
+    env.create(body).await;
+    let run = env.wait_phase("flaky-exit", TestRunPhase::Failed).await;
+    let status = run.status.expect("status");
+    let told = |i: usize| -> Vec<(i32, AttemptOutcome, Option<i32>)> {
+        status.shards[i].history.iter().map(|r| (r.attempt, r.outcome, r.exit_code)).collect()
+    };
+    assert_eq!(told(0), [(1, AttemptOutcome::TestFailed, Some(75)), (2, AttemptOutcome::Succeeded, Some(0))]);
+    assert_eq!(status.shards[0].phase, TestRunPhase::Succeeded);
+    assert_eq!(status.shards[0].result.as_ref().map(|r| r.output_tail.trim()), Some("passed on attempt 2"));
+    assert_eq!(status.shards[0].uncounted_attempts, 0, "RetryShard counts the attempt");
+    assert_eq!(told(1), [(1, AttemptOutcome::TestFailed, Some(3))]);
+    assert_eq!(status.shards[1].phase, TestRunPhase::Failed);
+    let events = env.events().await;
+    assert!(
+        events.iter().any(|(r, n)| r == "AttemptFailed"
+            && n.contains("shard 0 attempt 1 exited with code 75")
+            && n.contains("(failurePolicy.rules[0]); starting attempt 2")),
+        "{events:?}"
+    );
+    env.wait_no_vms().await;
+}
+
+#[tokio::test]
+async fn a_fail_run_rule_stops_every_other_shard_and_deletes_its_vm() {
+    let env = setup("fail-run", &[], &[]).await;
+    let mut body =
+        testrun("red", 4, &["sh", "-c", "if [ $TESTRUN_SHARD = 2 ]; then sleep 2; exit 9; fi; exec sleep 120"]);
+    body["spec"]["failurePolicy"] = json!({"rules": [
+        {"action": "FailRun", "onExitCodes": {"operator": "In", "values": [9]}},
+    ]});
+    env.create(body).await;
+    let run = env.wait_phase("red", TestRunPhase::Failed).await;
+    let status = run.status.expect("status");
+    for shard in &status.shards {
+        let want = if shard.index == 2 { TestRunPhase::Failed } else { TestRunPhase::Cancelled };
+        assert_eq!(shard.phase, want, "shard {}: {:?}", shard.index, shard.message);
+    }
+    env.wait_no_vms().await;
+    let events = env.events().await;
+    assert!(
+        events.iter().any(|(r, n)| r == "FailRun" && n.contains("which fails the run; stopped 3 other shards")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_preempted_spot_vm_is_retried_without_using_an_attempt_then_the_shard_falls_back_to_standard() {
+    use testrun_controller::api::testrun::AttemptOutcome;
+    let env = setup("preempted", &["--preempt-notice", "5s"], &[]).await;
+    // Attempts 1 and 2 run until preempted; attempt 3 passes.
+    let script = "if [ $TESTRUN_ATTEMPT -lt 3 ]; then exec sleep 120; fi; sleep 3; echo passed on $TESTRUN_ATTEMPT";
+    let mut body = testrun("spot", 1, &["sh", "-c", script]);
+    body["spec"]["vm"]["spot"] = json!(true);
+    body["spec"]["maxAttempts"] = json!(1);
+    body["spec"]["maxPreemptions"] = json!(2);
+    env.create(body).await;
+    let vm_of = |run: &TestRun| {
+        let shard = &run.status.as_ref().expect("status").shards[0];
+        (shard.zone.clone().expect("zone"), shard.instance.clone().expect("instance"))
+    };
+    for attempt in 1..=2 {
+        let run = env
+            .wait_for("spot", &format!("attempt {attempt} running"), Duration::from_secs(60), |r| {
+                r.status.as_ref().is_some_and(|s| {
+                    s.shards[0].attempt == attempt && s.shards[0].phase == TestRunPhase::Running
+                })
+            })
+            .await;
+        let (zone, name) = vm_of(&run);
+        let row = env.vms().await.into_iter().find(|r| r["name"] == name.as_str()).expect("the VM");
+        assert_eq!(row["spot"], json!(true), "attempt {attempt} runs on a Spot VM: {row}");
+        let url = format!("{}/emulator/v1/instances/{zone}/{name}/preempt", env.emulator.url);
+        let answer = reqwest::Client::new().post(url).send().await.expect("emulator admin API");
+        assert!(answer.status().is_success(), "{}", answer.status());
+    }
+    let third = env
+        .wait_for("spot", "attempt 3", Duration::from_secs(60), |r| {
+            r.status.as_ref().is_some_and(|s| s.shards[0].attempt == 3)
+        })
+        .await;
+    let (_, name) = vm_of(&third);
+    let row = env.vms().await.into_iter().find(|r| r["name"] == name.as_str()).expect("attempt 3's VM");
+    assert_eq!(row["spot"], json!(false), "after maxPreemptions the shard falls back to a standard VM: {row}");
+
+    let run = env.wait_phase("spot", TestRunPhase::Succeeded).await;
+    let shard = &run.status.expect("status").shards[0];
+    let told: Vec<(i32, AttemptOutcome)> = shard.history.iter().map(|r| (r.attempt, r.outcome)).collect();
+    assert_eq!(told, [(1, AttemptOutcome::Preempted), (2, AttemptOutcome::Preempted), (3, AttemptOutcome::Succeeded)]);
+    // maxAttempts is 1: only the third attempt counted.
+    assert_eq!((shard.preemptions, shard.uncounted_attempts, shard.counted_attempts()), (2, 2, 1));
+    assert!(!shard.spot);
+    assert_eq!(shard.result.as_ref().map(|r| r.output_tail.trim()), Some("passed on 3"));
+    env.wait_metric("testrun_controller_attempts_finished_total{outcome=\"Preempted\"} 2").await;
+    let events = env.events().await;
+    assert!(
+        events.iter().any(|(r, n)| r == "Preempted"
+            && n.contains("(its agent said so)")
+            && n.contains("not counted toward maxAttempts")),
+        "{events:?}"
+    );
+    env.wait_no_vms().await;
+}

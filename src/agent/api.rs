@@ -19,8 +19,8 @@ use serde::de::DeserializeOwned;
 use super::book::{AgentWaiters, LeaseBook, PoolBook};
 use super::protocol::{
     ApiError, Assignment, BUILD_HEADER, EnvVar, HEARTBEAT_PATH, LeaseClaim, MAX_BODY_BYTES, OUTPUT_TAIL_BYTES,
-    POOL_REGISTER_PATH, POOL_WAIT_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck,
-    ResultReport,
+    POOL_REGISTER_PATH, POOL_WAIT_PATH, PREEMPTED_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest,
+    ResultAck, ResultReport,
 };
 use super::tokens::{LeaseKey, LeaseScope};
 use crate::api::prebuild::PrebuildPreset;
@@ -81,6 +81,7 @@ pub fn router(api: Arc<AgentApi>) -> Router {
         .route(REGISTER_PATH, post(register))
         .route(HEARTBEAT_PATH, post(heartbeat))
         .route(RESULT_PATH, post(result))
+        .route(PREEMPTED_PATH, post(preempted))
         .route(POOL_REGISTER_PATH, post(pool_register))
         .route(POOL_WAIT_PATH, post(pool_wait))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -248,6 +249,24 @@ async fn heartbeat(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<Stat
     }
     let uid = run.metadata.uid.clone().unwrap_or_default();
     api.book.heartbeat(&uid, shard.index, shard.lease_id, now);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The agent's VM is being preempted: recorded for the current lease (the
+/// controller ends the attempt as Preempted and retries the shard), 204.
+/// Sending it again changes nothing.
+async fn preempted(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<StatusCode, Refusal> {
+    let claim: LeaseClaim = parse(&api, &body)?;
+    let (run, shard) = check_lease(&api, &claim)?;
+    if shard.phase.is_finished() || run.spec.cancel {
+        return Err(Refusal(StatusCode::CONFLICT, "Finished", format!("the shard is {:?}; stop", shard.phase)));
+    }
+    let uid = run.metadata.uid.clone().unwrap_or_default();
+    if api.book.preempted(&uid, shard.index, shard.lease_id, Timestamp::now()).is_err() {
+        return Err(stale(&api, "a newer lease holds the shard".into()));
+    }
+    api.wakers.wake_run(ObjectRef::from_obj(run.as_ref()));
+    tracing::info!(testrun = %claim.testrun, namespace = %claim.namespace, shard = shard.index, lease = shard.lease_id, "agent reports its Spot VM preempted");
     Ok(StatusCode::NO_CONTENT)
 }
 

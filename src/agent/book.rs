@@ -25,12 +25,21 @@ pub struct Heard {
     pub last_heartbeat: Option<Timestamp>,
     /// Its result, accepted but not yet in status.
     pub result: Option<ShardResult>,
+    /// When its agent said Compute Engine is reclaiming the VM.
+    pub preempted_at: Option<Timestamp>,
 }
 
 impl Heard {
     /// A lease nothing was heard under yet.
     fn nothing_yet(lease_id: i64) -> Self {
-        Self { lease_id, registered_at: None, first_heard: None, last_heartbeat: None, result: None }
+        Self {
+            lease_id,
+            registered_at: None,
+            first_heard: None,
+            last_heartbeat: None,
+            result: None,
+            preempted_at: None,
+        }
     }
 }
 
@@ -89,6 +98,16 @@ impl LeaseBook {
                 heard.last_heartbeat = Some(now);
             }
         });
+    }
+
+    /// Records that the lease's VM is being preempted; `Err` when a newer
+    /// lease holds the shard.
+    pub fn preempted(&self, uid: &str, shard: i32, lease_id: i64, now: Timestamp) -> Result<(), Superseded> {
+        self.with(|m| {
+            let heard = Self::entry(m, uid, shard, lease_id, now).ok_or(Superseded)?;
+            heard.preempted_at.get_or_insert(now);
+            Ok(())
+        })
     }
 
     /// Records a result. Returns the result already held for this lease if

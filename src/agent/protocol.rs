@@ -11,6 +11,9 @@ pub const REGISTER_PATH: &str = "/agent/v1/register";
 pub const HEARTBEAT_PATH: &str = "/agent/v1/heartbeat";
 /// `POST`: the agent reports its command's result.
 pub const RESULT_PATH: &str = "/agent/v1/result";
+/// `POST` (a lease claim): the agent says Compute Engine is reclaiming its
+/// Spot VM (the metadata server's `instance/preempted` is `TRUE`).
+pub const PREEMPTED_PATH: &str = "/agent/v1/preempted";
 /// `POST`: a pool VM says it is ready.
 pub const POOL_REGISTER_PATH: &str = "/agent/v1/pool/register";
 /// `POST`: a pool VM waits (long poll) for an assignment.

@@ -16,8 +16,8 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use super::protocol::{
     Assignment, BUILD_ENV, BUILD_HEADER, HEARTBEAT_PATH, LeaseClaim, META_AGENT_URL, META_ATTEMPT, META_NAME,
     META_NAMESPACE, META_OWNER_UID, META_PRESET, META_SHARD, META_VM_TOKEN, OUTPUT_TAIL_BYTES, PARENT_ENV,
-    POOL_REGISTER_PATH, POOL_WAIT_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest, ResultAck,
-    ResultReport,
+    POOL_REGISTER_PATH, POOL_WAIT_PATH, PREEMPTED_PATH, PoolHello, REGISTER_PATH, RESULT_PATH, RegisterRequest,
+    ResultAck, ResultReport,
 };
 
 /// Why the agent stopped without a reported result.
@@ -50,6 +50,10 @@ pub enum AgentError {
     /// The lease was lost or timed out while the command ran; it was killed.
     #[error("the lease was lost ({0}); the command was stopped")]
     LeaseLost(String),
+    /// Compute Engine is reclaiming the Spot VM; the controller was told
+    /// and the command was stopped.
+    #[error("the Spot VM is being preempted; the command was stopped")]
+    Preempted,
     /// The result could not be delivered in time.
     #[error("the result was not acknowledged: {0}")]
     Undelivered(String),
@@ -125,6 +129,22 @@ impl Metadata {
         Err(fail("the metadata server did not answer".into()))
     }
 
+    /// Whether Compute Engine is reclaiming this Spot VM: one quick look at
+    /// `instance/preempted` (an unanswered look says no).
+    async fn preempted(&self) -> bool {
+        let response = self
+            .http
+            .get(format!("{}/instance/preempted", self.base))
+            .header("Metadata-Flavor", "Google")
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        match response {
+            Ok(r) if r.status().is_success() => r.text().await.is_ok_and(|t| t.trim() == "TRUE"),
+            _ => false,
+        }
+    }
+
     /// Every custom attribute of the VM, in one request.
     async fn attributes(&self) -> Result<Attributes, AgentError> {
         let text = self.get("instance/attributes/?recursive=true").await?;
@@ -195,7 +215,7 @@ pub async fn run() -> Result<i32, AgentError> {
             instance,
             vm_token: attributes.get(META_VM_TOKEN)?,
         };
-        return wait_in_pool(&http, &url, &hello).await;
+        return wait_in_pool(&http, &url, &hello, &metadata).await;
     }
     let request = RegisterRequest {
         namespace: attributes.get(META_NAMESPACE)?,
@@ -211,11 +231,16 @@ pub async fn run() -> Result<i32, AgentError> {
         assignment.namespace = request.namespace.clone();
         assignment.testrun = request.testrun.clone();
     }
-    work(&http, &url, &assignment).await
+    work(&http, &url, &assignment, &metadata).await
 }
 
 /// Runs an assignment and reports its result until acknowledged.
-async fn work(http: &reqwest::Client, url: &str, assignment: &Assignment) -> Result<i32, AgentError> {
+async fn work(
+    http: &reqwest::Client,
+    url: &str,
+    assignment: &Assignment,
+    metadata: &Metadata,
+) -> Result<i32, AgentError> {
     tracing::info!(
         shard = assignment.shard,
         attempt = assignment.attempt,
@@ -230,7 +255,12 @@ async fn work(http: &reqwest::Client, url: &str, assignment: &Assignment) -> Res
         lease_id: assignment.lease_id,
         lease_token: assignment.lease_token.clone(),
     };
-    let outcome = execute(http, url, assignment, &claim).await?;
+    let outcome = execute(http, url, assignment, &claim, metadata).await?;
+    // A command that failed as its VM was being reclaimed failed because of it.
+    if outcome.0 != 0 && metadata.preempted().await {
+        tell_preempted(http, url, &claim).await;
+        return Err(AgentError::Preempted);
+    }
     report(
         http,
         url,
@@ -242,14 +272,19 @@ async fn work(http: &reqwest::Client, url: &str, assignment: &Assignment) -> Res
 
 /// A pool VM: says it is ready, then waits for work, asking again each time
 /// the agent API answers that there is none yet.
-async fn wait_in_pool(http: &reqwest::Client, url: &str, hello: &PoolHello) -> Result<i32, AgentError> {
+async fn wait_in_pool(
+    http: &reqwest::Client,
+    url: &str,
+    hello: &PoolHello,
+    metadata: &Metadata,
+) -> Result<i32, AgentError> {
     let mut path = POOL_REGISTER_PATH;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         match http.post(format!("{url}{path}")).timeout(Duration::from_secs(60)).json(hello).send().await {
             Ok(r) if r.status() == StatusCode::OK && path == POOL_WAIT_PATH => match r.json::<Assignment>().await {
                 // Claimed by a TestRun: run its shard like any agent.
-                Ok(assignment) => return work(http, url, &assignment).await,
+                Ok(assignment) => return work(http, url, &assignment, metadata).await,
                 Err(e) => tracing::warn!(error = %e, "unreadable assignment; waiting again"),
             },
             Ok(r) if r.status().is_success() => {
@@ -324,6 +359,7 @@ async fn execute(
     url: &str,
     assignment: &Assignment,
     claim: &LeaseClaim,
+    metadata: &Metadata,
 ) -> Result<(i32, i64, String), AgentError> {
     let Some((program, args)) = assignment.command.split_first() else {
         return Err(AgentError::Spawn { command: Vec::new(), source: std::io::Error::other("empty command") });
@@ -382,14 +418,31 @@ async fn execute(
         tokio::select! {
             status = child.wait() => break status,
             () = &mut terminated => {
-                // The VM is shutting down: take the command's whole group along.
+                // The VM is shutting down: take the command's whole group
+                // along, and say so first if it is a preemption (the
+                // notice lasts 30 s).
+                let preempted = metadata.preempted().await;
+                if preempted {
+                    tell_preempted(http, url, claim).await;
+                }
                 if let Some(group) = group {
                     let _ = killpg(group, Signal::SIGKILL);
                 }
                 let _ = child.wait().await;
+                if preempted {
+                    return Err(AgentError::Preempted);
+                }
                 return Err(AgentError::LeaseLost("the VM is shutting down".into()));
             }
             _ = ticker.tick() => {
+                if metadata.preempted().await {
+                    tell_preempted(http, url, claim).await;
+                    if let Some(group) = group {
+                        let _ = killpg(group, Signal::SIGKILL);
+                    }
+                    let _ = child.wait().await;
+                    return Err(AgentError::Preempted);
+                }
                 if let Some(reason) = heartbeat(http, url, claim).await {
                     if let Some(group) = group {
                         let _ = killpg(group, Signal::SIGKILL);
@@ -437,6 +490,28 @@ async fn heartbeat(http: &reqwest::Client, url: &str, claim: &LeaseClaim) -> Opt
             tracing::warn!(error = %e, "heartbeat not delivered; will retry");
             None
         }
+    }
+}
+
+/// Tells the controller the VM is being preempted, trying for at most
+/// 20 s of the 30 s notice; the controller would also see the VM stop.
+async fn tell_preempted(http: &reqwest::Client, url: &str, claim: &LeaseClaim) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    while Instant::now() < deadline {
+        match http.post(format!("{url}{PREEMPTED_PATH}")).timeout(Duration::from_secs(5)).json(claim).send().await {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!("told the controller the Spot VM is being preempted");
+                return;
+            }
+            Ok(r) if r.status().is_client_error() && r.status() != StatusCode::TOO_MANY_REQUESTS => {
+                tracing::warn!(status = %r.status(), "the preemption report was refused");
+                return;
+            }
+            Ok(r) => tracing::warn!(status = %r.status(), "preemption report not taken; retrying"),
+            Err(e) => tracing::warn!(error = %e, "agent API unreachable; retrying"),
+        }
+        backoff.wait().await;
     }
 }
 

@@ -20,7 +20,7 @@ pub const ENV_NAME_PATTERN: &str = r"^[A-Za-z_][A-Za-z0-9_]*$";
 
 /// The shape of a Compute Engine VM: where it runs, what it runs on and what
 /// it boots.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmSpec {
     /// Zones to create the VM in, in order of preference, e.g.
@@ -67,10 +67,43 @@ pub struct VmSpec {
     #[schemars(length(min = 1, max = 253))]
     pub class_name: Option<String>,
 
-    /// Use Spot VMs: cheaper, but Compute Engine may reclaim them at any
-    /// time; a reclaimed VM costs the shard an attempt.
+    /// Use Spot VMs (`provisioningModel: SPOT`, deleted when reclaimed):
+    /// cheaper, but Compute Engine may reclaim them at any time. A TestRun
+    /// retries a reclaimed VM's shard on a new VM without using an
+    /// attempt, up to `maxPreemptions` times; a pool replaces it.
     #[serde(default)]
     pub spot: bool,
+
+    /// For a TestRun with `spot`: once a shard was preempted
+    /// `maxPreemptions` times, its next VMs are standard VMs. Set to false
+    /// to stay on Spot VMs, each further preemption then using an attempt.
+    /// A PrebuildPreset ignores it.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub spot_fallback: bool,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        Self {
+            zones: Vec::new(),
+            machine_type: String::new(),
+            image: String::new(),
+            disk_gb: default_disk_gb(),
+            labels: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+            class_name: None,
+            spot: false,
+            spot_fallback: true,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// A string map whose values must be Compute Engine label values.

@@ -7,6 +7,7 @@
 
 pub mod common;
 pub mod duration;
+pub mod policy;
 pub mod prebuild;
 pub mod testrun;
 pub mod validation;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, EnvVar, TrackedOperation, VmSpec};
 use super::duration::DurationString;
+use super::policy::FailurePolicy;
 
 /// What to run and on which VMs: the test command, how many shards, the VM
 /// shape or the preset to claim warm VMs from, and the time limits.
@@ -104,10 +105,27 @@ pub struct TestRunSpec {
     pub heartbeat_timeout: DurationString,
 
     /// Attempts per shard. Infrastructure failures and lost leases use up
-    /// attempts; a failing test does not.
+    /// attempts; a failing test ends its shard, and a preemption is retried
+    /// without using one (see `maxPreemptions`), unless `failurePolicy`
+    /// says otherwise.
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 10))]
     pub max_attempts: i32,
+
+    /// What happens when an attempt fails: ordered rules matching exit
+    /// codes or infrastructure reasons, each retrying the shard (counted or
+    /// not), failing the shard, or failing the whole run. Unset: a failing
+    /// test ends its shard and infrastructure failures use up attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_policy: Option<FailurePolicy>,
+
+    /// How many preemptions of a shard's Spot VMs are retried without
+    /// using an attempt. After that many, the shard's next VMs are
+    /// standard VMs when `vm.spotFallback` is true (the default); when it
+    /// is false, later preemptions use up attempts.
+    #[serde(default = "default_max_preemptions")]
+    #[schemars(range(min = 0, max = 10))]
+    pub max_preemptions: i32,
 
     /// Fail fast: once more shards than this have failed (Failed, TimedOut
     /// or Error), the run ends Failed and every other shard is stopped
@@ -184,6 +202,9 @@ fn default_heartbeat_timeout() -> DurationString {
     DurationString::new("60s")
 }
 fn default_max_attempts() -> i32 {
+    3
+}
+fn default_max_preemptions() -> i32 {
     3
 }
 
@@ -368,6 +389,9 @@ pub enum AttemptOutcome {
     Succeeded,
     /// The command exited with another code (`exitCode`).
     TestFailed,
+    /// Compute Engine reclaimed the Spot VM: its agent said so, or
+    /// Compute Engine showed the VM stopping without being asked.
+    Preempted,
     /// The VM's agent went silent for longer than `heartbeatTimeout`.
     LeaseLost,
     /// The VM disappeared (before its agent registered, or while the test ran).
@@ -391,6 +415,7 @@ impl AttemptOutcome {
         match self {
             Self::Succeeded => "Succeeded",
             Self::TestFailed => "TestFailed",
+            Self::Preempted => "Preempted",
             Self::LeaseLost => "LeaseLost",
             Self::VmLost => "VmLost",
             Self::CapacityExhausted => "CapacityExhausted",
@@ -471,13 +496,35 @@ pub struct ShardStatus {
     /// A plain sentence about the shard's state, e.g. why an attempt ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Whether the current attempt's VM is a Spot VM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spot: bool,
+    /// Attempts of the shard that ended in a preemption.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub preemptions: i32,
+    /// Attempts of the shard that do not count toward `maxAttempts`
+    /// (preemptions, and failures a `failurePolicy` rule ignores): the
+    /// attempts counted are `attempt - uncountedAttempts`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub uncounted_attempts: i32,
     /// The last attempts that ended (at most 5, oldest first), each with
-    /// why: `Succeeded`, `TestFailed` (with its exit code), `LeaseLost`,
-    /// `VmLost`, `CapacityExhausted`, `RegistrationTimeout`, `TimedOut`,
-    /// `Cancelled` or `CreateFailed`.
+    /// why: `Succeeded`, `TestFailed` (with its exit code), `Preempted`,
+    /// `LeaseLost`, `VmLost`, `CapacityExhausted`, `RegistrationTimeout`,
+    /// `TimedOut`, `Cancelled` or `CreateFailed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 5))]
     pub history: Vec<AttemptRecord>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+impl ShardStatus {
+    /// The attempts that count toward `maxAttempts`.
+    pub fn counted_attempts(&self) -> i32 {
+        self.attempt - self.uncounted_attempts
+    }
 }
 
 /// The result of a shard's test, as the agent reported it.

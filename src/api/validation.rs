@@ -7,6 +7,7 @@ use std::fmt;
 
 use super::common::VmSpec;
 use super::duration::DurationString;
+use super::policy::{ExitCodeOperator, FailurePolicy, MAX_EXIT_CODES, MAX_RULES};
 use super::prebuild::PrebuildPresetSpec;
 use super::testrun::TestRunSpec;
 
@@ -150,7 +151,47 @@ pub fn validate_testrun(spec: &TestRunSpec) -> Result<(), InvalidSpec> {
     // TestRunSpec::effective_heartbeat_timeout), never refused: the
     // default (60s) would otherwise refuse every run shorter than a minute.
     p.duration("spec.heartbeatTimeout", &spec.heartbeat_timeout);
+    if let Some(policy) = &spec.failure_policy {
+        check_failure_policy(&mut p, policy);
+    }
     p.finish()
+}
+
+/// The rules of a failure policy, checked as the Job API checks a
+/// `podFailurePolicy`.
+fn check_failure_policy(p: &mut Problems, policy: &FailurePolicy) {
+    if policy.rules.len() > MAX_RULES {
+        p.add("spec.failurePolicy.rules", format!("at most {MAX_RULES} rules are allowed, got {}", policy.rules.len()));
+    }
+    for (i, rule) in policy.rules.iter().enumerate() {
+        let at = format!("spec.failurePolicy.rules[{i}]");
+        match (&rule.on_exit_codes, rule.on_reasons.is_empty()) {
+            (None, true) => p.add(&at, "one of onExitCodes and onReasons is required"),
+            (Some(_), false) => p.add(&at, "onExitCodes and onReasons are mutually exclusive; set one"),
+            _ => {}
+        }
+        if let Some(codes) = &rule.on_exit_codes {
+            let at = format!("{at}.onExitCodes.values");
+            if codes.values.is_empty() || codes.values.len() > MAX_EXIT_CODES {
+                p.add(&at, format!("between 1 and {MAX_EXIT_CODES} exit codes are required"));
+            }
+            if let Some(bad) = codes.values.iter().find(|v| !(0..=255).contains(*v)) {
+                p.add(&at, format!("{bad} is not an exit code (0 to 255)"));
+            }
+            if codes.values.windows(2).any(|w| w[0] >= w[1]) {
+                p.add(&at, "must be in ascending order, each value once");
+            }
+            if codes.operator == ExitCodeOperator::In && codes.values.contains(&0) {
+                p.add(&at, "0 is a success and cannot be listed with the In operator");
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for reason in &rule.on_reasons {
+            if !seen.insert(*reason) {
+                p.add(format!("{at}.onReasons"), format!("{reason:?} is listed more than once"));
+            }
+        }
+    }
 }
 
 /// Checks a PrebuildPreset spec beyond its schema.
@@ -271,6 +312,53 @@ mod tests {
 
     fn fields(result: Result<(), InvalidSpec>) -> Vec<String> {
         result.err().map(|e| e.0.into_iter().map(|f| f.field).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn failure_policy_rules_are_checked_as_the_job_api_checks_them() {
+        let with = |rules: serde_json::Value| {
+            let mut spec = testrun();
+            spec.failure_policy = Some(serde_json::from_value(serde_json::json!({ "rules": rules })).expect("rules"));
+            validate_testrun(&spec)
+        };
+        assert_eq!(
+            with(serde_json::json!([
+                {"action": "RetryShard", "onExitCodes": {"operator": "In", "values": [75, 76]}},
+                {"action": "Ignore", "onReasons": ["Preempted", "VmLost"]},
+                {"action": "FailRun", "onExitCodes": {"operator": "NotIn", "values": [0, 1]}},
+            ])),
+            Ok(())
+        );
+        let problems = |rules| {
+            with(rules).err().map(|e| e.0.into_iter().map(|f| f.to_string()).collect::<Vec<_>>()).unwrap_or_default()
+        };
+        assert_eq!(
+            problems(serde_json::json!([{"action": "FailShard"}])),
+            ["spec.failurePolicy.rules[0]: one of onExitCodes and onReasons is required"]
+        );
+        assert_eq!(
+            problems(serde_json::json!([
+                {"action": "FailShard", "onReasons": ["VmLost"], "onExitCodes": {"operator": "In", "values": [1]}}
+            ])),
+            ["spec.failurePolicy.rules[0]: onExitCodes and onReasons are mutually exclusive; set one"]
+        );
+        assert_eq!(
+            problems(serde_json::json!([{"action": "FailShard", "onExitCodes": {"operator": "In", "values": [0, 3]}}])),
+            [
+                "spec.failurePolicy.rules[0].onExitCodes.values: 0 is a success and cannot be listed with the In operator"
+            ]
+        );
+        assert_eq!(
+            problems(serde_json::json!([
+                {"action": "Ignore", "onReasons": ["VmLost"]},
+                {"action": "FailShard", "onExitCodes": {"operator": "NotIn", "values": [3, 3, 2]}},
+                {"action": "FailShard", "onReasons": ["LeaseLost", "LeaseLost"]},
+            ])),
+            [
+                "spec.failurePolicy.rules[1].onExitCodes.values: must be in ascending order, each value once",
+                "spec.failurePolicy.rules[2].onReasons: LeaseLost is listed more than once",
+            ]
+        );
     }
 
     #[test]

@@ -39,13 +39,14 @@ use crate::api::vmclass::{self, ClassChoice, ClassRequest};
 use crate::api::{ConditionStatus, OperationKind, OperationState, TrackedOperation, VmSpec};
 use crate::compute::messages::reason;
 use crate::compute::naming::{request_id, testrun_instance_name, testrun_labels};
-use crate::compute::{ErrorCode, InstanceSpec, RetryClass};
+use crate::compute::{ErrorCode, InstanceSpec, InstanceStatus, RetryClass};
 use crate::controller::conditions::{self, Progress};
 pub use crate::controller::ops::{CloudCall, PlannedEvent, Seen, describe, next_zone};
 use crate::controller::ops::{
     DeleteRetry, InsertRetry, UNSEEN_ZONE_RECHECK, deletion_condition, intent, may_still_act, record_failure,
     retry_delete, retry_insert, signed, until,
 };
+use crate::controller::testrun::policy;
 use crate::inventory::state::VmView;
 
 /// Settings of the installation that shape every plan.
@@ -150,6 +151,8 @@ struct Planner<'a> {
     waiting_for_preset: bool,
     /// The attempts this pass ended.
     ended: Vec<AttemptOutcome>,
+    /// A `FailRun` rule ended the run, and why: every other shard stops.
+    run_failed: Option<String>,
 }
 
 /// Plans one reconcile of a run that is not being deleted.
@@ -168,6 +171,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         blocked: None,
         waiting_for_preset: false,
         ended: Vec::new(),
+        run_failed: None,
     };
     p.status.observed_generation = run.metadata.generation;
 
@@ -240,6 +244,9 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
                 last_heartbeat: None,
                 result: None,
                 message: None,
+                spot: false,
+                preemptions: 0,
+                uncounted_attempts: 0,
                 history: Vec::new(),
             })
             .collect();
@@ -263,7 +270,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
     for i in 0..p.status.shards.len() {
         p.advance_shard(i, &vm);
     }
-    p.fail_fast();
+    p.stop_the_rest();
     p.collect_strays(false);
     p.derive_phase();
     let expired = p.ttl_expired();
@@ -289,6 +296,7 @@ pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
         blocked: None,
         waiting_for_preset: false,
         ended: Vec::new(),
+        run_failed: None,
     };
     // Without a VM shape the operations are still followed; the shape only
     // words error messages.
@@ -615,7 +623,14 @@ impl Planner<'_> {
                             None => {
                                 let wait = capacity_wait(self.status.shards[index].attempt);
                                 let why = format!("no zone has capacity: {message}");
-                                self.end_attempt(index, AttemptOutcome::CapacityExhausted, &why, vm, Some(wait));
+                                self.end_attempt(
+                                    index,
+                                    AttemptOutcome::CapacityExhausted,
+                                    None,
+                                    &format!("failed: {why}"),
+                                    vm,
+                                    Some(wait),
+                                );
                             }
                         }
                         None
@@ -698,7 +713,9 @@ impl Planner<'_> {
             startup_script: self.obs.settings.startup_script.clone(),
             service_account: vmclass::service_account(self.obs.class.class()),
             network: vmclass::network(self.obs.class.class()),
-            spot: vm.spot,
+            // As the attempt was started: a Spot VM until the shard falls back.
+            spot: vm.spot
+                && self.status.shards.iter().find(|s| s.index == shard && s.attempt == attempt).is_none_or(|s| s.spot),
             max_run_duration: vm_life_needed(
                 run.spec.attempt_timeout(self.status.started.as_ref()),
                 self.obs.settings.registration_timeout,
@@ -724,6 +741,11 @@ impl Planner<'_> {
     /// Starts the next attempt of a shard with a new lease: on a claimed
     /// pool VM for a first attempt when one was claimed, on a new VM otherwise.
     fn start_attempt(&mut self, index: usize, vm: &VmSpec) {
+        if self.run_over().is_some() {
+            // Stopped after the shard loop (stop_the_rest); no VM for it.
+            self.status.shards[index].phase = TestRunPhase::Pending;
+            return;
+        }
         if let Some(why) = self.blocked.clone() {
             let shard = &mut self.status.shards[index];
             shard.phase = TestRunPhase::Pending;
@@ -744,14 +766,17 @@ impl Planner<'_> {
             shard.phase = TestRunPhase::Provisioning;
             shard.requested_time = Some(Time(self.obs.now));
             shard.retry_after = None;
+            shard.spot = vm.spot;
             shard.message = Some(format!("attempt 1 on pool VM {name} in {zone}"));
             self.status.attempts += 1;
             return;
         }
         let zone = self.first_zone(vm);
         let uid = self.uid();
+        let spot = policy::next_is_spot(&self.obs.run.spec, vm.spot, vm.spot_fallback, &self.status.shards[index]);
         let shard = &mut self.status.shards[index];
         shard.attempt += 1;
+        shard.spot = spot;
         shard.lease_id = lease_id;
         shard.zone = Some(zone.clone());
         shard.instance = Some(testrun_instance_name(&uid, shard.index.max(0) as u32, shard.attempt.max(0) as u32));
@@ -761,7 +786,14 @@ impl Planner<'_> {
         shard.start_time = None;
         shard.last_heartbeat = None;
         shard.result = None;
-        shard.message = Some(format!("attempt {} requested in {zone}", shard.attempt));
+        shard.message = Some(if spot || !vm.spot {
+            format!("attempt {} requested in {zone}", shard.attempt)
+        } else {
+            format!(
+                "attempt {} requested in {zone} on a standard VM after {} preemptions",
+                shard.attempt, shard.preemptions
+            )
+        });
         let (i, attempt) = (shard.index, shard.attempt);
         self.status.attempts += 1;
         self.start_insert(i, attempt, &zone, vm);
@@ -769,19 +801,26 @@ impl Planner<'_> {
 
     /// The current attempt failed for infrastructure reasons.
     fn fail_attempt(&mut self, index: usize, outcome: AttemptOutcome, why: &str, vm: &VmSpec) {
-        self.end_attempt(index, outcome, why, vm, None);
+        self.end_attempt(index, outcome, None, &format!("failed: {why}"), vm, None);
     }
 
-    /// `spec.maxFailedShards`: once more shards than it allows have failed,
-    /// every shard still under way or waiting is stopped (Cancelled); its VM
-    /// is then deleted as no shard wants it. The run ends Failed.
-    fn fail_fast(&mut self) {
-        let Some(allowed) = self.obs.run.spec.max_failed_shards else { return };
-        let count = self.status.shards.iter().filter(|s| s.phase.is_failure()).count();
-        if count <= usize::try_from(allowed).unwrap_or(0) {
-            return;
+    /// Why the run is over though shards are under way: a `FailRun` rule
+    /// matched, or more shards failed than `spec.maxFailedShards` allows.
+    fn run_over(&self) -> Option<(&'static str, String)> {
+        if let Some(why) = &self.run_failed {
+            return Some(("FailRun", why.clone()));
         }
-        let why = format!("{count} shards failed, more than spec.maxFailedShards ({allowed}) allows");
+        let allowed = self.obs.run.spec.max_failed_shards?;
+        let count = self.status.shards.iter().filter(|s| s.phase.is_failure()).count();
+        (count > usize::try_from(allowed).unwrap_or(0))
+            .then(|| ("FailFast", format!("{count} shards failed, more than spec.maxFailedShards ({allowed}) allows")))
+    }
+
+    /// A run that is over (`run_over`) stops every shard still under way or
+    /// waiting (Cancelled); its VM is then deleted as no shard wants it.
+    /// The run ends Failed (or Error, TimedOut: as the shard that ended it).
+    fn stop_the_rest(&mut self) {
+        let Some((reason, why)) = self.run_over() else { return };
         let mut stopped = 0;
         for index in 0..self.status.shards.len() {
             let phase = self.status.shards[index].phase;
@@ -798,8 +837,24 @@ impl Planner<'_> {
             stopped += 1;
         }
         if stopped > 0 {
-            self.event(true, "FailFast", format!("{why}; stopped {stopped} other shards and delete their VMs"));
+            self.event(true, reason, format!("{why}; stopped {stopped} other shards and delete their VMs"));
         }
+    }
+
+    /// Whether Compute Engine shows the VM stopping or stopped though no
+    /// delete of the controller's is under way or was ever asked for.
+    fn stopped_unasked(&self, zone: &str, name: &str) -> bool {
+        let stopping = self.obs.vms.vms.iter().any(|v| {
+            v.zone == zone
+                && v.name == name
+                && matches!(v.status, InstanceStatus::Stopping | InstanceStatus::Terminated)
+        });
+        stopping
+            && !self
+                .status
+                .operations
+                .iter()
+                .any(|o| o.kind == OperationKind::Delete && o.zone == zone && o.instance == name)
     }
 
     /// Records why the shard's current attempt ended, keeping the last
@@ -824,48 +879,103 @@ impl Planner<'_> {
         self.ended.push(outcome);
     }
 
-    /// The current attempt failed; the next one starts now, or after `wait`
-    /// (the shard waits in Pending until `retryAfter`).
-    fn end_attempt(&mut self, index: usize, outcome: AttemptOutcome, why: &str, vm: &VmSpec, wait: Option<Duration>) {
-        self.record_attempt(index, outcome, None);
-        let max = self.obs.run.spec.max_attempts;
+    /// The current attempt ended without success (`what` says how, after
+    /// "attempt N"); `spec.failurePolicy` or the default decides what
+    /// follows: the next attempt now, or after `wait` (the shard waits in
+    /// Pending until `retryAfter`), or the end of the shard or of the run.
+    fn end_attempt(
+        &mut self,
+        index: usize,
+        outcome: AttemptOutcome,
+        exit_code: Option<i32>,
+        what: &str,
+        vm: &VmSpec,
+        wait: Option<Duration>,
+    ) {
+        self.record_attempt(index, outcome, exit_code);
+        if outcome == AttemptOutcome::Preempted {
+            self.status.shards[index].preemptions += 1;
+        }
+        let spec = &self.obs.run.spec;
+        let max = spec.max_attempts;
         let now = self.obs.now;
-        let shard = &mut self.status.shards[index];
-        let (i, attempt) = (shard.index, shard.attempt);
-        if self.obs.run.spec.cancel || self.cleanup {
+        let (i, attempt) = (self.status.shards[index].index, self.status.shards[index].attempt);
+        if spec.cancel || self.cleanup {
             // No next attempt for a cancelled or deleted run.
+            let shard = &mut self.status.shards[index];
             shard.phase = TestRunPhase::Pending;
-            shard.message = Some(format!("attempt {attempt} failed: {why}"));
+            shard.message = Some(format!("attempt {attempt} {what}"));
             return;
         }
-        if attempt < max {
-            match wait {
-                Some(wait) => {
-                    let told = format!(
-                        "attempt {attempt} failed: {why}; attempt {} starts in {}s",
-                        attempt + 1,
-                        wait.as_secs()
-                    );
-                    shard.phase = TestRunPhase::Pending;
-                    shard.retry_after = Some(Time(now + signed(wait)));
-                    shard.message = Some(told.clone());
-                    self.event(true, "AttemptFailed", format!("shard {i} {told}"));
-                    self.wake_within(wait);
+        let (next, because) = policy::decide(spec, &self.status.shards[index], outcome, exit_code);
+        let by = match because {
+            policy::Because::Rule(r) => format!(" (failurePolicy.rules[{r}])"),
+            policy::Because::Default => String::new(),
+        };
+        let reason = if outcome == AttemptOutcome::Preempted { "Preempted" } else { "AttemptFailed" };
+        match next {
+            policy::Next::Retry { counted } => {
+                let shard = &mut self.status.shards[index];
+                if !counted {
+                    shard.uncounted_attempts += 1;
                 }
-                None => {
-                    self.event(
-                        true,
-                        "AttemptFailed",
-                        format!("shard {i} attempt {attempt} failed: {why}; starting attempt {}", attempt + 1),
-                    );
-                    self.start_attempt(index, vm);
+                let uncounted = if counted { "" } else { ", not counted toward maxAttempts" };
+                match wait {
+                    Some(wait) => {
+                        let told = format!(
+                            "attempt {attempt} {what}{by}; attempt {} starts in {}s{uncounted}",
+                            attempt + 1,
+                            wait.as_secs()
+                        );
+                        shard.phase = TestRunPhase::Pending;
+                        shard.retry_after = Some(Time(now + signed(wait)));
+                        shard.message = Some(told.clone());
+                        self.event(true, reason, format!("shard {i} {told}"));
+                        self.wake_within(wait);
+                    }
+                    None => {
+                        self.event(
+                            true,
+                            reason,
+                            format!(
+                                "shard {i} attempt {attempt} {what}{by}; starting attempt {}{uncounted}",
+                                attempt + 1
+                            ),
+                        );
+                        self.start_attempt(index, vm);
+                    }
                 }
             }
-        } else {
-            let shard = &mut self.status.shards[index];
-            shard.phase = TestRunPhase::Error;
-            shard.message = Some(format!("attempt {attempt} of {max} failed: {why}"));
-            self.event(true, "ShardError", format!("shard {i} used all {max} attempts: {why}"));
+            policy::Next::EndShard(phase) | policy::Next::EndRun(phase) => {
+                let used_up = matches!(because, policy::Because::Default)
+                    && outcome != AttemptOutcome::TestFailed
+                    && outcome != AttemptOutcome::TimedOut;
+                let counted = self.status.shards[index].counted_attempts();
+                let shard = &mut self.status.shards[index];
+                shard.phase = phase;
+                if used_up {
+                    shard.message = Some(format!("attempt {counted} of {max} {what}"));
+                } else {
+                    shard.message = Some(format!("attempt {attempt} {what}{by}"));
+                }
+                match phase {
+                    TestRunPhase::Error if used_up => {
+                        self.event(true, "ShardError", format!("shard {i} used all {max} attempts: {what}"))
+                    }
+                    TestRunPhase::Error => {
+                        self.event(true, "ShardError", format!("shard {i} attempt {attempt} {what}{by}"))
+                    }
+                    TestRunPhase::TimedOut => self.event(
+                        true,
+                        "TimedOut",
+                        format!("shard {i} attempt {attempt} {what}{by}; its VM is deleted"),
+                    ),
+                    _ => self.event(true, "ShardFailed", format!("shard {i} attempt {attempt} {what}{by}")),
+                }
+                if matches!(next, policy::Next::EndRun(_)) && self.run_failed.is_none() {
+                    self.run_failed = Some(format!("shard {i} attempt {attempt} {what}{by}, which fails the run"));
+                }
+            }
         }
     }
 
@@ -922,30 +1032,39 @@ impl Planner<'_> {
             self.wake_within(Duration::try_from(heartbeat_timeout).unwrap_or(Duration::from_secs(60)));
         }
 
+        // Preempted: the agent said so (a failing result it sent too is
+        // the preemption's doing), or Compute Engine shows the Spot VM
+        // stopping though the controller asked no such thing.
+        let preempted_heard = heard.is_some_and(|h| h.preempted_at.is_some());
+        let result = heard.and_then(|h| h.result.clone()).filter(|r| r.exit_code == 0 || !preempted_heard);
+
         // A result is final: write it, then the agent is told it is stored.
-        if let Some(result) = heard.and_then(|h| h.result.clone()) {
-            let phase = if result.exit_code == 0 { TestRunPhase::Succeeded } else { TestRunPhase::Failed };
+        if let Some(result) = result {
             let outcome = if result.exit_code == 0 { AttemptOutcome::Succeeded } else { AttemptOutcome::TestFailed };
-            self.record_attempt(index, outcome, Some(result.exit_code));
-            let s = &mut self.status.shards[index];
-            s.phase = phase;
-            s.message = Some(format!("attempt {} exited with code {}", s.attempt, result.exit_code));
-            s.last_heartbeat = heard.and_then(|h| h.last_heartbeat).map(Time).or(s.last_heartbeat.take());
-            let note = format!(
-                "shard {} attempt {} exited with code {} after {} ms",
-                s.index, s.attempt, result.exit_code, result.duration_ms
-            );
             // The tails of all shards share one budget, so status stays small.
             let budget = crate::agent::protocol::tail_budget(self.status.shards.len());
             let s = &mut self.status.shards[index];
+            s.last_heartbeat = heard.and_then(|h| h.last_heartbeat).map(Time).or(s.last_heartbeat.take());
             s.result = Some(ShardResult {
                 output_tail: crate::agent::protocol::json_tail(&result.output_tail, budget).to_string(),
-                ..result
+                ..result.clone()
             });
-            // A success is told once per run (RunFinished); a failure per shard.
-            if phase != TestRunPhase::Succeeded {
-                self.event(true, "ShardFailed", note);
+            if outcome == AttemptOutcome::Succeeded {
+                self.record_attempt(index, outcome, Some(0));
+                let s = &mut self.status.shards[index];
+                s.phase = TestRunPhase::Succeeded;
+                s.message = Some(format!("attempt {} exited with code 0", s.attempt));
+                // A success is told once per run (RunFinished).
+                return;
             }
+            let what = format!("exited with code {} after {} ms", result.exit_code, result.duration_ms);
+            self.end_attempt(index, outcome, Some(result.exit_code), &what, vm, None);
+            return;
+        }
+        if preempted_heard || (shard.spot && self.stopped_unasked(&zone, &name)) {
+            let how = if preempted_heard { "its agent" } else { "Compute Engine" };
+            let what = format!("was preempted: Compute Engine reclaimed Spot VM {name} ({how} said so)");
+            self.end_attempt(index, AttemptOutcome::Preempted, None, &what, vm, None);
             return;
         }
 
@@ -982,14 +1101,13 @@ impl Planner<'_> {
         // Running.
         let start = shard.start_time.as_ref().map(|t| t.0).unwrap_or(now);
         if now.duration_since(start) > timeout {
-            self.record_attempt(index, AttemptOutcome::TimedOut, None);
-            let s = &mut self.status.shards[index];
-            s.phase = TestRunPhase::TimedOut;
-            s.message = Some(format!("attempt {} ran longer than {timeout_text}", s.attempt));
-            self.event(
-                true,
-                "TimedOut",
-                format!("shard {} ran longer than {timeout_text}; its VM is deleted", shard.index),
+            self.end_attempt(
+                index,
+                AttemptOutcome::TimedOut,
+                None,
+                &format!("ran longer than {timeout_text}"),
+                vm,
+                None,
             );
             return;
         }
@@ -1525,6 +1643,7 @@ mod tests {
                     first_heard: Some(self.now),
                     last_heartbeat: Some(self.now),
                     result: None,
+                    preempted_at: None,
                 },
             );
         }
@@ -1537,6 +1656,7 @@ mod tests {
                 first_heard: Some(self.now),
                 last_heartbeat: None,
                 result: None,
+                preempted_at: None,
             });
             if heard.lease_id == lease_id {
                 heard.last_heartbeat = Some(self.now);
@@ -1786,6 +1906,7 @@ mod tests {
                     first_heard: Some(first),
                     last_heartbeat: Some(w.now),
                     result: None,
+                    preempted_at: None,
                 },
             );
             // This process is slow to look: its first pass after the
@@ -1884,6 +2005,7 @@ mod tests {
                 first_heard: None,
                 last_heartbeat: Some(w.now),
                 result: Some(ShardResult { exit_code: 0, duration_ms: 1, output_tail: String::new() }),
+                preempted_at: None,
             },
         );
         w.reconcile();
