@@ -992,9 +992,9 @@ async fn a_preempted_spot_vm_is_retried_without_using_an_attempt_then_the_shard_
     for attempt in 1..=2 {
         let run = env
             .wait_for("spot", &format!("attempt {attempt} running"), Duration::from_secs(60), |r| {
-                r.status.as_ref().is_some_and(|s| {
-                    s.shards[0].attempt == attempt && s.shards[0].phase == TestRunPhase::Running
-                })
+                r.status
+                    .as_ref()
+                    .is_some_and(|s| s.shards[0].attempt == attempt && s.shards[0].phase == TestRunPhase::Running)
             })
             .await;
         let (zone, name) = vm_of(&run);

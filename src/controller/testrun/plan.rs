@@ -1668,6 +1668,31 @@ mod tests {
             self.now += SignedDuration::from_secs(secs);
         }
 
+        /// The shard's agent says its VM is being preempted.
+        fn agent_says_preempted(&mut self, index: i32) {
+            let lease_id = self.shard(index).lease_id;
+            let now = self.now;
+            let heard = self.heard.entry(index).or_insert(Heard {
+                lease_id,
+                registered_at: Some(now),
+                first_heard: Some(now),
+                last_heartbeat: Some(now),
+                result: None,
+                preempted_at: None,
+            });
+            if heard.lease_id == lease_id {
+                heard.preempted_at = Some(now);
+            }
+        }
+
+        /// Compute Engine shows the shard's VM stopping.
+        fn vm_stops(&mut self, index: i32) {
+            let name = self.shard(index).instance;
+            for vm in self.vms.iter_mut().filter(|v| Some(&v.name) == name.as_ref()) {
+                vm.status = crate::compute::InstanceStatus::Stopping;
+            }
+        }
+
         /// Both zones turn out to have no capacity, one after the other.
         fn every_zone_out_of_capacity(&mut self) -> Plan {
             self.finish_operations(Some("us-central1-a"));
@@ -2410,6 +2435,161 @@ mod tests {
         assert_eq!(changed.status, ConditionStatus::False, "back as started");
     }
 
+    fn spot_run(max_attempts: i32, max_preemptions: i32) -> TestRun {
+        let mut r = run(1, max_attempts);
+        r.spec.vm.as_mut().expect("vm").spot = true;
+        r.spec.max_preemptions = max_preemptions;
+        r
+    }
+
+    /// Shard 0's VM is made and its agent registered: it runs.
+    fn running(w: &mut World) {
+        w.finish_operations(None);
+        w.reconcile();
+        w.register(0);
+        w.reconcile();
+        assert_eq!(w.shard(0).phase, TestRunPhase::Running);
+    }
+
+    fn insert_spot(plan: &Plan) -> Option<bool> {
+        plan.calls.iter().find_map(|c| match c {
+            CloudCall::Insert(spec) => Some(spec.spot),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_preemption_uses_no_attempt_until_max_preemptions_then_the_shard_gets_a_standard_vm() {
+        let mut w = World::new(spot_run(1, 2));
+        assert_eq!(insert_spot(&w.reconcile()), Some(true));
+        for n in 1..=2 {
+            running(&mut w);
+            w.agent_says_preempted(0);
+            let plan = w.reconcile();
+            let shard = w.shard(0);
+            assert_eq!(shard.history.last().map(|r| r.outcome), Some(AttemptOutcome::Preempted));
+            assert_eq!((shard.attempt, shard.preemptions, shard.uncounted_attempts), (n + 1, n, n));
+            assert_eq!(shard.counted_attempts(), 1, "maxAttempts is 1, and the shard goes on");
+            assert_eq!(insert_spot(&plan), Some(n < 2), "after 2 preemptions the VM is standard");
+            assert!(plan.events.iter().any(|e| e.reason == "Preempted"), "{:?}", plan.events);
+        }
+        assert!(!w.shard(0).spot);
+        running(&mut w);
+        w.report(0, 0);
+        w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded));
+    }
+
+    #[test]
+    fn a_spot_vm_compute_engine_stops_unasked_is_preempted_and_a_standard_one_is_not() {
+        let mut w = World::new(spot_run(3, 3));
+        w.reconcile();
+        running(&mut w);
+        w.vm_stops(0);
+        w.reconcile();
+        assert_eq!(w.shard(0).history.last().map(|r| r.outcome), Some(AttemptOutcome::Preempted));
+        assert_eq!(w.shard(0).counted_attempts(), 1);
+
+        let mut standard = World::new(run(1, 3));
+        standard.reconcile();
+        running(&mut standard);
+        standard.vm_stops(0);
+        standard.reconcile();
+        assert!(standard.shard(0).history.is_empty(), "a stopping standard VM is no preemption");
+        assert_eq!(standard.shard(0).phase, TestRunPhase::Running);
+    }
+
+    #[test]
+    fn without_spot_fallback_preemptions_past_the_limit_use_attempts_on_spot_vms() {
+        let mut r = spot_run(2, 1);
+        r.spec.vm.as_mut().expect("vm").spot_fallback = false;
+        let mut w = World::new(r);
+        w.reconcile();
+        for _ in 0..3 {
+            running(&mut w);
+            w.agent_says_preempted(0);
+            let plan = w.reconcile();
+            if w.shard(0).phase.is_finished() {
+                break;
+            }
+            assert_eq!(insert_spot(&plan), Some(true));
+        }
+        let shard = w.shard(0);
+        assert_eq!(shard.phase, TestRunPhase::Error, "{:?}", shard.message);
+        assert_eq!((shard.attempt, shard.preemptions, shard.uncounted_attempts), (3, 3, 1));
+    }
+
+    #[test]
+    fn a_failing_result_sent_with_a_preemption_is_the_preemption() {
+        let mut w = World::new(spot_run(3, 3));
+        w.reconcile();
+        running(&mut w);
+        w.report(0, 143);
+        w.agent_says_preempted(0);
+        w.reconcile();
+        let shard = w.shard(0);
+        assert_eq!(shard.history.iter().map(|r| r.outcome).collect::<Vec<_>>(), [AttemptOutcome::Preempted]);
+        assert_eq!(shard.phase, TestRunPhase::Provisioning);
+    }
+
+    #[test]
+    fn a_fail_run_rule_ends_the_run_at_once_and_deletes_every_vm() {
+        let mut r = run(3, 3);
+        r.spec.failure_policy = Some(
+            serde_json::from_value(serde_json::json!({"rules": [
+                {"action": "FailRun", "onExitCodes": {"operator": "In", "values": [2]}}
+            ]}))
+            .expect("policy"),
+        );
+        let mut w = World::new(r);
+        w.reconcile();
+        w.finish_operations(None);
+        w.reconcile();
+        for i in 0..3 {
+            w.register(i);
+        }
+        w.reconcile();
+        w.report(1, 2);
+        let plan = w.reconcile();
+        let status = w.status();
+        assert_eq!(status.phase, Some(TestRunPhase::Failed));
+        let phases: Vec<TestRunPhase> = status.shards.iter().map(|s| s.phase).collect();
+        assert_eq!(phases, [TestRunPhase::Cancelled, TestRunPhase::Failed, TestRunPhase::Cancelled]);
+        let deletes = plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count();
+        assert_eq!(deletes, 3, "{:?}", plan.calls);
+        assert!(plan.events.iter().any(|e| e.reason == "FailRun"), "{:?}", plan.events);
+        w.finish_operations(None);
+        w.reconcile();
+        assert!(w.vms.is_empty(), "{:?}", w.vms);
+    }
+
+    #[test]
+    fn an_ignore_rule_retries_without_counting_and_fail_shard_ends_the_shard() {
+        let mut r = run(1, 1);
+        r.spec.failure_policy = Some(
+            serde_json::from_value(serde_json::json!({"rules": [
+                {"action": "Ignore", "onReasons": ["VmLost"]},
+                {"action": "FailShard", "onReasons": ["LeaseLost"]},
+            ]}))
+            .expect("policy"),
+        );
+        let mut w = World::new(r);
+        w.reconcile();
+        running(&mut w);
+        let name = w.shard(0).instance;
+        w.vms.retain(|v| Some(&v.name) != name.as_ref());
+        w.reconcile();
+        let shard = w.shard(0);
+        assert_eq!((shard.attempt, shard.uncounted_attempts, shard.phase), (2, 1, TestRunPhase::Provisioning));
+        running(&mut w);
+        w.advance(31);
+        w.reconcile();
+        let shard = w.shard(0);
+        assert_eq!(shard.phase, TestRunPhase::Error);
+        assert_eq!(shard.history.last().map(|r| r.outcome), Some(AttemptOutcome::LeaseLost));
+        assert!(shard.message.as_deref().unwrap_or_default().contains("failurePolicy.rules[1]"), "{:?}", shard.message);
+    }
+
     #[derive(Clone, Debug)]
     enum Step {
         Advance(i64),
@@ -2503,7 +2683,8 @@ mod tests {
                 }
                 // Attempts are bounded; a finished shard never changes; lease ids never go back.
                 for (old, new) in before.iter().zip(&status.shards) {
-                    prop_assert!(new.attempt <= 3);
+                    prop_assert!(new.counted_attempts() <= 3);
+                    prop_assert!(new.attempt <= 3 + policy::MAX_UNCOUNTED_ATTEMPTS);
                     prop_assert!(new.lease_id >= old.lease_id);
                     if old.phase.is_finished() {
                         prop_assert_eq!(old, new);
@@ -2552,6 +2733,121 @@ mod tests {
                     prop_assert!(!conditions::is_true(c, "Reconciling"));
                     prop_assert_eq!(conditions::is_true(c, "Stalled"), !succeeded);
                 }
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum PolicyStep {
+        Advance(i64),
+        Finish,
+        Register(i32),
+        Report(i32, i32),
+        Vanish(i32),
+        /// The shard's agent says its VM is being preempted.
+        Preempt(i32),
+        /// Compute Engine shows the shard's VM stopping.
+        Stop(i32),
+    }
+
+    fn policy_step() -> impl Strategy<Value = PolicyStep> {
+        prop_oneof![
+            (1i64..40).prop_map(PolicyStep::Advance),
+            Just(PolicyStep::Finish),
+            (0i32..3).prop_map(PolicyStep::Register),
+            ((0i32..3), prop_oneof![Just(0), Just(1), Just(75)]).prop_map(|(s, c)| PolicyStep::Report(s, c)),
+            (0i32..3).prop_map(PolicyStep::Vanish),
+            (0i32..3).prop_map(PolicyStep::Preempt),
+            (0i32..3).prop_map(PolicyStep::Stop),
+        ]
+    }
+
+    /// Policies a property test draws from: none, and each action on exit
+    /// codes and on infrastructure reasons.
+    fn policies() -> impl Strategy<Value = Option<serde_json::Value>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(
+                serde_json::json!([{"action": "RetryShard", "onExitCodes": {"operator": "In", "values": [75]}}])
+            )),
+            Just(Some(
+                serde_json::json!([{"action": "FailRun", "onExitCodes": {"operator": "NotIn", "values": [75]}}])
+            )),
+            Just(Some(serde_json::json!([{"action": "FailRun", "onReasons": ["VmLost", "LeaseLost"]}]))),
+            Just(Some(serde_json::json!([{"action": "Ignore", "onReasons": ["VmLost", "LeaseLost"]}]))),
+            Just(Some(serde_json::json!([{"action": "FailShard", "onReasons": ["VmLost"]}]))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn failure_policies_and_preemptions_keep_their_promises(
+            rules in policies(),
+            max_preemptions in 0i32..3,
+            fallback in any::<bool>(),
+            steps in proptest::collection::vec(policy_step(), 1..50),
+        ) {
+            let mut r = run(3, 2);
+            let vm = r.spec.vm.as_mut().expect("vm");
+            (vm.spot, vm.spot_fallback) = (true, fallback);
+            r.spec.max_preemptions = max_preemptions;
+            let fail_run = rules.as_ref().is_some_and(|r| r.to_string().contains("FailRun"));
+            r.spec.failure_policy = rules.map(|rules| serde_json::from_value(serde_json::json!({"rules": rules})).expect("policy"));
+            let mut w = World::new(r);
+            w.reconcile();
+            for step in steps {
+                match step {
+                    PolicyStep::Advance(s) => w.advance(s),
+                    PolicyStep::Finish => w.finish_operations(None),
+                    PolicyStep::Register(i) => w.register(i),
+                    PolicyStep::Report(i, code) => w.report(i, code),
+                    PolicyStep::Vanish(i) => { let name = w.shard(i).instance; w.vms.retain(|v| Some(&v.name) != name.as_ref()); }
+                    PolicyStep::Preempt(i) => w.agent_says_preempted(i),
+                    PolicyStep::Stop(i) => w.vm_stops(i),
+                }
+                let before: Vec<ShardStatus> = w.status().shards;
+                let plan = w.reconcile();
+                let status = w.status();
+                for (old, new) in before.iter().zip(&status.shards) {
+                    // Attempts are counted within maxAttempts, uncounted ones within their bound.
+                    prop_assert!(new.counted_attempts() <= 2, "{:?}", new);
+                    prop_assert!(new.uncounted_attempts <= policy::MAX_UNCOUNTED_ATTEMPTS);
+                    // A preemption never uses an attempt while maxPreemptions allows.
+                    if new.preemptions == old.preemptions + 1 && new.preemptions <= max_preemptions {
+                        prop_assert_eq!(new.uncounted_attempts, old.uncounted_attempts + 1, "{:?}", new.history);
+                        prop_assert!(!new.phase.is_finished(), "a free preemption ended the shard: {:?}", new.message);
+                    }
+                    // Once fallen back, a shard's VMs are standard.
+                    if fallback && new.preemptions >= max_preemptions.max(1) && new.attempt > old.attempt {
+                        prop_assert!(!new.spot, "attempt {} on Spot after {} preemptions", new.attempt, new.preemptions);
+                    }
+                    if !fallback && new.attempt > old.attempt {
+                        prop_assert!(new.spot);
+                    }
+                }
+                // Every VM-making call is a Spot VM exactly when its shard's attempt is.
+                for call in &plan.calls {
+                    if let CloudCall::Insert(spec) = call {
+                        let shard = status.shards.iter().find(|s| s.instance.as_deref() == Some(spec.name.as_str()));
+                        prop_assert_eq!(Some(spec.spot), shard.map(|s| s.spot));
+                    }
+                }
+                // A run a FailRun rule ended stops every shard at once, and
+                // asks for every one of its VMs to go (once its insert settled).
+                if fail_run && status.shards.iter().any(|s| s.message.as_deref().is_some_and(|m| m.contains("which fails the run")) || s.phase.is_failure() && s.message.as_deref().is_some_and(|m| m.contains("failurePolicy.rules[0]"))) {
+                    prop_assert!(status.phase.is_some_and(|p| p.is_finished()), "{:?}", status.shards);
+                }
+                if status.phase.is_some_and(|p| p.is_finished()) {
+                    prop_assert!(status.shards.iter().all(|s| s.phase.is_finished()));
+                    for vm in &w.vms {
+                        let going = w.ops.values().any(|(name, zone, kind, _, done)| {
+                            name == &vm.name && zone == &vm.zone && (*kind == OperationKind::Delete || (*kind == OperationKind::Insert && !done))
+                        });
+                        prop_assert!(going, "VM {} left running by a finished run", vm.name);
+                    }
+                }
+                prop_assert_eq!(w.inserts_after_finish, 0);
             }
         }
     }
