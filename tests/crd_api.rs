@@ -317,8 +317,12 @@ async fn kubectl_explain_shows_the_doc_comments() {
     common::install_crds(&client).await;
     // Old fields and new ones: status fields, the started default, the
     // scale selector.
-    let fields: [(usize, &str, &[&str]); 5] = [
+    let fields: [(usize, &str, &[&str]); 9] = [
         (0, "testrun.spec.shards", &["spec", "shards"]),
+        (0, "testrun.spec.failurePolicy", &["spec", "failurePolicy"]),
+        (0, "testrun.spec.maxPreemptions", &["spec", "maxPreemptions"]),
+        (0, "testrun.spec.rerunOf", &["spec", "rerunOf"]),
+        (0, "testrun.status.reruns", &["status", "reruns"]),
         (0, "testrun.spec.timeout", &["spec", "timeout"]),
         (0, "testrun.status.oldestRunningShardStartTime", &["status", "oldestRunningShardStartTime"]),
         (0, "testrun.status.started.defaultTimeout", &["status", "started", "defaultTimeout"]),
@@ -342,6 +346,71 @@ async fn kubectl_explain_shows_the_doc_comments() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         assert!(shown, "kubectl explain {field} never showed {wanted:?}; last output:\n{last}");
+    }
+}
+
+/// Every field path of a schema (`spec.vm.zones`), arrays read through
+/// their items, with its description.
+fn schema_fields(node: &Value, at: &str, out: &mut Vec<(String, String)>) {
+    let node = if node["type"] == "array" { &node["items"] } else { node };
+    if let Some(properties) = node["properties"].as_object() {
+        for (name, child) in properties {
+            let path = if at.is_empty() { name.clone() } else { format!("{at}.{name}") };
+            out.push((path.clone(), child["description"].as_str().unwrap_or_default().to_string()));
+            schema_fields(child, &path, out);
+        }
+    }
+}
+
+/// The field paths `kubectl explain KIND --recursive` lists.
+fn explained_fields(kind: &str) -> Vec<String> {
+    let (ok, stdout, stderr) = common::kubectl(&["explain", kind, "--recursive"]);
+    assert!(ok, "kubectl explain {kind} --recursive: {stderr}");
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut paths = Vec::new();
+    for line in stdout.lines().skip_while(|l| !l.starts_with("FIELDS:")).skip(1) {
+        let Some(name) = line.split_whitespace().next() else { continue };
+        let depth = line.len() - line.trim_start().len();
+        while stack.last().is_some_and(|(d, _)| *d >= depth) {
+            stack.pop();
+        }
+        let path = stack.last().map_or_else(|| name.to_string(), |(_, p)| format!("{p}.{name}"));
+        paths.push(path.clone());
+        stack.push((depth, path));
+    }
+    paths
+}
+
+#[tokio::test]
+async fn every_field_has_a_description_and_kubectl_explain_lists_every_field() {
+    let client = common::client().await;
+    common::install_crds(&client).await;
+    for crd in testrun_controller::crd::all() {
+        let crd = crd.crd;
+        let kind = crd.spec.names.singular.clone().unwrap_or_default();
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
+        let mut fields = Vec::new();
+        schema_fields(&schema["openAPIV3Schema"], "", &mut fields);
+        // The Kubernetes machinery's own fields are described by Kubernetes.
+        let fields: Vec<(String, String)> = fields
+            .into_iter()
+            .filter(|(path, _)| {
+                !["apiVersion", "kind", "metadata"].contains(&path.split('.').next().unwrap_or_default())
+            })
+            .collect();
+        let undescribed: Vec<&String> = fields.iter().filter(|(_, d)| d.trim().is_empty()).map(|(p, _)| p).collect();
+        assert!(undescribed.is_empty(), "{kind}: fields without a description: {undescribed:?}");
+        // The server publishes a changed CRD to its OpenAPI document shortly after.
+        let mut missing = Vec::new();
+        for _ in 0..60 {
+            let listed = explained_fields(&kind);
+            missing = fields.iter().map(|(p, _)| p).filter(|p| !listed.contains(p)).cloned().collect();
+            if missing.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(missing.is_empty(), "kubectl explain {kind} --recursive does not list {missing:?}");
     }
 }
 

@@ -1031,3 +1031,72 @@ async fn a_preempted_spot_vm_is_retried_without_using_an_attempt_then_the_shard_
     );
     env.wait_no_vms().await;
 }
+
+#[tokio::test]
+async fn a_rerun_of_a_five_shard_run_with_two_failures_runs_exactly_those_two_shards() {
+    let env = setup("rerun", &[], &[]).await;
+    // Shards 1 and 3 fail unless RERUN is set; every shard says who it is.
+    let script = "if [ -z \"$RERUN\" ] && { [ $TESTRUN_SHARD = 1 ] || [ $TESTRUN_SHARD = 3 ]; }; then exit 1; fi; \
+                  sleep 1; echo shard $TESTRUN_SHARD of $TESTRUN_SHARDS";
+    env.create(testrun("nightly", 5, &["sh", "-c", script])).await;
+    // Made while the original still runs: it waits for it to finish.
+    env.create(json!({
+        "apiVersion": "testrun.dev/v1alpha1",
+        "kind": "TestRun",
+        "metadata": { "name": "nightly-again" },
+        "spec": { "rerunOf": { "name": "nightly" }, "env": [{ "name": "RERUN", "value": "1" }] }
+    }))
+    .await;
+    let original = env.wait_phase("nightly", TestRunPhase::Failed).await;
+    let failed: Vec<i32> = original
+        .status
+        .as_ref()
+        .expect("status")
+        .shards
+        .iter()
+        .filter(|s| s.phase != TestRunPhase::Succeeded)
+        .map(|s| s.index)
+        .collect();
+    assert_eq!(failed, [1, 3]);
+
+    let rerun = env.wait_phase("nightly-again", TestRunPhase::Succeeded).await;
+    let status = rerun.status.expect("status");
+    let ran: Vec<(i32, i32, String)> = status
+        .shards
+        .iter()
+        .map(|s| (s.index, s.attempt, s.result.as_ref().map(|r| r.output_tail.trim().to_string()).unwrap_or_default()))
+        .collect();
+    assert_eq!(ran, [(1, 1, "shard 1 of 5".to_string()), (3, 1, "shard 3 of 5".to_string())]);
+    assert_eq!(status.attempts, 2, "exactly two VMs");
+    let link = status.rerun_of.expect("rerunOf");
+    assert_eq!((link.name.as_str(), Some(link.uid.as_str())), ("nightly", original.metadata.uid.as_deref()));
+    let started = status.started.expect("started");
+    assert_eq!(started.command, ["sh", "-c", script], "the original's command");
+    // The original links back.
+    let original = env
+        .wait_for("nightly", "the rerun listed", Duration::from_secs(30), |r| {
+            r.status.as_ref().is_some_and(|s| !s.reruns.is_empty())
+        })
+        .await;
+    let reruns = original.status.expect("status").reruns;
+    assert_eq!(
+        reruns.iter().map(|l| (l.name.as_str(), Some(l.uid.as_str()))).collect::<Vec<_>>(),
+        [("nightly-again", rerun.metadata.uid.as_deref())]
+    );
+    // Never a VM for a shard that succeeded in the original.
+    let inserted: Vec<Value> = reqwest::get(format!("{}/emulator/v1/accepted-inserts", env.emulator.url))
+        .await
+        .expect("emulator admin API")
+        .json()
+        .await
+        .expect("JSON");
+    let owner = testrun_controller::compute::naming::label_value(&rerun.metadata.uid.expect("uid"));
+    let mut shards: Vec<&str> = inserted
+        .iter()
+        .filter(|i| i["labels"]["owner-uid"] == owner.as_str())
+        .filter_map(|i| i["labels"]["shard"].as_str())
+        .collect();
+    shards.sort_unstable();
+    assert_eq!(shards, ["1", "3"], "{inserted:?}");
+    env.wait_no_vms().await;
+}

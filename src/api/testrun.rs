@@ -70,9 +70,21 @@ pub struct TestRunSpec {
 
     /// The test command as an argument vector, e.g. `["cargo", "nextest",
     /// "run"]`. It runs once per shard with `TESTRUN_SHARD` and
-    /// `TESTRUN_SHARDS` in its environment.
+    /// `TESTRUN_SHARDS` in its environment. Required unless `rerunOf` is
+    /// set (a rerun runs the original's command unless this is set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(min = 1, max = 256))]
     pub command: Vec<String>,
+
+    /// Rerun only what failed: this run has only the shards of the named
+    /// TestRun (in this namespace) that did not succeed, with their shard
+    /// numbers (`TESTRUN_SHARD`, and `TESTRUN_SHARDS` as in the original).
+    /// It waits for that run to finish, then runs the original's command,
+    /// environment, working directory and VM shape (or preset), except
+    /// where this spec sets its own; `shards` is ignored. Time limits,
+    /// attempts and the failure policy are this run's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<RerunOf>,
 
     /// Environment variables for the command.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -208,6 +220,26 @@ fn default_max_preemptions() -> i32 {
     3
 }
 
+/// The finished TestRun a rerun reruns the failed shards of.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RerunOf {
+    /// Name of the TestRun, in the same namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A TestRun a status links to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RunLink {
+    /// Its name, in the same namespace.
+    pub name: String,
+    /// Its uid: a TestRun made again under the same name is another run.
+    pub uid: String,
+}
+
+/// How many reruns a run's status lists.
+pub const MAX_RERUNS_LISTED: usize = 20;
+
 /// A reference to a PrebuildPreset in the same namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PresetRef {
@@ -286,6 +318,14 @@ pub struct TestRunStatus {
     /// recently finished.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operations: Vec<TrackedOperation>,
+    /// The run this one reruns the failed shards of (`spec.rerunOf`), once
+    /// it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<RunLink>,
+    /// Runs that rerun this one's failed shards (the last 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub reruns: Vec<RunLink>,
     /// What the run started with: every attempt, the first and the last,
     /// runs this, whatever the spec or the preset says later.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -117,12 +117,19 @@ pub const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7 * 
 pub fn validate_testrun(spec: &TestRunSpec) -> Result<(), InvalidSpec> {
     let mut p = Problems::default();
     match (&spec.vm, &spec.preset_ref) {
-        (None, None) => p.add("spec.vm", "is required unless spec.presetRef is set"),
+        (None, None) if spec.rerun_of.is_none() => {
+            p.add("spec.vm", "is required unless spec.presetRef or spec.rerunOf is set")
+        }
+        (None, None) => {}
         (Some(vm), _) => check_vm(&mut p, "spec.vm", vm),
         (None, Some(_)) => {}
     }
-    if spec.command.first().is_none_or(|c| c.is_empty()) {
-        p.add("spec.command", "the first element (the program) must not be empty");
+    match spec.command.first() {
+        None if spec.rerun_of.is_none() => p.add("spec.command", "is required unless spec.rerunOf is set"),
+        Some(program) if program.is_empty() => {
+            p.add("spec.command", "the first element (the program) must not be empty")
+        }
+        _ => {}
     }
     let mut seen = BTreeSet::new();
     for (i, var) in spec.env.iter().enumerate() {
@@ -376,6 +383,16 @@ mod tests {
         assert!(err.to_string().contains("presetRef"), "{err}");
 
         spec.preset_ref = Some(PresetRef { name: "pool".into() });
+        assert_eq!(validate_testrun(&spec), Ok(()));
+    }
+
+    #[test]
+    fn command_and_vm_may_be_left_out_only_by_a_rerun() {
+        let mut spec = testrun();
+        spec.command.clear();
+        spec.vm = None;
+        assert_eq!(fields(validate_testrun(&spec)), ["spec.vm", "spec.command"]);
+        spec.rerun_of = Some(crate::api::testrun::RerunOf { name: "nightly".into() });
         assert_eq!(validate_testrun(&spec), Ok(()));
     }
 

@@ -18,8 +18,9 @@ use tracing::Instrument as _;
 
 use super::plan::{Observed, Plan, plan, plan_cleanup};
 use super::plan::{class_request, shape, vm_life_needed};
+use super::rerun::{self, Rerun};
 use crate::api::prebuild::PrebuildPreset;
-use crate::api::testrun::{TestRun, TestRunPhase, TestRunStatus};
+use crate::api::testrun::{MAX_RERUNS_LISTED, RunLink, TestRun, TestRunPhase, TestRunStatus};
 use crate::api::validation::validate_testrun;
 use crate::api::{FINALIZER, VmSpec};
 use crate::compute::naming::{LABEL_OWNER_UID, LABEL_TEMPLATE_VERSION, label_value, request_id, testrun_labels};
@@ -144,6 +145,57 @@ async fn reconcile_inner<C: Compute + Clone>(cached: Arc<TestRun>, ctx: &Context
     Ok(next_look(requeue, run.status.as_ref().is_some_and(|s| !s.operations.is_empty())))
 }
 
+/// A run that just finished wakes the reruns waiting for it (once per run:
+/// a look through the cache).
+fn wake_reruns<C: Compute + Clone>(ctx: &Context<C>, run: &TestRun) {
+    let (name, namespace) = (run.name_any(), run.namespace());
+    for other in ctx.runs.state() {
+        let waits = other.spec.rerun_of.as_ref().is_some_and(|r| r.name == name)
+            && other.namespace() == namespace
+            && other.started().is_none();
+        if waits {
+            ctx.wakers.wake_run(ObjectRef::from_obj(other.as_ref()));
+        }
+    }
+}
+
+/// Lists a rerun in its original's `status.reruns` (the last
+/// [`MAX_RERUNS_LISTED`]), unless it is there already or the original is
+/// gone. The write is guarded like every status write: on a conflict the
+/// original is read again, a few times; a link not written now is written
+/// by the rerun's next pass.
+async fn link_original<C: Compute + Clone>(api: &Api<TestRun>, ctx: &Context<C>, original: &RunLink, rerun: &TestRun) {
+    let me = RunLink { name: rerun.name_any(), uid: rerun.uid().unwrap_or_default() };
+    let key = ObjectRef::<TestRun>::new(&original.name).within(&rerun.namespace().unwrap_or_default());
+    let Some(mut current) = ctx.runs.get(&key).map(|o| ctx.fresh_runs.latest(o).as_ref().clone()) else { return };
+    for _ in 0..CONFLICT_RETRIES {
+        if current.uid().as_deref() != Some(original.uid.as_str()) {
+            return;
+        }
+        let mut status = current.status.clone().unwrap_or_default();
+        if status.reruns.contains(&me) {
+            return;
+        }
+        status.reruns.push(me.clone());
+        let excess = status.reruns.len().saturating_sub(MAX_RERUNS_LISTED);
+        status.reruns.drain(..excess);
+        match write_status(api, &current, &status).await {
+            Ok(written) => {
+                ctx.fresh_runs.wrote(&current, written);
+                return;
+            }
+            Err(e) if e.is_conflict() => match api.get_opt(&original.name).await {
+                Ok(Some(fresh)) => current = fresh,
+                _ => return,
+            },
+            Err(e) => {
+                tracing::warn!(original = %original.name, error = %e, "could not list this rerun in its original's status");
+                return;
+            }
+        }
+    }
+}
+
 /// What a run adds to the queue: nothing once finished or being deleted.
 fn waiting(status: &TestRunStatus, deleting: bool) -> Waiting {
     if deleting || status.phase.is_some_and(|p| p.is_finished()) {
@@ -191,7 +243,12 @@ fn class_admits<C: Compute>(ctx: &Context<C>, run: &TestRun, preset: &PrebuildPr
     run_admitted && lends
 }
 
-async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanup: bool) -> Result<PresetView, Error> {
+async fn preset_view<C: Compute + Clone>(
+    run: &TestRun,
+    ctx: &Context<C>,
+    cleanup: bool,
+    rerun: &Rerun,
+) -> Result<PresetView, Error> {
     // A started run keeps the preset it started with.
     let started = run.status.as_ref().and_then(|s| s.started.as_ref());
     let preset_ref = match started {
@@ -211,9 +268,19 @@ async fn preset_view<C: Compute + Clone>(run: &TestRun, ctx: &Context<C>, cleanu
         && !status.phase.is_some_and(|p| p.is_finished())
         && validate_testrun(&run.spec).is_ok()
         && class_admits(ctx, run, &preset);
-    // A started run has the shards it started with, whatever the spec says now.
-    let shards = started.map_or(run.spec.shards, |s| s.shards);
-    let claims: Vec<Claim> = (0..shards)
+    // A started run has the shards it started with, whatever the spec says
+    // now; a rerun only those it reruns.
+    let shards: Vec<i32> = if !status.shards.is_empty() {
+        status.shards.iter().map(|s| s.index).collect()
+    } else if let Rerun::Ready { shards, .. } = rerun {
+        shards.clone()
+    } else if matches!(rerun, Rerun::Waiting { .. }) || status.started.is_some() {
+        Vec::new()
+    } else {
+        (0..run.spec.shards).collect()
+    };
+    let claims: Vec<Claim> = shards
+        .into_iter()
         .map(|shard| Claim { namespace: namespace.clone(), testrun: run.name_any(), shard, uid: run.uid() })
         .collect();
     let wanting: Vec<Claim> = claims
@@ -301,7 +368,14 @@ async fn observe_and_plan<C: Compute + Clone>(
 ) -> Result<(Plan, PresetView), Error> {
     let uid = run.uid().unwrap_or_default();
     let owner = label_value(&uid);
-    let preset = preset_view(run, ctx, cleanup).await?;
+    // A rerun is planned as the run it stands for.
+    let original = run.spec.rerun_of.as_ref().filter(|_| run.started().is_none()).and_then(|r| {
+        let key = ObjectRef::<TestRun>::new(&r.name).within(&run.namespace().unwrap_or_default());
+        ctx.runs.get(&key).map(|o| ctx.fresh_runs.latest(o))
+    });
+    let (run, rerun) = rerun::effective(run, original.as_deref());
+    let run = run.as_ref();
+    let preset = preset_view(run, ctx, cleanup, &rerun).await?;
     let mut vms = ctx.inventory.view(&owner);
     for vm in &preset.claimed_vms {
         if !vms.has(&vm.zone, &vm.name) {
@@ -330,6 +404,7 @@ async fn observe_and_plan<C: Compute + Clone>(
         claims: &preset.claims,
         preset_vm: preset.vm.as_ref(),
         class: &class,
+        rerun: &rerun,
     };
     let plan = if cleanup { plan_cleanup(&observed) } else { plan(&observed) };
     if cleanup && !plan.cleanup_done {
@@ -377,6 +452,7 @@ async fn apply<C: Compute + Clone>(
         if let Some(phase) = status.phase.filter(|p| p.is_finished() && !was_finished) {
             let outcome = format!("{phase:?}");
             ctx.metrics.runs_finished.get_or_create(&crate::metrics::OutcomeLabels { outcome }).inc();
+            wake_reruns(ctx, run);
         }
         for outcome in &ended {
             let labels = crate::metrics::OutcomeLabels { outcome: outcome.name().to_string() };
@@ -391,6 +467,9 @@ async fn apply<C: Compute + Clone>(
                 }
             }
         }
+    }
+    if let Some(original) = &status.rerun_of {
+        link_original(api, ctx, original, &current).await;
     }
     let mut keep = named_request_ids(&status.operations);
     keep.extend(preset.relabel_ids);

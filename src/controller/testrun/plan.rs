@@ -47,6 +47,7 @@ use crate::controller::ops::{
     retry_delete, retry_insert, signed, until,
 };
 use crate::controller::testrun::policy;
+use crate::controller::testrun::rerun::Rerun;
 use crate::inventory::state::VmView;
 
 /// Settings of the installation that shape every plan.
@@ -95,6 +96,8 @@ pub struct Observed<'a> {
     pub preset_vm: Option<&'a VmSpec>,
     /// The VmClass of the run's VM shape.
     pub class: &'a ClassChoice,
+    /// Where a rerun (`spec.rerunOf`) stands before it starts.
+    pub rerun: &'a Rerun,
 }
 
 /// The outcome of planning.
@@ -121,6 +124,9 @@ pub struct Plan {
 
 /// How long heartbeats alone may go unwritten to status.
 pub const HEARTBEAT_WRITE_INTERVAL: Duration = Duration::from_secs(15);
+/// How long a rerun waits before looking at its original again (a change
+/// of the original also wakes it).
+const RERUN_POLL: Duration = Duration::from_secs(15);
 /// How long a run waits before looking for its missing PrebuildPreset again.
 const PRESET_POLL: Duration = Duration::from_secs(15);
 /// Margin added to `timeout` for a VM's `maxRunDuration`.
@@ -153,6 +159,8 @@ struct Planner<'a> {
     ended: Vec<AttemptOutcome>,
     /// A `FailRun` rule ended the run, and why: every other shard stops.
     run_failed: Option<String>,
+    /// A rerun that cannot start yet: (reason, message, stalled).
+    rerun_waiting: Option<(&'static str, String, bool)>,
 }
 
 /// Plans one reconcile of a run that is not being deleted.
@@ -172,6 +180,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         waiting_for_preset: false,
         ended: Vec::new(),
         run_failed: None,
+        rerun_waiting: None,
     };
     p.status.observed_generation = run.metadata.generation;
 
@@ -192,6 +201,10 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
             return p.finish(false);
         }
         p.blocked = Some(message.clone());
+    }
+    if let Rerun::Waiting { reason, message, stalled } = obs.rerun {
+        p.rerun_waits(reason, message, *stalled);
+        return p.finish(false);
     }
     // Said before anything returns early: a fixed spec is no longer
     // invalid while the run waits for its preset, but its VmClass can only
@@ -228,9 +241,17 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         }
     };
 
-    if p.status.shards.is_empty() {
+    if p.status.shards.is_empty() && p.status.started.is_none() {
         p.status.start_time = Some(Time(obs.now));
-        p.status.shards = (0..run.spec.shards)
+        let indexes: Vec<i32> = match obs.rerun {
+            Rerun::Ready { original, shards } => {
+                p.status.rerun_of = Some(original.clone());
+                shards.clone()
+            }
+            _ => (0..run.spec.shards).collect(),
+        };
+        p.status.shards = indexes
+            .into_iter()
             .map(|index| ShardStatus {
                 index,
                 attempt: 0,
@@ -297,6 +318,7 @@ pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
         waiting_for_preset: false,
         ended: Vec::new(),
         run_failed: None,
+        rerun_waiting: None,
     };
     // Without a VM shape the operations are still followed; the shape only
     // words error messages.
@@ -361,6 +383,25 @@ impl Planner<'_> {
 
     /// Reports that the preset named in `presetRef` does not exist, in the
     /// `Ready` condition (with a Warning when that is news); returns why.
+    /// A rerun waits for its original to exist and finish.
+    fn rerun_waits(&mut self, reason: &'static str, message: &str, stalled: bool) {
+        let run = self.obs.run;
+        if conditions::get(&self.status.conditions, "Ready").is_none_or(|c| c.reason != reason) {
+            self.event(stalled, reason, message.to_string());
+        }
+        conditions::set(
+            &mut self.status.conditions,
+            "Ready",
+            ConditionStatus::False,
+            reason,
+            message,
+            run.metadata.generation,
+            self.obs.now,
+        );
+        self.rerun_waiting = Some((reason, message.to_string(), stalled));
+        self.wake = RERUN_POLL;
+    }
+
     fn preset_missing(&mut self) -> String {
         let run = self.obs.run;
         let name = run.spec.preset_ref.as_ref().map(|r| r.name.clone()).unwrap_or_default();
@@ -1196,7 +1237,9 @@ impl Planner<'_> {
 
     fn derive_phase(&mut self) {
         let shards = &self.status.shards;
-        let all_finished = !shards.is_empty() && shards.iter().all(|s| s.phase.is_finished());
+        // A rerun of a run whose every shard succeeded has nothing to do.
+        let nothing_to_run = shards.is_empty() && self.status.rerun_of.is_some() && self.status.started.is_some();
+        let all_finished = (nothing_to_run || !shards.is_empty()) && shards.iter().all(|s| s.phase.is_finished());
         let any = |p: TestRunPhase| shards.iter().any(|s| s.phase == p);
         let phase = if all_finished {
             if shards.iter().all(|s| s.phase == TestRunPhase::Succeeded) {
@@ -1326,6 +1369,8 @@ impl Planner<'_> {
             Progress::Stalled { reason: "InvalidSpec", message }
         } else if let Some(message) = preset_missing {
             Progress::Stalled { reason: "PresetNotFound", message }
+        } else if let Some((reason, message, stalled)) = self.rerun_waiting.clone() {
+            if stalled { Progress::Stalled { reason, message } } else { Progress::Reconciling { reason, message } }
         } else {
             Progress::Reconciling { reason, message: self.summary() }
         };
@@ -1505,6 +1550,8 @@ mod tests {
         class: ClassChoice,
         /// The run is being deleted: passes plan its cleanup.
         deleting: bool,
+        /// Where the run's rerun stands.
+        rerun: Rerun,
     }
 
     impl World {
@@ -1529,6 +1576,7 @@ mod tests {
                 preset_vm: None,
                 class: ClassChoice::NoClass,
                 deleting: false,
+                rerun: Rerun::Nothing,
             }
         }
 
@@ -1573,6 +1621,7 @@ mod tests {
                 claims: &BTreeMap::new(),
                 preset_vm: self.preset_vm.as_ref(),
                 class: &self.class,
+                rerun: &self.rerun,
             });
             for call in &plan.calls {
                 let rid = call.request_id().to_string();
@@ -1812,6 +1861,7 @@ mod tests {
                 claims: &BTreeMap::new(),
                 preset_vm: None,
                 class: &ClassChoice::NoClass,
+                rerun: &Rerun::Nothing,
             })
         };
         // A zone is unreachable: "no VM left" cannot be believed yet, and
@@ -1848,6 +1898,7 @@ mod tests {
             claims: &BTreeMap::new(),
             preset_vm: None,
             class: &ClassChoice::NoClass,
+            rerun: &Rerun::Nothing,
         });
         assert_eq!(again.calls.len(), 1);
         assert_eq!(again.calls[0].request_id(), first.calls[0].request_id());
@@ -2456,6 +2507,63 @@ mod tests {
             CloudCall::Insert(spec) => Some(spec.spot),
             _ => None,
         })
+    }
+
+    #[test]
+    fn a_rerun_runs_only_the_shards_it_was_given_under_their_own_numbers() {
+        let mut w = World::new(run(5, 3));
+        w.rerun = Rerun::Ready {
+            original: crate::api::testrun::RunLink { name: "orig".into(), uid: "u".into() },
+            shards: vec![1, 3],
+        };
+        let plan = w.reconcile();
+        w.rerun = Rerun::Nothing;
+        let status = w.status();
+        assert_eq!(status.shards.iter().map(|s| s.index).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(status.started.as_ref().map(|s| s.shards), Some(5), "TESTRUN_SHARDS stays 5");
+        assert_eq!(status.rerun_of.as_ref().map(|l| l.name.as_str()), Some("orig"));
+        let names: Vec<String> = plan
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                CloudCall::Insert(spec) => Some(spec.metadata[META_SHARD].clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(names, ["1", "3"]);
+        w.finish_operations(None);
+        w.reconcile();
+        for i in [1, 3] {
+            w.register(i);
+            w.report(i, 0);
+        }
+        w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded));
+    }
+
+    #[test]
+    fn a_rerun_of_a_run_that_fully_succeeded_succeeds_at_once_and_one_that_waits_says_why() {
+        let mut w = World::new(run(2, 3));
+        w.rerun = Rerun::Ready {
+            original: crate::api::testrun::RunLink { name: "orig".into(), uid: "u".into() },
+            shards: vec![],
+        };
+        let plan = w.reconcile();
+        assert_eq!(inserts(&plan), 0);
+        assert_eq!(w.status().phase, Some(TestRunPhase::Succeeded));
+        assert!(conditions::is_true(&w.status().conditions, "Complete"));
+
+        let mut waiting = World::new(run(2, 3));
+        waiting.rerun = Rerun::Waiting { reason: "WaitingForOriginal", message: "waits".into(), stalled: false };
+        let plan = waiting.reconcile();
+        assert_eq!(inserts(&plan), 0);
+        let c = &waiting.status().conditions;
+        assert_eq!(conditions::get(c, "Ready").map(|c| c.reason.as_str()), Some("WaitingForOriginal"));
+        assert!(conditions::is_true(c, "Reconciling") && !conditions::is_true(c, "Stalled"));
+        assert_eq!(plan.requeue_after, RERUN_POLL);
+        waiting.rerun = Rerun::Waiting { reason: "RerunOfNotFound", message: "gone".into(), stalled: true };
+        waiting.reconcile();
+        assert!(conditions::is_true(&waiting.status().conditions, "Stalled"));
     }
 
     #[test]
