@@ -298,6 +298,9 @@ async fn examples_apply_with_kubectl() {
     let run = runs.get("example-tests").await.expect("the example TestRun exists");
     assert_eq!(run.spec.shards, 2);
     assert_eq!(testrun_controller::api::validation::validate_testrun(&run.spec), Ok(()));
+    let spot = runs.get("example-spot-tests").await.expect("the Spot example exists");
+    assert_eq!(testrun_controller::api::validation::validate_testrun(&spot.spec), Ok(()));
+    assert_eq!(spot.spec.failure_policy.map(|p| p.rules.len()), Some(3));
     let presets: Api<PrebuildPreset> = Api::namespaced(client, &ns);
     let preset = presets.get("example-pool").await.expect("the example PrebuildPreset exists");
     assert_eq!(preset.spec.instances, 3);
