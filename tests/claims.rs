@@ -143,7 +143,7 @@ async fn a_status_planned_from_an_old_copy_never_lands() {
         last_heartbeat: None,
         result,
         message: None,
-        spot: false,
+        spot: None,
         preemptions: 0,
         uncounted_attempts: 0,
         history: Vec::new(),

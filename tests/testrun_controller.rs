@@ -1019,7 +1019,7 @@ async fn a_preempted_spot_vm_is_retried_without_using_an_attempt_then_the_shard_
     assert_eq!(told, [(1, AttemptOutcome::Preempted), (2, AttemptOutcome::Preempted), (3, AttemptOutcome::Succeeded)]);
     // maxAttempts is 1: only the third attempt counted.
     assert_eq!((shard.preemptions, shard.uncounted_attempts, shard.counted_attempts()), (2, 2, 1));
-    assert!(!shard.spot);
+    assert_eq!(shard.spot, Some(false));
     assert_eq!(shard.result.as_ref().map(|r| r.output_tail.trim()), Some("passed on 3"));
     env.wait_metric("testrun_controller_attempts_finished_total{outcome=\"Preempted\"} 2").await;
     let events = env.events().await;

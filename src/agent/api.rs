@@ -252,14 +252,22 @@ async fn heartbeat(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<Stat
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The agent's VM is being preempted: recorded for the current lease (the
-/// controller ends the attempt as Preempted and retries the shard), 204.
-/// Sending it again changes nothing.
+/// The agent's Spot VM is being preempted: recorded for the current lease
+/// (the controller ends the attempt as Preempted and retries the shard),
+/// 204; 409 once the attempt is over. Sending it again changes nothing.
 async fn preempted(State(api): State<Arc<AgentApi>>, body: Bytes) -> Result<StatusCode, Refusal> {
     let claim: LeaseClaim = parse(&api, &body)?;
     let (run, shard) = check_lease(&api, &claim)?;
     if shard.phase.is_finished() || run.spec.cancel {
         return Err(Refusal(StatusCode::CONFLICT, "Finished", format!("the shard is {:?}; stop", shard.phase)));
+    }
+    let spot_shape = run.started().is_some_and(|s| s.vm.spot);
+    if !shard.spot.unwrap_or(spot_shape) {
+        return Err(Refusal(
+            StatusCode::CONFLICT,
+            "NotSpot",
+            "the shard's VM is a standard VM; Compute Engine does not preempt it".into(),
+        ));
     }
     let uid = run.metadata.uid.clone().unwrap_or_default();
     if api.book.preempted(&uid, shard.index, shard.lease_id, Timestamp::now()).is_err() {

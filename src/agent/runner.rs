@@ -129,20 +129,31 @@ impl Metadata {
         Err(fail("the metadata server did not answer".into()))
     }
 
-    /// Whether Compute Engine is reclaiming this Spot VM: one quick look at
-    /// `instance/preempted` (an unanswered look says no).
+    /// Whether Compute Engine is reclaiming this Spot VM: `instance/preempted`,
+    /// asked up to three times (a VM shutting down answers slowly); no
+    /// answer says no.
     async fn preempted(&self) -> bool {
-        let response = self
-            .http
-            .get(format!("{}/instance/preempted", self.base))
-            .header("Metadata-Flavor", "Google")
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await;
-        match response {
-            Ok(r) if r.status().is_success() => r.text().await.is_ok_and(|t| t.trim() == "TRUE"),
-            _ => false,
+        for _ in 0..3 {
+            let response = self
+                .http
+                .get(format!("{}/instance/preempted", self.base))
+                .header("Metadata-Flavor", "Google")
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            match response {
+                Ok(r) if r.status().is_success() => {
+                    if let Ok(text) = r.text().await {
+                        return text.trim() == "TRUE";
+                    }
+                }
+                // Not served (no such key): not a Spot VM's metadata server.
+                Ok(r) if r.status() == StatusCode::NOT_FOUND => return false,
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        false
     }
 
     /// Every custom attribute of the VM, in one request.
@@ -422,25 +433,23 @@ async fn execute(
                 // along, and say so first if it is a preemption (the
                 // notice lasts 30 s).
                 let preempted = metadata.preempted().await;
-                if preempted {
-                    tell_preempted(http, url, claim).await;
-                }
                 if let Some(group) = group {
                     let _ = killpg(group, Signal::SIGKILL);
                 }
                 let _ = child.wait().await;
                 if preempted {
+                    tell_preempted(http, url, claim).await;
                     return Err(AgentError::Preempted);
                 }
                 return Err(AgentError::LeaseLost("the VM is shutting down".into()));
             }
             _ = ticker.tick() => {
                 if metadata.preempted().await {
-                    tell_preempted(http, url, claim).await;
                     if let Some(group) = group {
                         let _ = killpg(group, Signal::SIGKILL);
                     }
                     let _ = child.wait().await;
+                    tell_preempted(http, url, claim).await;
                     return Err(AgentError::Preempted);
                 }
                 if let Some(reason) = heartbeat(http, url, claim).await {
@@ -493,17 +502,22 @@ async fn heartbeat(http: &reqwest::Client, url: &str, claim: &LeaseClaim) -> Opt
     }
 }
 
-/// Tells the controller the VM is being preempted, trying for at most
-/// 20 s of the 30 s notice; the controller would also see the VM stop.
+/// Tells the controller the VM is being preempted, again every second
+/// until it answers that the attempt is over (409: it stored the
+/// preemption and moved on) or 20 s of the 30 s notice are gone: a
+/// controller that restarts meanwhile hears it too.
 async fn tell_preempted(http: &reqwest::Client, url: &str, claim: &LeaseClaim) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut told = false;
     while Instant::now() < deadline {
         match http.post(format!("{url}{PREEMPTED_PATH}")).timeout(Duration::from_secs(5)).json(claim).send().await {
             Ok(r) if r.status().is_success() => {
-                tracing::info!("told the controller the Spot VM is being preempted");
-                return;
+                if !told {
+                    tracing::info!("told the controller the Spot VM is being preempted");
+                    told = true;
+                }
             }
+            Ok(r) if r.status() == StatusCode::CONFLICT || r.status() == StatusCode::GONE => return,
             Ok(r) if r.status().is_client_error() && r.status() != StatusCode::TOO_MANY_REQUESTS => {
                 tracing::warn!(status = %r.status(), "the preemption report was refused");
                 return;
@@ -511,7 +525,7 @@ async fn tell_preempted(http: &reqwest::Client, url: &str, claim: &LeaseClaim) {
             Ok(r) => tracing::warn!(status = %r.status(), "preemption report not taken; retrying"),
             Err(e) => tracing::warn!(error = %e, "agent API unreachable; retrying"),
         }
-        backoff.wait().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

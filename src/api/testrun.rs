@@ -536,9 +536,10 @@ pub struct ShardStatus {
     /// A plain sentence about the shard's state, e.g. why an attempt ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// Whether the current attempt's VM is a Spot VM.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub spot: bool,
+    /// Whether the current attempt's VM is a Spot VM (unset before the
+    /// first attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot: Option<bool>,
     /// Attempts of the shard that ended in a preemption.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub preemptions: i32,

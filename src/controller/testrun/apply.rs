@@ -233,12 +233,12 @@ struct PresetView {
 /// shape (what it started with, its `spec.vm`, else the preset's) is
 /// admitted by its class, the preset's class admits the run, and the
 /// preset itself fits its class (a refused pool lends nothing).
-fn class_admits<C: Compute>(ctx: &Context<C>, run: &TestRun, preset: &PrebuildPreset) -> bool {
+fn class_admits<C: Compute>(ctx: &Context<C>, run: &TestRun, preset: &PrebuildPreset, rerun: &Rerun) -> bool {
     let own = shape(run, Some(&preset.spec.vm)).unwrap_or(&preset.spec.vm);
     let namespace = run.namespace().unwrap_or_default();
-    let run_admitted = ctx.class_of(&namespace, Some(own)).refusal(&class_request(run, own)).is_none();
+    let run_admitted = ctx.class_of(&namespace, Some(own)).refusal(&class_request(run, own, rerun)).is_none();
     let preset_class = ctx.class_of(&namespace, Some(&preset.spec.vm));
-    let lends = preset_class.refusal(&class_request(run, &preset.spec.vm)).is_none()
+    let lends = preset_class.refusal(&class_request(run, &preset.spec.vm, rerun)).is_none()
         && preset_class.refusal(&crate::controller::prebuild::plan::pool_request(preset, &namespace)).is_none();
     run_admitted && lends
 }
@@ -267,7 +267,7 @@ async fn preset_view<C: Compute + Clone>(
         && !run.spec.cancel
         && !status.phase.is_some_and(|p| p.is_finished())
         && validate_testrun(&run.spec).is_ok()
-        && class_admits(ctx, run, &preset);
+        && class_admits(ctx, run, &preset, rerun);
     // A started run has the shards it started with, whatever the spec says
     // now; a rerun only those it reruns.
     let shards: Vec<i32> = if !status.shards.is_empty() {
@@ -468,7 +468,12 @@ async fn apply<C: Compute + Clone>(
             }
         }
     }
-    if let Some(original) = &status.rerun_of {
+    // Linked while the rerun runs: a rerun pushed out of a long list
+    // later does not push its way back in.
+    let under_way = !status.phase.is_some_and(|p| p.is_finished()) && run.meta().deletion_timestamp.is_none();
+    if let Some(original) =
+        status.rerun_of.as_ref().filter(|_| under_way || run.status.as_ref().is_none_or(|s| s.rerun_of.is_none()))
+    {
         link_original(api, ctx, original, &current).await;
     }
     let mut keep = named_request_ids(&status.operations);

@@ -161,6 +161,8 @@ struct Planner<'a> {
     run_failed: Option<String>,
     /// A rerun that cannot start yet: (reason, message, stalled).
     rerun_waiting: Option<(&'static str, String, bool)>,
+    /// Request ids of the inserts this pass intends (none of them made yet).
+    new_inserts: BTreeSet<String>,
 }
 
 /// Plans one reconcile of a run that is not being deleted.
@@ -181,6 +183,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         ended: Vec::new(),
         run_failed: None,
         rerun_waiting: None,
+        new_inserts: BTreeSet::new(),
     };
     p.status.observed_generation = run.metadata.generation;
 
@@ -188,7 +191,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
     // VM needs a valid spec. A run begun before its shape was kept in status
     // goes on too: following, advancing and deleting need no shape.
     let begun = p.status.shards.iter().any(|s| s.attempt > 0);
-    let refused = shape(run, obs.preset_vm).and_then(|vm| obs.class.refusal(&class_request(run, vm)));
+    let refused = shape(run, obs.preset_vm).and_then(|vm| obs.class.refusal(&class_request(run, vm, obs.rerun)));
     let class_refused = refused.is_some();
     let invalid = vmclass::join_refusals(validate_testrun(&run.spec).err().map(|e| e.to_string()), refused);
     if let Some(message) = &invalid {
@@ -203,6 +206,12 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         p.blocked = Some(message.clone());
     }
     if let Rerun::Waiting { reason, message, stalled } = obs.rerun {
+        if run.spec.cancel {
+            // Nothing started: cancelled at once.
+            p.status.phase = Some(TestRunPhase::Cancelled);
+            p.status.completion_time.get_or_insert(Time(obs.now));
+            return p.finish(false);
+        }
         p.rerun_waits(reason, message, *stalled);
         return p.finish(false);
     }
@@ -265,7 +274,7 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
                 last_heartbeat: None,
                 result: None,
                 message: None,
-                spot: false,
+                spot: None,
                 preemptions: 0,
                 uncounted_attempts: 0,
                 history: Vec::new(),
@@ -319,6 +328,7 @@ pub fn plan_cleanup(obs: &Observed<'_>) -> Plan {
         ended: Vec::new(),
         run_failed: None,
         rerun_waiting: None,
+        new_inserts: BTreeSet::new(),
     };
     // Without a VM shape the operations are still followed; the shape only
     // words error messages.
@@ -756,7 +766,13 @@ impl Planner<'_> {
             network: vmclass::network(self.obs.class.class()),
             // As the attempt was started: a Spot VM until the shard falls back.
             spot: vm.spot
-                && self.status.shards.iter().find(|s| s.index == shard && s.attempt == attempt).is_none_or(|s| s.spot),
+                && self
+                    .status
+                    .shards
+                    .iter()
+                    .find(|s| s.index == shard && s.attempt == attempt)
+                    .and_then(|s| s.spot)
+                    .unwrap_or(true),
             max_run_duration: vm_life_needed(
                 run.spec.attempt_timeout(self.status.started.as_ref()),
                 self.obs.settings.registration_timeout,
@@ -776,6 +792,7 @@ impl Planner<'_> {
         let name = testrun_instance_name(&uid, index.max(0) as u32, attempt.max(0) as u32);
         let op = intent(OperationKind::Insert, &name, zone, &rid, self.obs.now);
         self.reissue(&op, vm);
+        self.new_inserts.insert(rid);
         self.status.operations.push(op);
     }
 
@@ -807,7 +824,7 @@ impl Planner<'_> {
             shard.phase = TestRunPhase::Provisioning;
             shard.requested_time = Some(Time(self.obs.now));
             shard.retry_after = None;
-            shard.spot = vm.spot;
+            shard.spot = Some(vm.spot);
             shard.message = Some(format!("attempt 1 on pool VM {name} in {zone}"));
             self.status.attempts += 1;
             return;
@@ -817,7 +834,7 @@ impl Planner<'_> {
         let spot = policy::next_is_spot(&self.obs.run.spec, vm.spot, vm.spot_fallback, &self.status.shards[index]);
         let shard = &mut self.status.shards[index];
         shard.attempt += 1;
-        shard.spot = spot;
+        shard.spot = Some(spot);
         shard.lease_id = lease_id;
         shard.zone = Some(zone.clone());
         shard.instance = Some(testrun_instance_name(&uid, shard.index.max(0) as u32, shard.attempt.max(0) as u32));
@@ -876,10 +893,41 @@ impl Planner<'_> {
             s.retry_after = None;
             s.message = Some(format!("stopped: {why}"));
             stopped += 1;
+            // An insert this pass only intends is never made: no VM to pay
+            // for and delete. One intended earlier may have been made; it
+            // is followed and its VM deleted.
+            let instance = s.instance.clone();
+            let unmade = |op: &TrackedOperation| {
+                op.kind == OperationKind::Insert
+                    && Some(&op.instance) == instance.as_ref()
+                    && self.new_inserts.contains(&op.request_id)
+            };
+            let dropped: BTreeSet<String> =
+                self.status.operations.iter().filter(|op| unmade(op)).map(|op| op.request_id.clone()).collect();
+            self.status.operations.retain(|op| !dropped.contains(&op.request_id));
+            self.calls.retain(|c| !dropped.contains(c.request_id()));
         }
         if stopped > 0 {
             self.event(true, reason, format!("{why}; stopped {stopped} other shards and delete their VMs"));
         }
+    }
+
+    /// The current attempt's VM vanished: a Spot VM that goes without a
+    /// word was most likely reclaimed (its notice missed: the controller
+    /// restarted, or no list saw it stop), any other is lost.
+    fn vm_lost(&mut self, index: usize, name: &str, when: &str, spot: bool, vm: &VmSpec) {
+        if spot {
+            let what = format!("was preempted: Spot VM {name} disappeared {when}");
+            self.end_attempt(index, AttemptOutcome::Preempted, None, &what, vm, None);
+        } else {
+            self.fail_attempt(index, AttemptOutcome::VmLost, &format!("VM {name} disappeared {when}"), vm);
+        }
+    }
+
+    /// Whether the shard's current VM is a Spot VM (an attempt begun by a
+    /// version that did not record it: as the run's shape says).
+    fn current_spot(&self, index: usize, vm: &VmSpec) -> bool {
+        self.status.shards[index].spot.unwrap_or(vm.spot)
     }
 
     /// Whether Compute Engine shows the VM stopping or stopped though no
@@ -987,31 +1035,22 @@ impl Planner<'_> {
                     }
                 }
             }
-            policy::Next::EndShard(phase) | policy::Next::EndRun(phase) => {
-                let used_up = matches!(because, policy::Because::Default)
-                    && outcome != AttemptOutcome::TestFailed
-                    && outcome != AttemptOutcome::TimedOut;
+            policy::Next::EndShard(phase) | policy::Next::EndRun(phase) | policy::Next::OutOfAttempts(phase) => {
+                let out_of_attempts = matches!(next, policy::Next::OutOfAttempts(_));
                 let counted = self.status.shards[index].counted_attempts();
                 let shard = &mut self.status.shards[index];
                 shard.phase = phase;
-                if used_up {
-                    shard.message = Some(format!("attempt {counted} of {max} {what}"));
+                let told = if out_of_attempts {
+                    shard.message = Some(format!("attempt {counted} of {max} {what}{by}"));
+                    format!("shard {i} used all {max} attempts; attempt {attempt} {what}{by}")
                 } else {
                     shard.message = Some(format!("attempt {attempt} {what}{by}"));
-                }
+                    format!("shard {i} attempt {attempt} {what}{by}")
+                };
                 match phase {
-                    TestRunPhase::Error if used_up => {
-                        self.event(true, "ShardError", format!("shard {i} used all {max} attempts: {what}"))
-                    }
-                    TestRunPhase::Error => {
-                        self.event(true, "ShardError", format!("shard {i} attempt {attempt} {what}{by}"))
-                    }
-                    TestRunPhase::TimedOut => self.event(
-                        true,
-                        "TimedOut",
-                        format!("shard {i} attempt {attempt} {what}{by}; its VM is deleted"),
-                    ),
-                    _ => self.event(true, "ShardFailed", format!("shard {i} attempt {attempt} {what}{by}")),
+                    TestRunPhase::Error => self.event(true, "ShardError", told),
+                    TestRunPhase::TimedOut => self.event(true, "TimedOut", format!("{told}; its VM is deleted")),
+                    _ => self.event(true, "ShardFailed", told),
                 }
                 if matches!(next, policy::Next::EndRun(_)) && self.run_failed.is_none() {
                     self.run_failed = Some(format!("shard {i} attempt {attempt} {what}{by}, which fails the run"));
@@ -1076,8 +1115,18 @@ impl Planner<'_> {
         // Preempted: the agent said so (a failing result it sent too is
         // the preemption's doing), or Compute Engine shows the Spot VM
         // stopping though the controller asked no such thing.
+        // Preempted: the agent said so, or Compute Engine shows the Spot VM
+        // stopping though the controller asked no such thing, or a Spot VM
+        // went with a command killed by a signal (the soft off's SIGTERM).
+        // An attempt past its timeout has timed out whatever came after.
+        let spot = self.current_spot(index, vm);
+        let running_since = self.status.shards[index].start_time.as_ref().map(|t| t.0);
+        let timed_out = running_since.is_some_and(|start| now.duration_since(start) > timeout);
         let preempted_heard = heard.is_some_and(|h| h.preempted_at.is_some());
-        let result = heard.and_then(|h| h.result.clone()).filter(|r| r.exit_code == 0 || !preempted_heard);
+        let stopping = spot && self.stopped_unasked(&zone, &name);
+        let killed = heard.and_then(|h| h.result.as_ref()).is_some_and(|r| r.exit_code >= 128);
+        let preempted = !timed_out && (preempted_heard || stopping || (spot && killed && vm_gone));
+        let result = heard.and_then(|h| h.result.clone()).filter(|r| r.exit_code == 0 || !preempted);
 
         // A result is final: write it, then the agent is told it is stored.
         if let Some(result) = result {
@@ -1102,9 +1151,9 @@ impl Planner<'_> {
             self.end_attempt(index, outcome, Some(result.exit_code), &what, vm, None);
             return;
         }
-        if preempted_heard || (shard.spot && self.stopped_unasked(&zone, &name)) {
-            let how = if preempted_heard { "its agent" } else { "Compute Engine" };
-            let what = format!("was preempted: Compute Engine reclaimed Spot VM {name} ({how} said so)");
+        if preempted {
+            let how = if preempted_heard { "its agent said so" } else { "Compute Engine stopped it" };
+            let what = format!("was preempted: Compute Engine reclaimed Spot VM {name} ({how})");
             self.end_attempt(index, AttemptOutcome::Preempted, None, &what, vm, None);
             return;
         }
@@ -1117,8 +1166,7 @@ impl Planner<'_> {
                 .iter()
                 .any(|o| o.instance == name && o.zone == zone && self.in_flight(o.kind, &zone, &name));
             if !creating && vm_gone && !any_open {
-                let why = format!("VM {name} disappeared before its agent registered");
-                self.fail_attempt(index, AttemptOutcome::VmLost, &why, vm);
+                self.vm_lost(index, &name, "before its agent registered", spot, vm);
                 return;
             }
             let requested = shard.requested_time.as_ref().map(|t| t.0).unwrap_or(now);
@@ -1153,7 +1201,7 @@ impl Planner<'_> {
             return;
         }
         if vm_gone && !creating {
-            self.fail_attempt(index, AttemptOutcome::VmLost, &format!("VM {name} disappeared while the test ran"), vm);
+            self.vm_lost(index, &name, "while the test ran", spot, vm);
             return;
         }
         let last_heard = [
@@ -1484,15 +1532,22 @@ pub fn shape<'a>(run: &'a TestRun, preset_vm: Option<&'a VmSpec>) -> Option<&'a 
 /// What a run asks of its VmClass.
 /// A started run is held to what it started with (its shards), not to a
 /// spec edited since.
-pub fn class_request<'a>(run: &'a TestRun, vm: &'a VmSpec) -> ClassRequest<'a> {
+pub fn class_request<'a>(run: &'a TestRun, vm: &'a VmSpec, rerun: &Rerun) -> ClassRequest<'a> {
     let started = run.status.as_ref().and_then(|s| s.started.as_ref());
+    // A rerun makes VMs for the shards it reruns, not for the original's.
+    let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+    let shards = match (rerun, run.status.as_ref()) {
+        (Rerun::Ready { shards, .. }, _) => count(shards.len()),
+        (_, Some(status)) if status.rerun_of.is_some() => count(status.shards.len()),
+        _ => started.map_or(run.spec.shards, |s| s.shards),
+    };
     ClassRequest {
         at: if run.spec.vm.is_some() { "spec.vm" } else { "the preset's spec.vm" },
         namespace: run.metadata.namespace.as_deref().unwrap_or_default(),
         machine_type: &vm.machine_type,
         image: &vm.image,
         zones: &vm.zones,
-        shards: Some(started.map_or(run.spec.shards, |s| s.shards)),
+        shards: Some(shards),
         timeout: run.spec.timeout.as_ref().and_then(|t| t.parse().ok()),
         pool_instances: None,
     }
@@ -2581,7 +2636,7 @@ mod tests {
             assert_eq!(insert_spot(&plan), Some(n < 2), "after 2 preemptions the VM is standard");
             assert!(plan.events.iter().any(|e| e.reason == "Preempted"), "{:?}", plan.events);
         }
-        assert!(!w.shard(0).spot);
+        assert_eq!(w.shard(0).spot, Some(false));
         running(&mut w);
         w.report(0, 0);
         w.reconcile();
@@ -2605,6 +2660,47 @@ mod tests {
         standard.reconcile();
         assert!(standard.shard(0).history.is_empty(), "a stopping standard VM is no preemption");
         assert_eq!(standard.shard(0).phase, TestRunPhase::Running);
+    }
+
+    #[test]
+    fn a_spot_vm_that_vanishes_or_takes_its_command_down_with_a_signal_was_preempted_unless_timed_out() {
+        // Gone without a word: its notice was missed.
+        let mut w = World::new(spot_run(1, 3));
+        w.reconcile();
+        running(&mut w);
+        w.vms.clear();
+        w.reconcile();
+        assert_eq!(w.shard(0).history.last().map(|r| r.outcome), Some(AttemptOutcome::Preempted));
+        assert_eq!((w.shard(0).phase, w.shard(0).counted_attempts()), (TestRunPhase::Provisioning, 1));
+
+        // SIGTERM'd (143) and gone: the soft off, not the test.
+        let mut w = World::new(spot_run(1, 3));
+        w.reconcile();
+        running(&mut w);
+        w.report(0, 143);
+        w.vms.clear();
+        w.reconcile();
+        assert_eq!(
+            w.shard(0).history.last().map(|r| (r.outcome, r.exit_code)),
+            Some((AttemptOutcome::Preempted, None))
+        );
+
+        // A 143 from a VM that still runs is the test's own.
+        let mut w = World::new(spot_run(1, 3));
+        w.reconcile();
+        running(&mut w);
+        w.report(0, 143);
+        w.reconcile();
+        assert_eq!(w.shard(0).phase, TestRunPhase::Failed);
+
+        // Past its timeout, a stopping VM (maxRunDuration) timed out.
+        let mut w = World::new(spot_run(1, 3));
+        w.reconcile();
+        running(&mut w);
+        w.advance(11 * 60);
+        w.vm_stops(0);
+        w.reconcile();
+        assert_eq!(w.shard(0).phase, TestRunPhase::TimedOut);
     }
 
     #[test]
@@ -2666,6 +2762,42 @@ mod tests {
         let deletes = plan.calls.iter().filter(|c| matches!(c, CloudCall::Delete { .. })).count();
         assert_eq!(deletes, 3, "{:?}", plan.calls);
         assert!(plan.events.iter().any(|e| e.reason == "FailRun"), "{:?}", plan.events);
+        w.finish_operations(None);
+        w.reconcile();
+        assert!(w.vms.is_empty(), "{:?}", w.vms);
+    }
+
+    #[test]
+    fn a_run_a_fail_run_rule_ends_asks_for_no_vm_in_that_pass_even_for_a_shard_retried_in_it() {
+        let mut r = run(2, 3);
+        r.spec.failure_policy = Some(
+            serde_json::from_value(serde_json::json!({"rules": [
+                {"action": "FailRun", "onExitCodes": {"operator": "In", "values": [9]}}
+            ]}))
+            .expect("policy"),
+        );
+        let mut w = World::new(r);
+        w.reconcile();
+        w.finish_operations(None);
+        w.reconcile();
+        w.register(0);
+        w.register(1);
+        w.reconcile();
+        // Shard 0's VM vanishes (a retry) and shard 1 fails the run, in one pass.
+        let name = w.shard(0).instance;
+        w.vms.retain(|v| Some(&v.name) != name.as_ref());
+        w.report(1, 9);
+        let plan = w.reconcile();
+        assert_eq!(inserts(&plan), 0, "{:?}", plan.calls);
+        let status = w.status();
+        assert_eq!(status.phase, Some(TestRunPhase::Failed));
+        assert_eq!(status.shards[0].phase, TestRunPhase::Cancelled);
+        assert!(
+            status.operations.iter().all(|o| o.kind != OperationKind::Insert
+                || o.instance != status.shards[0].instance.clone().unwrap_or_default()),
+            "the unmade insert is not tracked: {:?}",
+            status.operations
+        );
         w.finish_operations(None);
         w.reconcile();
         assert!(w.vms.is_empty(), "{:?}", w.vms);
@@ -2903,6 +3035,7 @@ mod tests {
             let fail_run = rules.as_ref().is_some_and(|r| r.to_string().contains("FailRun"));
             r.spec.failure_policy = rules.map(|rules| serde_json::from_value(serde_json::json!({"rules": rules})).expect("policy"));
             let mut w = World::new(r);
+            let mut first_spot: BTreeMap<String, bool> = BTreeMap::new();
             w.reconcile();
             for step in steps {
                 match step {
@@ -2928,18 +3061,22 @@ mod tests {
                     }
                     // Once fallen back, a shard's VMs are standard.
                     if fallback && new.preemptions >= max_preemptions.max(1) && new.attempt > old.attempt {
-                        prop_assert!(!new.spot, "attempt {} on Spot after {} preemptions", new.attempt, new.preemptions);
+                        prop_assert_eq!(new.spot, Some(false), "attempt {} on Spot after {} preemptions", new.attempt, new.preemptions);
                     }
                     if !fallback && new.attempt > old.attempt {
-                        prop_assert!(new.spot);
+                        prop_assert_eq!(new.spot, Some(true));
                     }
                 }
-                // Every VM-making call is a Spot VM exactly when its shard's attempt is.
+                // An insert made again (same request id) makes the same VM: Spot or not.
                 for call in &plan.calls {
                     if let CloudCall::Insert(spec) = call {
-                        let shard = status.shards.iter().find(|s| s.instance.as_deref() == Some(spec.name.as_str()));
-                        prop_assert_eq!(Some(spec.spot), shard.map(|s| s.spot));
+                        let first = *first_spot.entry(spec.request_id.clone()).or_insert(spec.spot);
+                        prop_assert_eq!(first, spec.spot, "insert {} changed its provisioning model", spec.name);
                     }
+                }
+                // The pass that ends a run asks for no VM.
+                if status.phase.is_some_and(|p| p.is_finished()) {
+                    prop_assert_eq!(inserts(&plan), 0, "a VM asked for as the run ended: {:?}", plan.calls);
                 }
                 // A run a FailRun rule ended stops every shard at once, and
                 // asks for every one of its VMs to go (once its insert settled).

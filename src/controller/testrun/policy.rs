@@ -20,6 +20,9 @@ pub enum Next {
     },
     /// The shard ends in this phase.
     EndShard(TestRunPhase),
+    /// The shard would be retried, but `maxAttempts` is used up: it ends
+    /// in this phase.
+    OutOfAttempts(TestRunPhase),
     /// The shard ends in this phase and every other shard is stopped.
     EndRun(TestRunPhase),
 }
@@ -73,7 +76,7 @@ pub fn decide(
         if shard.counted_attempts() < spec.max_attempts {
             Next::Retry { counted: true }
         } else {
-            Next::EndShard(end_phase(outcome))
+            Next::OutOfAttempts(end_phase(outcome))
         }
     };
     let next = match action {
@@ -132,7 +135,10 @@ mod tests {
             (Next::EndShard(TestRunPhase::Failed), Because::Default)
         );
         assert_eq!(decide(&s, &shard(1, 0, 0), AttemptOutcome::LeaseLost, None).0, Next::Retry { counted: true });
-        assert_eq!(decide(&s, &shard(3, 0, 0), AttemptOutcome::LeaseLost, None).0, Next::EndShard(TestRunPhase::Error));
+        assert_eq!(
+            decide(&s, &shard(3, 0, 0), AttemptOutcome::LeaseLost, None).0,
+            Next::OutOfAttempts(TestRunPhase::Error)
+        );
         assert_eq!(
             decide(&s, &shard(1, 0, 0), AttemptOutcome::TimedOut, None).0,
             Next::EndShard(TestRunPhase::TimedOut)
@@ -152,7 +158,7 @@ mod tests {
         );
         assert_eq!(
             decide(&s, &shard(3, 0, 0), AttemptOutcome::TestFailed, Some(75)).0,
-            Next::EndShard(TestRunPhase::Failed),
+            Next::OutOfAttempts(TestRunPhase::Failed),
             "the third of three attempts was the last"
         );
     }
@@ -162,7 +168,7 @@ mod tests {
         let s = spec(vec![reason_rule(FailurePolicyAction::Ignore, &[FailureReason::VmLost])]);
         assert_eq!(decide(&s, &shard(3, 0, 0), AttemptOutcome::VmLost, None).0, Next::Retry { counted: false });
         let bound = shard(3 + MAX_UNCOUNTED_ATTEMPTS, 0, MAX_UNCOUNTED_ATTEMPTS);
-        assert_eq!(decide(&s, &bound, AttemptOutcome::VmLost, None).0, Next::EndShard(TestRunPhase::Error));
+        assert_eq!(decide(&s, &bound, AttemptOutcome::VmLost, None).0, Next::OutOfAttempts(TestRunPhase::Error));
     }
 
     #[test]

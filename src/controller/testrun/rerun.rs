@@ -33,10 +33,13 @@ pub enum Rerun {
 /// The run as it is planned, and where its rerun stands. `original` is the
 /// TestRun `spec.rerunOf` names, if it exists.
 pub fn effective<'a>(run: &'a TestRun, original: Option<&TestRun>) -> (Cow<'a, TestRun>, Rerun) {
-    let Some(rerun_of) = &run.spec.rerun_of else { return (Cow::Borrowed(run), Rerun::Nothing) };
-    if let Some(started) = run.started() {
+    // A started rerun goes on with what it started with, also once
+    // `spec.rerunOf` is removed.
+    let is_rerun = run.spec.rerun_of.is_some() || run.status.as_ref().is_some_and(|s| s.rerun_of.is_some());
+    if let Some(started) = run.started().filter(|_| is_rerun) {
         return (Cow::Owned(completed(run, started)), Rerun::Nothing);
     }
+    let Some(rerun_of) = &run.spec.rerun_of else { return (Cow::Borrowed(run), Rerun::Nothing) };
     let name = &rerun_of.name;
     let waiting = |reason, message: String, stalled| (Cow::Borrowed(run), Rerun::Waiting { reason, message, stalled });
     if run.metadata.name.as_deref() == Some(name.as_str()) {
@@ -45,6 +48,11 @@ pub fn effective<'a>(run: &'a TestRun, original: Option<&TestRun>) -> (Cow<'a, T
     let Some(original) = original else {
         return waiting("RerunOfNotFound", format!("TestRun {name} does not exist in this namespace"), true);
     };
+    let reruns_this =
+        original.spec.rerun_of.as_ref().is_some_and(|r| Some(r.name.as_str()) == run.metadata.name.as_deref());
+    if reruns_this && original.started().is_none() {
+        return waiting("InvalidRerun", format!("TestRun {name} reruns this run: neither can start"), true);
+    }
     let status = original.status.clone().unwrap_or_default();
     let Some(phase) = status.phase.filter(|p| p.is_finished()) else {
         let now = status.phase.map_or_else(|| "not started".to_string(), |p| format!("{p:?}"));
@@ -80,9 +88,8 @@ fn fill(spec: &mut TestRunSpec, started: &StartedWith) {
         spec.working_dir = started.working_dir.clone();
     }
     if spec.vm.is_none() && spec.preset_ref.is_none() {
-        if started.vm_from_preset {
-            spec.preset_ref = started.preset_ref.clone();
-        } else {
+        spec.preset_ref = started.preset_ref.clone();
+        if !started.vm_from_preset {
             spec.vm = Some(started.vm.clone());
         }
     }
@@ -159,6 +166,9 @@ mod tests {
         assert!(matches!(state, Rerun::Waiting { reason: "WaitingForOriginal", stalled: false, .. }), "{state:?}");
         let itself = testrun("orig", serde_json::json!({"rerunOf": {"name": "orig"}}));
         assert!(matches!(effective(&itself, None).1, Rerun::Waiting { reason: "InvalidRerun", .. }));
+        let other = testrun("orig", serde_json::json!({"rerunOf": {"name": "again"}}));
+        let (_, state) = effective(&rerun, Some(&other));
+        assert!(matches!(state, Rerun::Waiting { reason: "InvalidRerun", stalled: true, .. }), "{state:?}");
     }
 
     #[test]
@@ -170,6 +180,10 @@ mod tests {
         let (run, state) = effective(&rerun, None);
         assert_eq!(state, Rerun::Nothing, "the original may be gone");
         assert_eq!(run.spec.command, ["make", "test"]);
+        // spec.rerunOf removed after the start: still what it started with.
+        rerun.spec.rerun_of = None;
+        rerun.status.as_mut().expect("status").rerun_of = Some(RunLink { name: "orig".into(), uid: "u".into() });
+        assert_eq!(effective(&rerun, None).0.spec.command, ["make", "test"]);
         let not_a_rerun = testrun("plain", serde_json::json!({"command": ["true"]}));
         assert!(matches!(effective(&not_a_rerun, None).0, Cow::Borrowed(_)));
     }
