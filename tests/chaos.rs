@@ -1,6 +1,7 @@
-//! Crash safety under injected faults: many TestRuns and two presets while
-//! the emulator injects capacity, quota, 503, slow, failing and vanishing
-//! operations, hung ones and calls whose answer is lost, at a fixed seed, the controller is killed with SIGKILL at
+//! Crash safety under injected faults: many TestRuns (every third on Spot
+//! VMs) and two presets while the emulator injects capacity, quota, 503,
+//! slow, failing and vanishing operations, hung ones, calls whose answer is
+//! lost and Spot preemptions, at a fixed seed, the controller is killed with SIGKILL at
 //! random moments and restarted, and kube-apiserver is restarted once. At
 //! the end every run is finished with its results in status, no VM is left
 //! that no object owns, no shard attempt ever had two VMs, and no agent
@@ -25,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt as _, SeedableRng as _};
 use serde_json::{Value, json};
 use testrun_controller::api::prebuild::PrebuildPreset;
-use testrun_controller::api::testrun::{TestRun, TestRunPhase};
+use testrun_controller::api::testrun::{AttemptOutcome, TestRun, TestRunPhase};
 
 struct Scale {
     runs: usize,
@@ -46,6 +47,11 @@ fn fails(i: usize) -> bool {
     i % 9 == 4
 }
 
+/// Whether run `i` runs on Spot VMs (never one on a preset).
+fn spot(i: usize) -> bool {
+    i % 3 == 1
+}
+
 fn testrun(i: usize, shards: usize, preset: bool) -> TestRun {
     // Each result names the attempt it came from: a result of a superseded
     // attempt accepted into status would show another number.
@@ -64,7 +70,7 @@ fn testrun(i: usize, shards: usize, preset: bool) -> TestRun {
     if preset {
         spec["presetRef"] = json!({ "name": format!("pool-{}", i % 2) });
     } else {
-        spec["vm"] = json!({ "zones": ["us-central1-a", "us-central1-b", "us-central1-c"], "machineType": "e2-small", "image": "img" });
+        spec["vm"] = json!({ "zones": ["us-central1-a", "us-central1-b", "us-central1-c"], "machineType": "e2-small", "image": "img", "spot": spot(i) });
     }
     serde_json::from_value(json!({
         "apiVersion": "testrun.dev/v1alpha1", "kind": "TestRun",
@@ -157,6 +163,10 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
         "call=delete,kind=vanish,probability=0.05",
         "--fault",
         "call=delete,kind=hang,probability=0.03",
+        "--fault",
+        "call=insert,kind=preempt,delayMs=300,probability=0.3",
+        "--preempt-notice",
+        "2s",
     ]);
     // The orphan scan only reports (dry run): a VM nobody tracks stays and
     // is seen at the end, instead of being cleaned up behind the test.
@@ -320,7 +330,7 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
     // Outcomes: exactly what each command decides, with every shard's result,
     // from the attempt status names.
     let mut phases: BTreeMap<String, usize> = BTreeMap::new();
-    let (mut results, mut lost, mut stale, mut attempts) = (0, 0, 0, 0);
+    let (mut results, mut lost, mut stale, mut attempts, mut preempted) = (0, 0, 0, 0, 0);
     for run in &finished {
         let name = run.metadata.name.clone().unwrap_or_default();
         let i: usize = name.trim_start_matches("chaos-").parse().expect("index");
@@ -332,6 +342,12 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
         assert_eq!(phase, expected, "{name}: {:#?}", status.shards);
         assert_eq!(status.shards.len(), shards_of[&name], "{name}");
         for shard in &status.shards {
+            // Only Spot VMs are preempted, and a preemption never costs an
+            // attempt while maxPreemptions (3) allows.
+            let told = shard.history.iter().filter(|r| r.outcome == AttemptOutcome::Preempted).count();
+            assert!(told == 0 || spot(i), "{name} shard {} preempted on standard VMs", shard.index);
+            assert!(shard.uncounted_attempts >= shard.preemptions.min(3), "{name} shard {}: {shard:?}", shard.index);
+            preempted += shard.preemptions;
             match &shard.result {
                 Some(result) => {
                     results += 1;
@@ -347,6 +363,7 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
     let expected_results: usize =
         shards_of.iter().filter(|(n, _)| !disturbed.runs_deleted.contains(*n)).map(|(_, s)| s).sum();
     assert_eq!((lost, stale), (0, 0), "results lost or taken from a superseded attempt");
+    assert!(preempted > 0, "the preempt fault preempted no Spot VM");
     assert_eq!(results, expected_results, "one result per shard of every run left");
 
     // No shard attempt ever had two VMs: every insert the emulator accepted
@@ -401,7 +418,8 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
     }
     let pool_vms = history.iter().filter(|r| r["labels"]["owner-kind"] == "prebuildpreset").count();
     println!(
-        "chaos: {} runs ({} shards), {} deleted mid-flight, the rest finished {:?}; {} results in status; {} attempts; \
+        "chaos: {} runs ({} shards), {} deleted mid-flight, the rest finished {:?}; {} results in status; {} attempts \
+         ({} preemptions); \
          {} VMs created ({} for pools), {} inserts accepted; faults by kind {:?}; {} controller kills; 1 kube-apiserver restart; \
          {} unreachable-zone windows; {} template changes; {} preset deleted; duplicates 0; unowned {}; lost results 0; \
          stale results accepted 0; stray agents 0; {:.0} s",
@@ -411,6 +429,7 @@ async fn the_controller_survives_kills_and_faults_without_losing_results_or_leak
         phases,
         results,
         attempts,
+        preempted,
         history.len(),
         pool_vms,
         accepted.len(),
