@@ -425,41 +425,48 @@ async fn execute(
         }
     };
     tokio::pin!(terminated);
-    let status = loop {
+    /// Why the command is stopped before it ends.
+    enum Stop {
+        Preempted,
+        LeaseLost(String),
+    }
+    let ended = loop {
         tokio::select! {
-            status = child.wait() => break status,
+            status = child.wait() => break Ok(status),
+            // The VM is shutting down: a preemption's soft off, or another.
             () = &mut terminated => {
-                // The VM is shutting down: take the command's whole group
-                // along, and say so first if it is a preemption (the
-                // notice lasts 30 s).
-                let preempted = metadata.preempted().await;
-                if let Some(group) = group {
-                    let _ = killpg(group, Signal::SIGKILL);
-                }
-                let _ = child.wait().await;
-                if preempted {
-                    tell_preempted(http, url, claim).await;
-                    return Err(AgentError::Preempted);
-                }
-                return Err(AgentError::LeaseLost("the VM is shutting down".into()));
+                break Err(if metadata.preempted().await {
+                    Stop::Preempted
+                } else {
+                    Stop::LeaseLost("the VM is shutting down".into())
+                });
             }
             _ = ticker.tick() => {
                 if metadata.preempted().await {
-                    if let Some(group) = group {
-                        let _ = killpg(group, Signal::SIGKILL);
-                    }
-                    let _ = child.wait().await;
-                    tell_preempted(http, url, claim).await;
-                    return Err(AgentError::Preempted);
+                    break Err(Stop::Preempted);
                 }
                 if let Some(reason) = heartbeat(http, url, claim).await {
-                    if let Some(group) = group {
-                        let _ = killpg(group, Signal::SIGKILL);
-                    }
-                    let _ = child.wait().await;
-                    return Err(AgentError::LeaseLost(reason));
+                    break Err(Stop::LeaseLost(reason));
                 }
             }
+        }
+    };
+    let status = match ended {
+        Ok(status) => status,
+        Err(stop) => {
+            // Take the command's whole group along, then say why (a
+            // preemption within its 30 s notice).
+            if let Some(group) = group {
+                let _ = killpg(group, Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            return Err(match stop {
+                Stop::Preempted => {
+                    tell_preempted(http, url, claim).await;
+                    AgentError::Preempted
+                }
+                Stop::LeaseLost(reason) => AgentError::LeaseLost(reason),
+            });
         }
     };
     for pump in pumps.into_iter().flatten() {

@@ -2541,6 +2541,22 @@ mod tests {
         assert_eq!(changed.status, ConditionStatus::False, "back as started");
     }
 
+    /// A run of `shards` with these failure policy rules, every shard's VM
+    /// made and its agent registered.
+    fn running_with_rules(shards: i32, max_attempts: i32, rules: serde_json::Value) -> World {
+        let mut r = run(shards, max_attempts);
+        r.spec.failure_policy = Some(serde_json::from_value(serde_json::json!({ "rules": rules })).expect("policy"));
+        let mut w = World::new(r);
+        w.reconcile();
+        w.finish_operations(None);
+        w.reconcile();
+        for i in 0..shards {
+            w.register(i);
+        }
+        w.reconcile();
+        w
+    }
+
     fn spot_run(max_attempts: i32, max_preemptions: i32) -> TestRun {
         let mut r = run(1, max_attempts);
         r.spec.vm.as_mut().expect("vm").spot = true;
@@ -2738,21 +2754,11 @@ mod tests {
 
     #[test]
     fn a_fail_run_rule_ends_the_run_at_once_and_deletes_every_vm() {
-        let mut r = run(3, 3);
-        r.spec.failure_policy = Some(
-            serde_json::from_value(serde_json::json!({"rules": [
-                {"action": "FailRun", "onExitCodes": {"operator": "In", "values": [2]}}
-            ]}))
-            .expect("policy"),
+        let mut w = running_with_rules(
+            3,
+            3,
+            serde_json::json!([{"action": "FailRun", "onExitCodes": {"operator": "In", "values": [2]}}]),
         );
-        let mut w = World::new(r);
-        w.reconcile();
-        w.finish_operations(None);
-        w.reconcile();
-        for i in 0..3 {
-            w.register(i);
-        }
-        w.reconcile();
         w.report(1, 2);
         let plan = w.reconcile();
         let status = w.status();
@@ -2769,20 +2775,11 @@ mod tests {
 
     #[test]
     fn a_run_a_fail_run_rule_ends_asks_for_no_vm_in_that_pass_even_for_a_shard_retried_in_it() {
-        let mut r = run(2, 3);
-        r.spec.failure_policy = Some(
-            serde_json::from_value(serde_json::json!({"rules": [
-                {"action": "FailRun", "onExitCodes": {"operator": "In", "values": [9]}}
-            ]}))
-            .expect("policy"),
+        let mut w = running_with_rules(
+            2,
+            3,
+            serde_json::json!([{"action": "FailRun", "onExitCodes": {"operator": "In", "values": [9]}}]),
         );
-        let mut w = World::new(r);
-        w.reconcile();
-        w.finish_operations(None);
-        w.reconcile();
-        w.register(0);
-        w.register(1);
-        w.reconcile();
         // Shard 0's VM vanishes (a retry) and shard 1 fails the run, in one pass.
         let name = w.shard(0).instance;
         w.vms.retain(|v| Some(&v.name) != name.as_ref());
@@ -2805,17 +2802,14 @@ mod tests {
 
     #[test]
     fn an_ignore_rule_retries_without_counting_and_fail_shard_ends_the_shard() {
-        let mut r = run(1, 1);
-        r.spec.failure_policy = Some(
-            serde_json::from_value(serde_json::json!({"rules": [
+        let mut w = running_with_rules(
+            1,
+            1,
+            serde_json::json!([
                 {"action": "Ignore", "onReasons": ["VmLost"]},
                 {"action": "FailShard", "onReasons": ["LeaseLost"]},
-            ]}))
-            .expect("policy"),
+            ]),
         );
-        let mut w = World::new(r);
-        w.reconcile();
-        running(&mut w);
         let name = w.shard(0).instance;
         w.vms.retain(|v| Some(&v.name) != name.as_ref());
         w.reconcile();
