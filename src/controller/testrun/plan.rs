@@ -2982,6 +2982,8 @@ mod tests {
         Preempt(i32),
         /// Compute Engine shows the shard's VM stopping.
         Stop(i32),
+        /// Open operations finish, inserts in us-central1-a for capacity.
+        FailZoneA,
     }
 
     fn policy_step() -> impl Strategy<Value = PolicyStep> {
@@ -2993,6 +2995,7 @@ mod tests {
             (0i32..3).prop_map(PolicyStep::Vanish),
             (0i32..3).prop_map(PolicyStep::Preempt),
             (0i32..3).prop_map(PolicyStep::Stop),
+            Just(PolicyStep::FailZoneA),
         ]
     }
 
@@ -3010,6 +3013,11 @@ mod tests {
             Just(Some(serde_json::json!([{"action": "FailRun", "onReasons": ["VmLost", "LeaseLost"]}]))),
             Just(Some(serde_json::json!([{"action": "Ignore", "onReasons": ["VmLost", "LeaseLost"]}]))),
             Just(Some(serde_json::json!([{"action": "FailShard", "onReasons": ["VmLost"]}]))),
+            Just(Some(
+                serde_json::json!([{"action": "FailRun", "onReasons": ["CapacityExhausted", "RegistrationTimeout"]}])
+            )),
+            Just(Some(serde_json::json!([{"action": "Ignore", "onReasons": ["TimedOut", "CapacityExhausted"]}]))),
+            Just(Some(serde_json::json!([{"action": "RetryShard", "onReasons": ["Preempted"]}]))),
         ]
     }
 
@@ -3027,6 +3035,8 @@ mod tests {
             (vm.spot, vm.spot_fallback) = (true, fallback);
             r.spec.max_preemptions = max_preemptions;
             let fail_run = rules.as_ref().is_some_and(|r| r.to_string().contains("FailRun"));
+            // A rule on Preempted replaces the default (free up to maxPreemptions).
+            let preemption_ruled = rules.as_ref().is_some_and(|r| r.to_string().contains("Preempted"));
             r.spec.failure_policy = rules.map(|rules| serde_json::from_value(serde_json::json!({"rules": rules})).expect("policy"));
             let mut w = World::new(r);
             let mut first_spot: BTreeMap<String, bool> = BTreeMap::new();
@@ -3040,6 +3050,7 @@ mod tests {
                     PolicyStep::Vanish(i) => { let name = w.shard(i).instance; w.vms.retain(|v| Some(&v.name) != name.as_ref()); }
                     PolicyStep::Preempt(i) => w.agent_says_preempted(i),
                     PolicyStep::Stop(i) => w.vm_stops(i),
+                    PolicyStep::FailZoneA => w.finish_operations(Some("us-central1-a")),
                 }
                 let before: Vec<ShardStatus> = w.status().shards;
                 let plan = w.reconcile();
@@ -3049,7 +3060,7 @@ mod tests {
                     prop_assert!(new.counted_attempts() <= 2, "{:?}", new);
                     prop_assert!(new.uncounted_attempts <= policy::MAX_UNCOUNTED_ATTEMPTS);
                     // A preemption never uses an attempt while maxPreemptions allows.
-                    if new.preemptions == old.preemptions + 1 && new.preemptions <= max_preemptions {
+                    if !preemption_ruled && new.preemptions == old.preemptions + 1 && new.preemptions <= max_preemptions {
                         prop_assert_eq!(new.uncounted_attempts, old.uncounted_attempts + 1, "{:?}", new.history);
                         prop_assert!(!new.phase.is_finished(), "a free preemption ended the shard: {:?}", new.message);
                     }
