@@ -152,7 +152,8 @@ fn wake_reruns<C: Compute + Clone>(ctx: &Context<C>, run: &TestRun) {
     for other in ctx.runs.state() {
         let waits = other.spec.rerun_of.as_ref().is_some_and(|r| r.name == name)
             && other.namespace() == namespace
-            && other.started().is_none();
+            && other.started().is_none()
+            && !other.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_finished());
         if waits {
             ctx.wakers.wake_run(ObjectRef::from_obj(other.as_ref()));
         }
@@ -164,7 +165,13 @@ fn wake_reruns<C: Compute + Clone>(ctx: &Context<C>, run: &TestRun) {
 /// gone. The write is guarded like every status write: on a conflict the
 /// original is read again, a few times; a link not written now is written
 /// by the rerun's next pass.
-async fn link_original<C: Compute + Clone>(api: &Api<TestRun>, ctx: &Context<C>, original: &RunLink, rerun: &TestRun) {
+async fn link_original<C: Compute + Clone>(
+    api: &Api<TestRun>,
+    ctx: &Context<C>,
+    original: &RunLink,
+    rerun: &TestRun,
+    first: bool,
+) {
     let me = RunLink { name: rerun.name_any(), uid: rerun.uid().unwrap_or_default() };
     let key = ObjectRef::<TestRun>::new(&original.name).within(&rerun.namespace().unwrap_or_default());
     let Some(mut current) = ctx.runs.get(&key).map(|o| ctx.fresh_runs.latest(o).as_ref().clone()) else { return };
@@ -173,7 +180,7 @@ async fn link_original<C: Compute + Clone>(api: &Api<TestRun>, ctx: &Context<C>,
             return;
         }
         let mut status = current.status.clone().unwrap_or_default();
-        if status.reruns.contains(&me) {
+        if status.reruns.contains(&me) || (!first && status.reruns.len() >= MAX_RERUNS_LISTED) {
             return;
         }
         status.reruns.push(me.clone());
@@ -468,13 +475,13 @@ async fn apply<C: Compute + Clone>(
             }
         }
     }
-    // Linked while the rerun runs: a rerun pushed out of a long list
-    // later does not push its way back in.
+    // Linked when the rerun starts, and again while it runs if that write
+    // did not land; never pushing another rerun out of a full list but the
+    // first time, so reruns of one original do not take turns.
+    let first = run.status.as_ref().is_none_or(|s| s.rerun_of.is_none());
     let under_way = !status.phase.is_some_and(|p| p.is_finished()) && run.meta().deletion_timestamp.is_none();
-    if let Some(original) =
-        status.rerun_of.as_ref().filter(|_| under_way || run.status.as_ref().is_none_or(|s| s.rerun_of.is_none()))
-    {
-        link_original(api, ctx, original, &current).await;
+    if let Some(original) = status.rerun_of.as_ref().filter(|_| first || under_way) {
+        link_original(api, ctx, original, &current, first).await;
     }
     let mut keep = named_request_ids(&status.operations);
     keep.extend(preset.relabel_ids);

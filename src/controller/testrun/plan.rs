@@ -205,6 +205,14 @@ pub fn plan(obs: &Observed<'_>) -> Plan {
         }
         p.blocked = Some(message.clone());
     }
+    // A run that ended before it started (a rerun cancelled while it
+    // waited) stays as it ended.
+    if p.status.started.is_none() && p.status.phase.is_some_and(|ph| ph.is_finished()) {
+        let expired = p.ttl_expired();
+        let mut plan = p.finish(false);
+        plan.expired = expired;
+        return plan;
+    }
     if let Rerun::Waiting { reason, message, stalled } = obs.rerun {
         if run.spec.cancel {
             // Nothing started: cancelled at once.
@@ -391,8 +399,6 @@ impl Planner<'_> {
         self.wake = Duration::MAX;
     }
 
-    /// Reports that the preset named in `presetRef` does not exist, in the
-    /// `Ready` condition (with a Warning when that is news); returns why.
     /// A rerun waits for its original to exist and finish.
     fn rerun_waits(&mut self, reason: &'static str, message: &str, stalled: bool) {
         let run = self.obs.run;
@@ -412,6 +418,8 @@ impl Planner<'_> {
         self.wake = RERUN_POLL;
     }
 
+    /// Reports that the preset named in `presetRef` does not exist, in the
+    /// `Ready` condition (with a Warning when that is news); returns why.
     fn preset_missing(&mut self) -> String {
         let run = self.obs.run;
         let name = run.spec.preset_ref.as_ref().map(|r| r.name.clone()).unwrap_or_default();
@@ -701,6 +709,8 @@ impl Planner<'_> {
                                 Some(op)
                             }
                             InsertRetry::Reissue => {
+                                // A new request id: intended in this pass.
+                                self.new_inserts.insert(op.request_id.clone());
                                 self.reissue(&op, vm);
                                 Some(op)
                             }
@@ -824,7 +834,8 @@ impl Planner<'_> {
             shard.phase = TestRunPhase::Provisioning;
             shard.requested_time = Some(Time(self.obs.now));
             shard.retry_after = None;
-            shard.spot = Some(vm.spot);
+            // Pool VMs are made to the preset's shape.
+            shard.spot = Some(self.obs.preset_vm.map_or(vm.spot, |p| p.spot));
             shard.message = Some(format!("attempt 1 on pool VM {name} in {zone}"));
             self.status.attempts += 1;
             return;
@@ -905,7 +916,9 @@ impl Planner<'_> {
             let dropped: BTreeSet<String> =
                 self.status.operations.iter().filter(|op| unmade(op)).map(|op| op.request_id.clone()).collect();
             self.status.operations.retain(|op| !dropped.contains(&op.request_id));
-            self.calls.retain(|c| !dropped.contains(c.request_id()));
+            // No insert call for it in this pass either (one intended
+            // earlier stays tracked until it settles, and its VM is deleted).
+            self.calls.retain(|c| !matches!(c, CloudCall::Insert(spec) if Some(&spec.name) == instance.as_ref()));
         }
         if stopped > 0 {
             self.event(true, reason, format!("{why}; stopped {stopped} other shards and delete their VMs"));
@@ -1114,8 +1127,6 @@ impl Planner<'_> {
 
         // Preempted: the agent said so (a failing result it sent too is
         // the preemption's doing), or Compute Engine shows the Spot VM
-        // stopping though the controller asked no such thing.
-        // Preempted: the agent said so, or Compute Engine shows the Spot VM
         // stopping though the controller asked no such thing, or a Spot VM
         // went with a command killed by a signal (the soft off's SIGTERM).
         // An attempt past its timeout has timed out whatever came after.
@@ -2638,6 +2649,25 @@ mod tests {
     }
 
     #[test]
+    fn a_rerun_cancelled_while_it_waited_stays_cancelled_when_its_original_finishes() {
+        let mut w = World::new(run(2, 3));
+        w.run.spec.cancel = true;
+        w.rerun = Rerun::Waiting { reason: "WaitingForOriginal", message: "waits".into(), stalled: false };
+        w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Cancelled));
+        // The original finishes with nothing failed; then the cancel is even undone.
+        w.rerun = Rerun::Ready {
+            original: crate::api::testrun::RunLink { name: "orig".into(), uid: "u".into() },
+            shards: vec![],
+        };
+        w.run.spec.cancel = false;
+        let plan = w.reconcile();
+        let status = w.status();
+        assert_eq!((status.phase, status.started.is_some(), inserts(&plan)), (Some(TestRunPhase::Cancelled), false, 0));
+        assert!(status.rerun_of.is_none());
+    }
+
+    #[test]
     fn a_preemption_uses_no_attempt_until_max_preemptions_then_the_shard_gets_a_standard_vm() {
         let mut w = World::new(spot_run(1, 2));
         assert_eq!(insert_spot(&w.reconcile()), Some(true));
@@ -2798,6 +2828,34 @@ mod tests {
         w.finish_operations(None);
         w.reconcile();
         assert!(w.vms.is_empty(), "{:?}", w.vms);
+    }
+
+    #[test]
+    fn a_run_ended_in_the_pass_that_retries_a_failed_insert_makes_no_insert() {
+        let mut w = running_with_rules(
+            2,
+            3,
+            serde_json::json!([{"action": "FailRun", "onExitCodes": {"operator": "In", "values": [9]}}]),
+        );
+        // Shard 0 is on attempt 2, whose insert failed with a 503: the
+        // retry is due when shard 1 fails the run.
+        let name = w.shard(0).instance;
+        w.vms.retain(|v| Some(&v.name) != name.as_ref());
+        w.reconcile();
+        assert_eq!(w.shard(0).attempt, 2);
+        w.fail_every_call(&ComputeError::Api {
+            call: "instances.insert",
+            code: ErrorCode::Unavailable,
+            status: 503,
+            message: String::new(),
+        });
+        w.vms.retain(|v| !v.name.ends_with("-0-2"));
+        w.advance(30);
+        w.register(1);
+        w.report(1, 9);
+        let plan = w.reconcile();
+        assert_eq!(w.status().phase, Some(TestRunPhase::Failed));
+        assert_eq!(inserts(&plan), 0, "{:?}", plan.calls);
     }
 
     #[test]
