@@ -149,9 +149,13 @@ impl FailurePolicyRule {
 }
 
 impl FailurePolicy {
-    /// The action of the first rule that matches, if any does.
-    pub fn action_for(&self, outcome: AttemptOutcome, exit_code: Option<i32>) -> Option<FailurePolicyAction> {
-        self.rules.iter().find(|r| r.matches(outcome, exit_code)).map(|r| r.action)
+    /// The first rule that matches, if any does: its index and its action.
+    pub fn matching_rule(
+        &self,
+        outcome: AttemptOutcome,
+        exit_code: Option<i32>,
+    ) -> Option<(usize, FailurePolicyAction)> {
+        self.rules.iter().enumerate().find(|(_, r)| r.matches(outcome, exit_code)).map(|(i, r)| (i, r.action))
     }
 }
 
@@ -195,8 +199,8 @@ mod tests {
                 },
             ],
         };
-        assert_eq!(policy.action_for(AttemptOutcome::VmLost, None), Some(FailurePolicyAction::FailRun));
-        assert_eq!(policy.action_for(AttemptOutcome::LeaseLost, None), Some(FailurePolicyAction::Ignore));
-        assert_eq!(policy.action_for(AttemptOutcome::Preempted, None), None);
+        assert_eq!(policy.matching_rule(AttemptOutcome::VmLost, None), Some((0, FailurePolicyAction::FailRun)));
+        assert_eq!(policy.matching_rule(AttemptOutcome::LeaseLost, None), Some((1, FailurePolicyAction::Ignore)));
+        assert_eq!(policy.matching_rule(AttemptOutcome::Preempted, None), None);
     }
 }

@@ -64,12 +64,9 @@ pub fn decide(
     outcome: AttemptOutcome,
     exit_code: Option<i32>,
 ) -> (Next, Because) {
-    let rule = spec.failure_policy.as_ref().and_then(|p| p.rules.iter().position(|r| r.matches(outcome, exit_code)));
-    let because = rule.map_or(Because::Default, Because::Rule);
-    let action = match (rule, &spec.failure_policy) {
-        (Some(i), Some(policy)) => policy.rules[i].action,
-        _ => default_action(outcome),
-    };
+    let rule = spec.failure_policy.as_ref().and_then(|p| p.matching_rule(outcome, exit_code));
+    let because = rule.map_or(Because::Default, |(i, _)| Because::Rule(i));
+    let action = rule.map_or_else(|| default_action(outcome), |(_, action)| action);
     let ignorable = shard.uncounted_attempts < MAX_UNCOUNTED_ATTEMPTS
         && (outcome != AttemptOutcome::Preempted || shard.preemptions <= spec.max_preemptions);
     let retry = || {
